@@ -1,0 +1,323 @@
+//! The bank account aggregate.
+
+use serde::{Deserialize, Serialize};
+use thalo::{commands, events, Aggregate, Error};
+
+/// Where an account is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// No `AccountOpened` yet.
+    #[default]
+    New,
+    /// Open for deposits and withdrawals.
+    Open,
+    /// Closed for good.
+    Closed,
+}
+
+/// A bank account. Balances are in cents.
+#[derive(Aggregate, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[aggregate(snapshot)]
+pub struct BankAccount {
+    #[identity]
+    account_number: String,
+    owner: String,
+    balance: i64,
+    status: Status,
+}
+
+impl BankAccount {
+    /// The account number.
+    pub fn account_number(&self) -> &str {
+        &self.account_number
+    }
+
+    /// The owner's name.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The balance in cents.
+    pub fn balance(&self) -> i64 {
+        self.balance
+    }
+
+    /// The account's status.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    fn ensure_open(&self) -> Result<(), Error> {
+        match self.status {
+            Status::Open => Ok(()),
+            Status::New => Err(Error::invariant_code("ACCOUNT_NOT_OPEN")),
+            Status::Closed => Err(Error::invariant_code("ACCOUNT_CLOSED")),
+        }
+    }
+}
+
+fn ensure_positive(amount: i64) -> Result<(), Error> {
+    if amount <= 0 {
+        return Err(Error::invariant(
+            "NON_POSITIVE_AMOUNT",
+            format!("amounts must be positive, got {amount} cents"),
+        ));
+    }
+    Ok(())
+}
+
+#[commands]
+impl BankAccount {
+    /// Opens the account for `owner` with an initial deposit (may be zero).
+    pub fn open_account(
+        &self,
+        owner: String,
+        initial_deposit: i64,
+    ) -> Result<AccountOpenedEvent, Error> {
+        if self.status != Status::New {
+            return Err(Error::invariant_code("ACCOUNT_ALREADY_OPENED"));
+        }
+        if initial_deposit < 0 {
+            return Err(Error::invariant(
+                "NON_POSITIVE_AMOUNT",
+                "the initial deposit cannot be negative",
+            ));
+        }
+        Ok(AccountOpenedEvent {
+            owner,
+            initial_deposit,
+        })
+    }
+
+    /// Deposits `amount` cents.
+    pub fn deposit(&self, amount: i64) -> Result<FundsDepositedEvent, Error> {
+        self.ensure_open()?;
+        ensure_positive(amount)?;
+        Ok(FundsDepositedEvent { amount })
+    }
+
+    /// Withdraws `amount` cents, if the balance covers it.
+    pub fn withdraw(&self, amount: i64) -> Result<FundsWithdrawnEvent, Error> {
+        self.ensure_open()?;
+        ensure_positive(amount)?;
+        if amount > self.balance {
+            return Err(Error::invariant(
+                "INSUFFICIENT_FUNDS",
+                format!(
+                    "balance is {} cents, withdrawal is {amount} cents",
+                    self.balance
+                ),
+            ));
+        }
+        Ok(FundsWithdrawnEvent { amount })
+    }
+
+    /// Closes the account, paying out what is left.
+    pub fn close_account(&self) -> Result<Vec<BankAccountEvent>, Error> {
+        self.ensure_open()?;
+        let mut events = Vec::new();
+        if self.balance > 0 {
+            events.push(
+                FundsWithdrawnEvent {
+                    amount: self.balance,
+                }
+                .into(),
+            );
+        }
+        events.push(AccountClosedEvent {}.into());
+        Ok(events)
+    }
+}
+
+#[events]
+impl BankAccount {
+    /// The account was opened.
+    pub fn account_opened(&mut self, owner: String, initial_deposit: i64) {
+        self.owner = owner;
+        self.balance = initial_deposit;
+        self.status = Status::Open;
+    }
+
+    /// Money was paid in.
+    pub fn funds_deposited(&mut self, amount: i64) {
+        self.balance += amount;
+    }
+
+    /// Money was paid out.
+    pub fn funds_withdrawn(&mut self, amount: i64) {
+        self.balance -= amount;
+    }
+
+    /// The account was closed.
+    pub fn account_closed(&mut self) {
+        self.status = Status::Closed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use thalo_testing::AggregateTest;
+
+    use super::*;
+
+    fn opened(initial_deposit: i64) -> AccountOpenedEvent {
+        AccountOpenedEvent {
+            owner: "Ada".into(),
+            initial_deposit,
+        }
+    }
+
+    fn account() -> AggregateTest<BankAccount> {
+        AggregateTest::new("ACC-1".to_string())
+    }
+
+    #[test]
+    fn opens_an_account() {
+        account()
+            .when(BankAccountCommand::OpenAccount {
+                owner: "Ada".into(),
+                initial_deposit: 100,
+            })
+            .then_events([opened(100)])
+            .then_state(|a| {
+                assert_eq!(a.status(), Status::Open);
+                assert_eq!(a.balance(), 100);
+                assert_eq!(a.owner(), "Ada");
+            });
+    }
+
+    #[test]
+    fn cannot_open_twice() {
+        account()
+            .given([opened(0)])
+            .when(BankAccountCommand::OpenAccount {
+                owner: "Bob".into(),
+                initial_deposit: 0,
+            })
+            .then_error_code("ACCOUNT_ALREADY_OPENED");
+    }
+
+    #[test]
+    fn cannot_open_with_negative_deposit() {
+        account()
+            .when(BankAccountCommand::OpenAccount {
+                owner: "Ada".into(),
+                initial_deposit: -1,
+            })
+            .then_error_code("NON_POSITIVE_AMOUNT");
+    }
+
+    #[test]
+    fn deposits() {
+        account()
+            .given([opened(100)])
+            .when(BankAccountCommand::Deposit { amount: 250 })
+            .then_events([FundsDepositedEvent { amount: 250 }])
+            .then_state(|a| assert_eq!(a.balance(), 350));
+    }
+
+    #[test]
+    fn rejects_non_positive_amounts() {
+        for amount in [0, -5] {
+            account()
+                .given([opened(100)])
+                .when(BankAccountCommand::Deposit { amount })
+                .then_error_code("NON_POSITIVE_AMOUNT");
+            account()
+                .given([opened(100)])
+                .when(BankAccountCommand::Withdraw { amount })
+                .then_error_code("NON_POSITIVE_AMOUNT");
+        }
+    }
+
+    #[test]
+    fn cannot_use_an_account_that_is_not_open() {
+        account()
+            .when(BankAccountCommand::Deposit { amount: 1 })
+            .then_error_code("ACCOUNT_NOT_OPEN");
+        account()
+            .when(BankAccountCommand::CloseAccount)
+            .then_error_code("ACCOUNT_NOT_OPEN");
+    }
+
+    #[test]
+    fn withdraws_within_the_balance() {
+        account()
+            .given([opened(100)])
+            .when(BankAccountCommand::Withdraw { amount: 100 })
+            .then_events([FundsWithdrawnEvent { amount: 100 }])
+            .then_state(|a| assert_eq!(a.balance(), 0));
+    }
+
+    #[test]
+    fn rejects_overdrafts() {
+        account()
+            .given([opened(100)])
+            .given([FundsWithdrawnEvent { amount: 60 }])
+            .when(BankAccountCommand::Withdraw { amount: 41 })
+            .then_error(|err| {
+                assert_eq!(err.code(), Some("INSUFFICIENT_FUNDS"));
+                assert_eq!(
+                    err.to_string(),
+                    "invariant violated: INSUFFICIENT_FUNDS (balance is 40 cents, withdrawal is 41 cents)"
+                );
+            });
+    }
+
+    #[test]
+    fn closing_pays_out_the_balance() {
+        account()
+            .given([opened(100)])
+            .when(BankAccountCommand::CloseAccount)
+            .then_events::<[BankAccountEvent; 2]>([
+                FundsWithdrawnEvent { amount: 100 }.into(),
+                AccountClosedEvent {}.into(),
+            ])
+            .then_state(|a| {
+                assert_eq!(a.status(), Status::Closed);
+                assert_eq!(a.balance(), 0);
+            });
+    }
+
+    #[test]
+    fn closing_an_empty_account_only_closes_it() {
+        account()
+            .given([opened(0)])
+            .when(BankAccountCommand::CloseAccount)
+            .then_events([AccountClosedEvent {}]);
+    }
+
+    #[test]
+    fn a_closed_account_rejects_everything() {
+        let closed = || account().given([opened(0)]).given([AccountClosedEvent {}]);
+        closed()
+            .when(BankAccountCommand::Deposit { amount: 1 })
+            .then_error_code("ACCOUNT_CLOSED");
+        closed()
+            .when(BankAccountCommand::Withdraw { amount: 1 })
+            .then_error_code("ACCOUNT_CLOSED");
+        closed()
+            .when(BankAccountCommand::CloseAccount)
+            .then_error_code("ACCOUNT_CLOSED");
+    }
+
+    #[test]
+    fn event_type_names_are_stable() {
+        use thalo::Event;
+        let event: BankAccountEvent = opened(1).into();
+        assert_eq!(event.event_type(), "AccountOpened");
+        assert_eq!(
+            BankAccountEvent::event_types(),
+            [
+                "AccountOpened",
+                "FundsDeposited",
+                "FundsWithdrawn",
+                "AccountClosed"
+            ]
+        );
+        assert_eq!(
+            event.encode().expect("encode"),
+            r#"{"owner":"Ada","initial_deposit":1}"#
+        );
+    }
+}

@@ -1,0 +1,26 @@
+use thalo::{commands, events, Aggregate, Error};
+
+#[derive(Aggregate, Clone, Debug, Default)]
+pub struct Account {
+    #[identity]
+    id: String,
+    cents: i64,
+}
+
+#[commands]
+impl Account {
+    pub fn deposit<T: Into<i64>>(&self, cents: T) -> Result<DepositedEvent, Error> {
+        Ok(DepositedEvent {
+            cents: cents.into(),
+        })
+    }
+}
+
+#[events]
+impl Account {
+    pub fn deposited(&mut self, cents: i64) {
+        self.cents += cents;
+    }
+}
+
+fn main() {}

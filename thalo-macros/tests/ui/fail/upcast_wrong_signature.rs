@@ -1,0 +1,29 @@
+use thalo::{commands, events, Aggregate, Error};
+
+#[derive(Aggregate, Clone, Debug, Default)]
+pub struct Account {
+    #[identity]
+    id: String,
+    cents: i64,
+}
+
+#[commands]
+impl Account {
+    pub fn deposit(&self, cents: i64) -> Result<DepositedEvent, Error> {
+        Ok(DepositedEvent { cents })
+    }
+}
+
+#[events]
+impl Account {
+    #[event(version = 2, upcast = upcast_deposited)]
+    pub fn deposited(&mut self, cents: i64) {
+        self.cents += cents;
+    }
+}
+
+fn upcast_deposited(payload: String) -> String {
+    payload
+}
+
+fn main() {}

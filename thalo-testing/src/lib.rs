@@ -1,0 +1,55 @@
+//! Testing tools for Thalo.
+//!
+//! - [`AggregateTest`]: given past events, when a command, then expect events, an error
+//!   code or a state. Failures print a diff of expected and actual events.
+//! - [`conformance`]: the behavioural suite every [`EventStore`](thalo::EventStore)
+//!   implementation must pass, run against the in-memory store here and against
+//!   Postgres in `thalo-postgres`.
+//!
+//! ```
+//! use thalo::{commands, events, Aggregate, Error};
+//! use thalo_testing::AggregateTest;
+//!
+//! #[derive(Aggregate, Clone, Debug, Default)]
+//! pub struct Light {
+//!     #[identity]
+//!     id: u32,
+//!     on: bool,
+//! }
+//!
+//! #[commands]
+//! impl Light {
+//!     pub fn switch_on(&self) -> Result<Option<SwitchedOnEvent>, Error> {
+//!         Ok((!self.on).then_some(SwitchedOnEvent {}))
+//!     }
+//!     pub fn break_bulb(&self) -> Result<Vec<LightEvent>, Error> {
+//!         Err(Error::invariant_code("UNBREAKABLE"))
+//!     }
+//! }
+//!
+//! #[events]
+//! impl Light {
+//!     pub fn switched_on(&mut self) {
+//!         self.on = true;
+//!     }
+//! }
+//!
+//! AggregateTest::<Light>::new(1)
+//!     .when(LightCommand::SwitchOn)
+//!     .then_events([SwitchedOnEvent {}])
+//!     .then_state(|light| assert!(light.on));
+//!
+//! AggregateTest::<Light>::new(1)
+//!     .given([SwitchedOnEvent {}])
+//!     .when(LightCommand::SwitchOn)
+//!     .then_no_events();
+//!
+//! AggregateTest::<Light>::new(1)
+//!     .when(LightCommand::BreakBulb)
+//!     .then_error_code("UNBREAKABLE");
+//! ```
+
+mod aggregate_test;
+pub mod conformance;
+
+pub use aggregate_test::{AggregateTest, Outcome};

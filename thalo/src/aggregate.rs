@@ -1,0 +1,159 @@
+//! Aggregates: the consistency boundary that decides which events a command produces.
+
+use std::fmt::{Debug, Display};
+
+use crate::{Error, Event};
+
+/// The stable type name of an aggregate.
+///
+/// The name is stored with every event and used for topic names, so it must not change
+/// when the Rust type is renamed. `#[derive(Aggregate)]` uses the snake case of the struct
+/// name (`BankAccount` becomes `bank_account`); override it with
+/// `#[aggregate(name = "account")]`.
+pub trait AggregateType {
+    /// The stable type name, e.g. `bank_account`.
+    const TYPE: &'static str;
+}
+
+/// An event-sourced aggregate.
+///
+/// An aggregate is rebuilt by [applying](Aggregate::apply) its past events in order, and
+/// decides what happens next by [handling](Aggregate::handle) a command, which returns new
+/// events or rejects the command. Handling never changes the aggregate: the events do,
+/// once they are stored.
+///
+/// Usually implemented with `#[derive(Aggregate)]`, `#[commands]` and `#[events]` (see the
+/// [crate docs](crate)). Implementing it by hand takes an identity, a command type and an
+/// event type that implements [`Event`]:
+///
+/// ```
+/// use thalo::{Aggregate, AggregateType, Error, Event};
+///
+/// #[derive(Clone, Debug, PartialEq)]
+/// pub enum CounterEvent {
+///     Incremented { by: u64 },
+/// }
+///
+/// impl Event for CounterEvent {
+///     fn event_type(&self) -> &'static str {
+///         "Incremented"
+///     }
+///     fn encode(&self) -> Result<String, Error> {
+///         let CounterEvent::Incremented { by } = self;
+///         Ok(format!(r#"{{"by":{by}}}"#))
+///     }
+///     fn decode(event_type: &str, version: u16, payload: &str) -> Result<Self, Error> {
+///         #[derive(serde::Deserialize)]
+///         struct Incremented {
+///             by: u64,
+///         }
+///         match event_type {
+///             "Incremented" => serde_json::from_str::<Incremented>(payload)
+///                 .map(|e| CounterEvent::Incremented { by: e.by })
+///                 .map_err(|e| Error::serialization(event_type, e)),
+///             other => Err(Error::UnknownEventType {
+///                 event_type: other.to_owned(),
+///                 version,
+///                 target: "CounterEvent",
+///             }),
+///         }
+///     }
+///     fn event_types() -> &'static [&'static str] {
+///         &["Incremented"]
+///     }
+/// }
+///
+/// #[derive(Debug, Default)]
+/// pub struct Counter {
+///     id: u64,
+///     value: u64,
+/// }
+///
+/// impl AggregateType for Counter {
+///     const TYPE: &'static str = "counter";
+/// }
+///
+/// impl Aggregate for Counter {
+///     type Id = u64;
+///     type Command = u64;
+///     type Event = CounterEvent;
+///     type Error = Error;
+///
+///     fn new(id: u64) -> Self {
+///         Counter { id, value: 0 }
+///     }
+///     fn id(&self) -> &u64 {
+///         &self.id
+///     }
+///     fn handle(&self, by: u64) -> Result<Vec<CounterEvent>, Error> {
+///         if by == 0 {
+///             return Err(Error::invariant_code("ZERO_INCREMENT"));
+///         }
+///         Ok(vec![CounterEvent::Incremented { by }])
+///     }
+///     fn apply(&mut self, event: CounterEvent) {
+///         let CounterEvent::Incremented { by } = event;
+///         self.value += by;
+///     }
+/// }
+///
+/// let mut counter = Counter::new(7);
+/// for event in counter.handle(5).unwrap() {
+///     counter.apply(event);
+/// }
+/// assert_eq!(counter.value, 5);
+/// assert_eq!(counter.handle(0).unwrap_err().code(), Some("ZERO_INCREMENT"));
+/// ```
+pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
+    /// The identity of one aggregate instance (`String`, `Uuid`, an integer, a newtype).
+    ///
+    /// Stores key streams by its `Display` form.
+    type Id: Clone + Debug + Display + Send + Sync + 'static;
+
+    /// The commands this aggregate handles.
+    type Command: Send + 'static;
+
+    /// The events this aggregate emits and is rebuilt from.
+    type Event: Event;
+
+    /// The error that rejects a command. [`Error`] unless the aggregate uses its own type,
+    /// which then converts into [`Error`] (usually through [`Error::domain`]).
+    type Error: Into<Error> + Debug + Send + 'static;
+
+    /// A fresh aggregate with no events applied.
+    fn new(id: Self::Id) -> Self;
+
+    /// The aggregate's identity.
+    fn id(&self) -> &Self::Id;
+
+    /// Decides which events `command` produces, or rejects it. Must not change `self`.
+    ///
+    /// # Errors
+    ///
+    /// Returns the aggregate's error when the command breaks an invariant.
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Changes the aggregate's state by one event. Must not fail: events are facts.
+    fn apply(&mut self, event: Self::Event);
+
+    /// Serializes the aggregate's state for a snapshot, or `None` when the aggregate does
+    /// not support snapshots (the default). `#[aggregate(snapshot)]` implements it with
+    /// serde.
+    fn to_snapshot(&self) -> Option<Result<String, Error>> {
+        None
+    }
+
+    /// Restores an aggregate from a snapshot written by [`Aggregate::to_snapshot`].
+    ///
+    /// # Errors
+    ///
+    /// Returns an error when the snapshot cannot be decoded (stores then fall back to a
+    /// full replay) or when the aggregate does not support snapshots.
+    fn from_snapshot(snapshot: &str) -> Result<Self, Error> {
+        let _ = snapshot;
+        Err(Error::config(format!(
+            "aggregate `{}` does not support snapshots",
+            Self::TYPE
+        )))
+    }
+}

@@ -1,0 +1,282 @@
+//! The error type shared by every Thalo crate.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// A boxed error that can cross task boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in Thalo, from a rejected command to a lost connection.
+///
+/// Domain failures (a command that breaks an invariant) and infrastructure failures (a
+/// database that went away) share this type so that [`Repository::execute`] can return
+/// one error. Match on the variant, or use the helpers ([`Error::code`],
+/// [`Error::is_conflict`], ...).
+///
+/// [`Repository::execute`]: crate::Repository::execute
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A command was rejected because it would break a business rule.
+    ///
+    /// The `code` is stable and meant for programs (`ACCOUNT_ALREADY_OPENED`); the
+    /// optional `message` is meant for people.
+    #[error("{}", InvariantDisplay { code, message })]
+    Invariant {
+        /// Stable, machine-readable code.
+        code: Cow<'static, str>,
+        /// Optional human-readable explanation.
+        message: Option<String>,
+    },
+
+    /// A command handler returned an error of the aggregate's own error type.
+    #[error("command rejected: {error}")]
+    Domain {
+        /// The aggregate's error (printed, not returned from `source()`).
+        error: BoxError,
+    },
+
+    /// An aggregate or resource does not exist.
+    #[error("{aggregate_type} `{aggregate_id}` not found")]
+    NotFound {
+        /// Type name of the aggregate.
+        aggregate_type: Cow<'static, str>,
+        /// Identity of the aggregate.
+        aggregate_id: String,
+    },
+
+    /// Optimistic concurrency: another writer appended to the stream first.
+    #[error(
+        "concurrency conflict on {aggregate_type} `{aggregate_id}`: expected version {expected}{}",
+        match actual { Some(actual) => format!(", found {actual}"), None => String::new() }
+    )]
+    Conflict {
+        /// Type name of the aggregate.
+        aggregate_type: Cow<'static, str>,
+        /// Identity of the aggregate.
+        aggregate_id: String,
+        /// The version the writer expected the stream to have.
+        expected: u64,
+        /// The version the stream had, when known.
+        actual: Option<u64>,
+        /// The driver error that revealed the conflict (a unique violation), if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// An event's type name is not known to the event enum it was decoded into.
+    #[error("unknown event type `{event_type}` (version {version}) for {target}")]
+    UnknownEventType {
+        /// The stored type name.
+        event_type: String,
+        /// The stored schema version.
+        version: u16,
+        /// The Rust type that was asked to decode it.
+        target: &'static str,
+    },
+
+    /// An event, command or snapshot could not be (de)serialized.
+    #[error("could not (de)serialize {what}")]
+    Serialization {
+        /// What was being (de)serialized, e.g. the event type.
+        what: String,
+        /// The serializer's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The event store failed (connection lost, query error, ...).
+    #[error("event store error: {context}")]
+    Store {
+        /// What the store was doing.
+        context: String,
+        /// The driver error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The message broker failed.
+    #[error("message broker error: {context}")]
+    Broker {
+        /// What the broker client was doing.
+        context: String,
+        /// The client error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An event handler or projection failed.
+    #[error("handler `{handler}` failed")]
+    Handler {
+        /// Name of the handler or projection.
+        handler: String,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// Invalid configuration or arguments.
+    #[error("invalid configuration: {message}")]
+    Config {
+        /// What is wrong.
+        message: String,
+    },
+}
+
+struct InvariantDisplay<'a> {
+    code: &'a str,
+    message: &'a Option<String>,
+}
+
+impl fmt::Display for InvariantDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.message {
+            Some(message) => write!(f, "invariant violated: {} ({message})", self.code),
+            None => write!(f, "invariant violated: {}", self.code),
+        }
+    }
+}
+
+impl Error {
+    /// A broken invariant identified by a stable code.
+    ///
+    /// ```
+    /// let err = thalo::Error::invariant_code("ACCOUNT_ALREADY_OPENED");
+    /// assert_eq!(err.code(), Some("ACCOUNT_ALREADY_OPENED"));
+    /// assert_eq!(err.to_string(), "invariant violated: ACCOUNT_ALREADY_OPENED");
+    /// ```
+    pub fn invariant_code(code: impl Into<Cow<'static, str>>) -> Self {
+        Error::Invariant {
+            code: code.into(),
+            message: None,
+        }
+    }
+
+    /// A broken invariant with a stable code and a message for people.
+    ///
+    /// ```
+    /// let err = thalo::Error::invariant("INSUFFICIENT_FUNDS", "balance is 10, withdrawal is 20");
+    /// assert_eq!(err.code(), Some("INSUFFICIENT_FUNDS"));
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invariant violated: INSUFFICIENT_FUNDS (balance is 10, withdrawal is 20)"
+    /// );
+    /// ```
+    pub fn invariant(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Error::Invariant {
+            code: code.into(),
+            message: Some(message.into()),
+        }
+    }
+
+    /// Wraps an aggregate's own error type (see [`Aggregate::Error`](crate::Aggregate::Error)).
+    pub fn domain(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Domain {
+            error: Box::new(source),
+        }
+    }
+
+    /// A store failure with context.
+    pub fn store(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Store {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A broker failure with context.
+    pub fn broker(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Broker {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A (de)serialization failure of `what`.
+    pub fn serialization(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Serialization {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A handler failure.
+    pub fn handler(handler: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Handler {
+            handler: handler.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Invalid configuration.
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+        }
+    }
+
+    /// The invariant code, if this error is a broken invariant.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Invariant { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an optimistic-concurrency conflict (worth retrying after a reload).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+
+    /// Whether the command itself was rejected (an invariant or a domain error), as
+    /// opposed to an infrastructure failure. Rejections are never retried.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, Error::Invariant { .. } | Error::Domain { .. })
+    }
+
+    /// The aggregate's own error, if this is a [`Error::Domain`] of type `T`.
+    pub fn downcast_domain<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        match self {
+            Error::Domain { error } => error.downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("custom failure")]
+    struct Custom;
+
+    #[test]
+    fn conflict_display_names_versions() {
+        let err = Error::Conflict {
+            aggregate_type: "bank_account".into(),
+            aggregate_id: "a-1".into(),
+            expected: 3,
+            actual: Some(4),
+            source: None,
+        };
+        assert!(err.is_conflict());
+        assert!(!err.is_rejection());
+        assert_eq!(
+            err.to_string(),
+            "concurrency conflict on bank_account `a-1`: expected version 3, found 4"
+        );
+    }
+
+    #[test]
+    fn domain_errors_downcast() {
+        let err = Error::domain(Custom);
+        assert!(err.is_rejection());
+        assert!(err.downcast_domain::<Custom>().is_some());
+        assert_eq!(err.code(), None);
+        assert_eq!(err.to_string(), "command rejected: custom failure");
+    }
+}

@@ -1,0 +1,130 @@
+//! # Thalo
+//!
+//! Event sourcing and CQRS for Rust services.
+//!
+//! An aggregate is a plain struct. Its commands are methods that take `&self` and return
+//! events (or an error); its events are methods that take `&mut self` and change its
+//! state. Three macros turn that into the command enum, the event structs and enum, and
+//! the [`Aggregate`] implementation:
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use thalo::{commands, events, Aggregate, AggregateType, Error};
+//! use thalo::{InMemoryEventStore, Repository};
+//!
+//! #[derive(Aggregate, Clone, Debug, Default)]
+//! pub struct BankAccount {
+//!     #[identity]
+//!     account_number: String,
+//!     balance_cents: i64,
+//!     opened: bool,
+//! }
+//!
+//! #[commands]
+//! impl BankAccount {
+//!     /// Opens the account with an initial deposit.
+//!     pub fn open_account(&self, initial_cents: i64) -> Result<AccountOpenedEvent, Error> {
+//!         if self.opened {
+//!             return Err(Error::invariant_code("ACCOUNT_ALREADY_OPENED"));
+//!         }
+//!         Ok(AccountOpenedEvent { initial_cents })
+//!     }
+//! }
+//!
+//! #[events]
+//! impl BankAccount {
+//!     /// The account was opened.
+//!     pub fn account_opened(&mut self, initial_cents: i64) {
+//!         self.balance_cents = initial_cents;
+//!         self.opened = true;
+//!     }
+//! }
+//!
+//! assert_eq!(BankAccount::TYPE, "bank_account");
+//!
+//! let repo = Repository::new(InMemoryEventStore::new());
+//! let id = "acc-1".to_string();
+//! let stored = repo
+//!     .execute::<BankAccount>(&id, BankAccountCommand::OpenAccount { initial_cents: 10_00 })
+//!     .await?;
+//! assert_eq!(stored[0].sequence, 1);
+//! assert_eq!(stored[0].event.event_type(), "AccountOpened");
+//!
+//! // Opening it again breaks an invariant: nothing is stored.
+//! let err = repo
+//!     .execute::<BankAccount>(&id, BankAccountCommand::OpenAccount { initial_cents: 5_00 })
+//!     .await
+//!     .unwrap_err();
+//! assert_eq!(err.code(), Some("ACCOUNT_ALREADY_OPENED"));
+//!
+//! let account = repo.load::<BankAccount>(&id).await?;
+//! assert_eq!((account.aggregate.balance_cents, account.version), (10_00, 1));
+//! # Ok::<(), Error>(())
+//! # }).unwrap();
+//! # use thalo::Event as _;
+//! ```
+//!
+//! `#[commands]` generates `BankAccountCommand::OpenAccount { initial_cents }`;
+//! `#[events]` generates `pub struct AccountOpenedEvent { pub initial_cents: i64 }` and
+//! `BankAccountEvent::AccountOpened(AccountOpenedEvent)`, which implements [`Event`]
+//! with the stable type name `AccountOpened` and schema version 1.
+//!
+//! ## The pieces
+//!
+//! - [`Aggregate`] and [`AggregateType`]: the write model. Derived, or written by hand.
+//! - [`Event`]: stable type names, schema versions, JSON payloads, upcasting.
+//! - [`EventEnvelope`] and [`Metadata`]: an event with its ids, positions, timestamp,
+//!   correlation and causation.
+//! - [`EventStore`]: load, append with an expected version, read a stream, read all.
+//!   [`InMemoryEventStore`] here; `thalo-postgres` for production.
+//! - [`Repository`]: load -> handle -> append, retrying on conflicts.
+//! - [`EventHandler`], [`Projection`] and [`Subscription`]: the read side, in process;
+//!   `thalo-kafka` runs the same handlers from Kafka.
+//!
+//! ## Consistency
+//!
+//! An aggregate is the consistency boundary. Appends carry the version the command was
+//! decided on; if another writer appended in between, the store rejects the append with
+//! [`Error::Conflict`] and [`Repository::execute`] decides the command again on the new
+//! state. No event is ever written on the basis of stale state, and no update is lost.
+//!
+//! Sequences start at 1 for each aggregate and have no gaps; an aggregate's version is
+//! the sequence of its last event (0 before the first).
+//!
+//! ## Delivery
+//!
+//! Handlers see each aggregate's events in order, at least once. Projections that keep
+//! their read model in Postgres get exactly-once effects from `thalo-postgres`, which
+//! stores the checkpoint in the same transaction as the read-model change.
+//!
+//! ## Feature flags
+//!
+//! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]` and
+//!   `#[events]` from `thalo-macros`.
+
+mod aggregate;
+mod envelope;
+mod error;
+mod event;
+mod handler;
+mod memory;
+mod repository;
+mod store;
+mod subscription;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use aggregate::{Aggregate, AggregateType};
+pub use envelope::{EventEnvelope, Metadata, RawEvent};
+pub use error::{BoxError, Error, Result};
+pub use event::Event;
+pub use handler::{EventHandler, Projection};
+pub use memory::InMemoryEventStore;
+pub use repository::Repository;
+pub use store::{CheckpointStore, EventStore, Loaded};
+pub use subscription::Subscription;
+
+#[cfg(feature = "macros")]
+pub use thalo_macros::{commands, events, Aggregate};

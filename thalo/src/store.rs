@@ -1,0 +1,179 @@
+//! The event store abstraction.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{Aggregate, Error, EventEnvelope, Metadata, RawEvent};
+
+/// An aggregate rebuilt from its stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded<A> {
+    /// The aggregate with every stored event applied.
+    pub aggregate: A,
+    /// Sequence of the last applied event; 0 when the stream is empty.
+    pub version: u64,
+}
+
+/// Where events live: append with optimistic concurrency, load, read.
+///
+/// Implemented by [`InMemoryEventStore`](crate::InMemoryEventStore) and by
+/// `thalo_postgres::PgEventStore`; both pass the same conformance suite.
+///
+/// # Consistency
+///
+/// - Appends are atomic: all events of a call are stored, or none.
+/// - [`append`](EventStore::append) succeeds only when the stream's version equals
+///   `expected_version`; otherwise it returns [`Error::Conflict`] and stores nothing.
+///   Of two concurrent appends with the same expected version, exactly one wins.
+/// - [`read_all`](EventStore::read_all) returns events in global order and never skips
+///   an event that becomes visible later (a reader that has seen position `p` will see
+///   every event stored at positions below `p`).
+pub trait EventStore: Send + Sync {
+    /// Rebuilds an aggregate from its snapshot (if the store keeps them) and its events.
+    /// A stream with no events gives a fresh aggregate at version 0.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the store fails and [`Error::Serialization`] or
+    /// [`Error::UnknownEventType`] when a stored event cannot be decoded.
+    fn load<A: Aggregate>(
+        &self,
+        id: &A::Id,
+    ) -> impl Future<Output = Result<Loaded<A>, Error>> + Send;
+
+    /// Appends `events` to the aggregate's stream if its version is `expected_version`,
+    /// and returns them as stored, with sequences and global positions.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Conflict`] when the stream is not at `expected_version`,
+    /// [`Error::Serialization`] when an event cannot be encoded, and [`Error::Store`] when
+    /// the store fails.
+    fn append<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send;
+
+    /// Reads an aggregate's events with a sequence greater than `after_sequence`, in order.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStore::load`].
+    fn read_stream<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        after_sequence: u64,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send;
+
+    /// Reads up to `limit` events of every aggregate with a global position greater than
+    /// `after_position`, in global order. Events stay encoded: decode them with
+    /// [`EventEnvelope::decode`].
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the store fails.
+    fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<RawEvent>>, Error>> + Send;
+
+    /// Resolves when events after `after_position` may have been stored, or after
+    /// `timeout`, whichever comes first. Used by subscriptions to follow the log without
+    /// busy polling. The default waits for the whole `timeout` (plain polling).
+    fn wait_for_events(
+        &self,
+        after_position: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = after_position;
+        tokio::time::sleep(timeout)
+    }
+}
+
+/// Stores the position a projection or handler has processed up to.
+pub trait CheckpointStore: Send + Sync {
+    /// The stored position of `name`, if any.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the store fails.
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+
+    /// Stores `position` as the checkpoint of `name`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the store fails.
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl<S: EventStore> EventStore for std::sync::Arc<S> {
+    fn load<A: Aggregate>(
+        &self,
+        id: &A::Id,
+    ) -> impl Future<Output = Result<Loaded<A>, Error>> + Send {
+        (**self).load(id)
+    }
+
+    fn append<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send {
+        (**self).append::<A>(id, expected_version, events, metadata)
+    }
+
+    fn read_stream<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        after_sequence: u64,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send {
+        (**self).read_stream::<A>(id, after_sequence)
+    }
+
+    fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<RawEvent>>, Error>> + Send {
+        (**self).read_all(after_position, limit)
+    }
+
+    fn wait_for_events(
+        &self,
+        after_position: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).wait_for_events(after_position, timeout)
+    }
+}
+
+impl<S: CheckpointStore> CheckpointStore for std::sync::Arc<S> {
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send {
+        (**self).load_checkpoint(name)
+    }
+
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).save_checkpoint(name, position)
+    }
+}
