@@ -73,16 +73,23 @@ stop_broker() {
 }
 trap stop_broker EXIT
 
-ensure_kafka() {
-    local first="${KAFKA_BROKERS%%,*}"
-    local host="${first%%:*}" port="${first##*:}"
-    if port_open "$host" "$port"; then
-        log "Kafka-compatible broker already reachable at $first"
-        return
-    fi
+ensure_tansu() {
+    # Needed even when another broker is reachable: the broker-restart test runs its own.
     if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
         log "installing the tansu $TANSU_VERSION broker from crates.io (once; about 10 minutes)"
         cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql
+    fi
+    TANSU_BIN="$(command -v tansu)"
+    export TANSU_BIN
+}
+
+ensure_kafka() {
+    local first="${KAFKA_BROKERS%%,*}"
+    local host="${first%%:*}" port="${first##*:}"
+    ensure_tansu
+    if port_open "$host" "$port"; then
+        log "Kafka-compatible broker already reachable at $first"
+        return
     fi
     BROKER_DIR="$(mktemp -d)"
     log "starting tansu at $first"

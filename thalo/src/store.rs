@@ -25,9 +25,12 @@ pub struct Loaded<A> {
 /// - [`append`](EventStore::append) succeeds only when the stream's version equals
 ///   `expected_version`; otherwise it returns [`Error::Conflict`] and stores nothing.
 ///   Of two concurrent appends with the same expected version, exactly one wins.
-/// - [`read_all`](EventStore::read_all) returns events in global order and never skips
-///   an event that becomes visible later (a reader that has seen position `p` will see
-///   every event stored at positions below `p`).
+/// - [`read_all`](EventStore::read_all) returns events in the store's global order and
+///   never skips an event that becomes visible later: an event that is not yet returned
+///   when a reader passes its place is returned to that reader later. The global order
+///   is commit order; it is position order in the in-memory store, and
+///   `(transaction id, position)` order in Postgres, where positions are taken before
+///   commit and so may commit out of order.
 pub trait EventStore: Send + Sync {
     /// Rebuilds an aggregate from its snapshot (if the store keeps them) and its events.
     /// A stream with no events gives a fresh aggregate at version 0.
@@ -68,9 +71,10 @@ pub trait EventStore: Send + Sync {
         after_sequence: u64,
     ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send;
 
-    /// Reads up to `limit` events of every aggregate with a global position greater than
-    /// `after_position`, in global order. Events stay encoded: decode them with
-    /// [`EventEnvelope::decode`].
+    /// Reads up to `limit` events of every aggregate that come after the event at
+    /// `after_position` in the store's global order (0: from the start). Pass the
+    /// position of the last event returned to read on. Events stay encoded: decode them
+    /// with [`EventEnvelope::decode`].
     ///
     /// # Errors
     ///

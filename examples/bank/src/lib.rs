@@ -7,7 +7,10 @@
 
 pub mod account;
 pub mod balances;
+pub mod http;
 pub mod money;
+pub mod pg;
+pub mod service;
 
 pub use account::{BankAccount, BankAccountCommand, BankAccountEvent};
 pub use balances::Balances;

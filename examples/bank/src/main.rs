@@ -1,128 +1,421 @@
-//! `cargo run -p bank`: a walk-through of the bank on the embedded, in-memory store.
+//! The bank: `cargo run -p bank` walks through the bank on the embedded, in-memory store;
+//! with `DATABASE_URL` set it runs on Postgres and keeps its state between runs.
+//!
+//! ```text
+//! bank                          the walk-through
+//! bank open ACC-9 "Ada" 10.00   open an account (initial deposit in dollars)
+//! bank deposit ACC-9 2.50       deposit
+//! bank withdraw ACC-9 1.00      withdraw
+//! bank close ACC-9              close (pays out the balance)
+//! bank show ACC-9               the account, rebuilt from its events
+//! bank balances                 every account, from the balances projection
+//! bank events [ACC-9]           the stored events
+//! bank serve                    the HTTP service on Postgres + Kafka (needs DATABASE_URL)
+//! ```
 
 // Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
 #![allow(clippy::inconsistent_digit_grouping)]
 
-use std::time::Duration;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
-use bank::money::format_cents;
+use bank::account::Status;
+use bank::balances::AccountBalance;
+use bank::money::{format_cents, parse_cents};
+use bank::pg::PgBalances;
+use bank::service::ServiceConfig;
 use bank::{Balances, BankAccount, BankAccountCommand};
-use thalo::{Event as _, EventStore, InMemoryEventStore, Metadata, Repository, Subscription};
+use clap::{Parser, Subcommand};
+use thalo::{
+    CheckpointStore, Event as _, EventStore, InMemoryEventStore, Metadata, RawEvent, Repository,
+    Subscription,
+};
+use thalo_postgres::{PgEventStore, PgSubscription};
+
+/// A bank built with Thalo.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Postgres to keep the events in; without it the bank runs on the in-memory store.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+
+    /// Postgres schema of the events and the read model.
+    #[arg(long, env = "BANK_SCHEMA", default_value = "bank", global = true)]
+    schema: String,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Walk through opening accounts, deposits, withdrawals and a rejected command.
+    Demo,
+    /// Open an account.
+    Open {
+        account: String,
+        owner: String,
+        /// Initial deposit in dollars, e.g. 10.00.
+        #[arg(default_value = "0")]
+        initial_deposit: String,
+    },
+    /// Deposit money (dollars, e.g. 2.50).
+    Deposit { account: String, amount: String },
+    /// Withdraw money (dollars, e.g. 1.00).
+    Withdraw { account: String, amount: String },
+    /// Close an account, paying out its balance.
+    Close { account: String },
+    /// Show an account, rebuilt from its events.
+    Show { account: String },
+    /// List every account's balance, from the balances projection.
+    Balances,
+    /// List the stored events, of one account or of all.
+    Events { account: Option<String> },
+    /// Run the HTTP service: Postgres event store, outbox relay to Kafka, and the balances
+    /// projection fed from Kafka. Needs DATABASE_URL.
+    Serve {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        kafka_brokers: String,
+        /// Address of the HTTP API.
+        #[arg(long, env = "BANK_LISTEN", default_value = "127.0.0.1:3000")]
+        listen: std::net::SocketAddr,
+    },
+}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
 
-    let store = InMemoryEventStore::new();
-    println!("Thalo bank: embedded mode (in-memory store, in-process projection)\n");
-    walk_through(store).await
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-async fn walk_through<S>(store: S) -> anyhow::Result<()>
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let command = cli.command.unwrap_or(Command::Demo);
+    if let Command::Serve {
+        kafka_brokers,
+        listen,
+    } = command
+    {
+        let Some(database_url) = cli.database_url else {
+            anyhow::bail!("`bank serve` needs Postgres: set DATABASE_URL or pass --database-url");
+        };
+        let config = ServiceConfig {
+            database_url,
+            kafka_brokers,
+            listen,
+            schema: cli.schema,
+            ..ServiceConfig::default()
+        };
+        let running = bank::service::start(config, thalo_kafka::shutdown_signal()).await?;
+        println!(
+            "bank service listening on http://{} (Ctrl-C to stop)",
+            running.addr
+        );
+        running.stopped().await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match cli.database_url {
+        Some(url) => {
+            let pool = thalo_postgres::sqlx::PgPool::connect(&url)
+                .await
+                .with_context(|| format!("connecting to {}", redact(&url)))?;
+            let store = PgEventStore::builder(pool).schema(cli.schema).build()?;
+            store.migrate().await.context("migrating the event store")?;
+            let balances = PgBalances::new(&store).await?;
+            println!("Thalo bank on Postgres ({})\n", redact(&url));
+            let bank = Bank {
+                store: store.clone(),
+                read_side: ReadSide::Postgres(PgSubscription::new::<BankAccount>(store, balances)),
+            };
+            bank.run(command).await
+        }
+        None => {
+            let store = InMemoryEventStore::new();
+            if !matches!(command, Command::Demo) {
+                println!("note: no DATABASE_URL, so this runs on a fresh in-memory store and keeps nothing\n");
+            }
+            println!("Thalo bank: embedded mode (in-memory store, in-process projection)\n");
+            let bank = Bank {
+                store: store.clone(),
+                read_side: ReadSide::Memory(Subscription::new::<BankAccount>(
+                    store,
+                    Balances::default(),
+                )),
+            };
+            bank.run(command).await
+        }
+    }
+}
+
+/// The balances projection, in memory or in Postgres.
+enum ReadSide {
+    Memory(Subscription<InMemoryEventStore, Balances, bank::BankAccountEvent>),
+    Postgres(PgSubscription<PgBalances, bank::BankAccountEvent>),
+}
+
+impl ReadSide {
+    /// Brings the projection up to date and returns every account.
+    async fn balances(&mut self) -> anyhow::Result<Vec<AccountBalance>> {
+        match self {
+            ReadSide::Memory(sub) => {
+                sub.catch_up().await.context("updating the projection")?;
+                Ok(sub.projection().all())
+            }
+            ReadSide::Postgres(sub) => {
+                sub.catch_up().await.context("updating the projection")?;
+                Ok(sub.projection().all().await?)
+            }
+        }
+    }
+}
+
+struct Bank<S> {
+    store: S,
+    read_side: ReadSide,
+}
+
+impl<S> Bank<S>
 where
-    S: EventStore + thalo::CheckpointStore + Clone + 'static,
+    S: EventStore + CheckpointStore + Clone + 'static,
 {
-    let repo = Repository::new(store.clone());
-    let metadata = Metadata::new().with_header("source", "walk-through");
+    async fn run(mut self, command: Command) -> anyhow::Result<ExitCode> {
+        let ok = match command {
+            Command::Demo => {
+                self.demo().await?;
+                true
+            }
+            Command::Open {
+                account,
+                owner,
+                initial_deposit,
+            } => {
+                let initial_deposit = parse_cents(&initial_deposit).map_err(anyhow::Error::msg)?;
+                self.execute(
+                    &account,
+                    BankAccountCommand::OpenAccount {
+                        owner,
+                        initial_deposit,
+                    },
+                )
+                .await?
+            }
+            Command::Deposit { account, amount } => {
+                let amount = parse_cents(&amount).map_err(anyhow::Error::msg)?;
+                self.execute(&account, BankAccountCommand::Deposit { amount })
+                    .await?
+            }
+            Command::Withdraw { account, amount } => {
+                let amount = parse_cents(&amount).map_err(anyhow::Error::msg)?;
+                self.execute(&account, BankAccountCommand::Withdraw { amount })
+                    .await?
+            }
+            Command::Close { account } => {
+                self.execute(&account, BankAccountCommand::CloseAccount)
+                    .await?
+            }
+            Command::Show { account } => self.show(&account).await?,
+            Command::Balances => {
+                self.print_balances().await?;
+                true
+            }
+            Command::Events { account } => {
+                self.print_events(account.as_deref()).await?;
+                true
+            }
+            Command::Serve { .. } => anyhow::bail!("`serve` is started before a store is chosen"),
+        };
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
 
-    let steps: Vec<(&str, BankAccountCommand)> = vec![
-        (
-            "ACC-001",
-            BankAccountCommand::OpenAccount {
-                owner: "Ada Lovelace".into(),
-                initial_deposit: 100_00,
-            },
-        ),
-        (
-            "ACC-002",
-            BankAccountCommand::OpenAccount {
-                owner: "Alan Turing".into(),
-                initial_deposit: 25_00,
-            },
-        ),
-        ("ACC-001", BankAccountCommand::Deposit { amount: 42_50 }),
-        ("ACC-002", BankAccountCommand::Withdraw { amount: 10_00 }),
-        ("ACC-002", BankAccountCommand::Withdraw { amount: 500_00 }),
-        (
-            "ACC-003",
-            BankAccountCommand::OpenAccount {
-                owner: "Grace Hopper".into(),
-                initial_deposit: 0,
-            },
-        ),
-        ("ACC-003", BankAccountCommand::Deposit { amount: 7_25 }),
-        ("ACC-003", BankAccountCommand::CloseAccount),
-        ("ACC-003", BankAccountCommand::Deposit { amount: 1_00 }),
-    ];
-
-    println!("Commands:");
-    for (account, command) in steps {
-        let id = account.to_string();
-        let described = format!("{command:?}");
+    /// Runs one command and prints what happened. `Ok(false)` when it was rejected.
+    async fn execute(&self, account: &str, command: BankAccountCommand) -> anyhow::Result<bool> {
+        let repo = Repository::new(self.store.clone());
+        let metadata = Metadata::new().with_header("source", "bank-cli");
+        let described = describe(&command);
         match repo
-            .execute_with::<BankAccount>(&id, command, &metadata)
+            .execute_with::<BankAccount>(&account.to_string(), command, &metadata)
             .await
         {
             Ok(stored) => {
                 let events: Vec<_> = stored.iter().map(|e| e.event.event_type()).collect();
-                println!("  ok       {account} {described} -> {}", events.join(", "));
+                println!(
+                    "  ok       {account:<8} {described:<38} -> {}",
+                    events.join(", ")
+                );
+                Ok(true)
             }
             Err(err) if err.is_rejection() => {
                 println!(
-                    "  rejected {account} {described} -> {}",
+                    "  rejected {account:<8} {described:<38} -> {}",
                     err.code().unwrap_or("rejected")
                 );
-                println!("           ({err})");
+                println!("           {err}");
+                Ok(false)
             }
-            Err(err) => return Err(err).context("command failed"),
+            Err(err) => Err(err).context("the command failed"),
         }
     }
 
-    let mut subscription = Subscription::new::<BankAccount>(store.clone(), Balances::default())
-        .with_idle_timeout(Duration::from_millis(100));
-    let handled = subscription.catch_up().await.context("projection failed")?;
-    println!("\nBalances (projection, {handled} events):");
-    for row in subscription.projection().all() {
-        println!(
-            "  {:<8} {:<14} {:>12}{}",
-            row.account_number,
-            row.owner,
-            format_cents(row.balance),
-            if row.closed { "  (closed)" } else { "" }
-        );
+    async fn demo(&mut self) -> anyhow::Result<()> {
+        let steps: Vec<(&str, BankAccountCommand)> = vec![
+            (
+                "ACC-001",
+                BankAccountCommand::OpenAccount {
+                    owner: "Ada Lovelace".into(),
+                    initial_deposit: 100_00,
+                },
+            ),
+            (
+                "ACC-002",
+                BankAccountCommand::OpenAccount {
+                    owner: "Alan Turing".into(),
+                    initial_deposit: 25_00,
+                },
+            ),
+            ("ACC-001", BankAccountCommand::Deposit { amount: 42_50 }),
+            ("ACC-002", BankAccountCommand::Withdraw { amount: 10_00 }),
+            ("ACC-002", BankAccountCommand::Withdraw { amount: 500_00 }),
+            (
+                "ACC-003",
+                BankAccountCommand::OpenAccount {
+                    owner: "Grace Hopper".into(),
+                    initial_deposit: 0,
+                },
+            ),
+            ("ACC-003", BankAccountCommand::Deposit { amount: 7_25 }),
+            ("ACC-003", BankAccountCommand::CloseAccount),
+            ("ACC-003", BankAccountCommand::Deposit { amount: 1_00 }),
+        ];
+        println!("Commands:");
+        for (account, command) in steps {
+            self.execute(account, command).await?;
+        }
+        println!();
+        self.print_balances().await?;
+        println!();
+        self.print_events(None).await?;
+        println!();
+        self.show("ACC-001").await?;
+        Ok(())
     }
 
-    println!("\nStored events (global order):");
-    let mut after = 0;
-    loop {
-        let page = store.read_all(after, 100).await.context("reading events")?;
-        let Some(last) = page.last() else { break };
-        after = last.position;
-        for e in &page {
+    async fn show(&self, account: &str) -> anyhow::Result<bool> {
+        let repo = Repository::new(self.store.clone());
+        let loaded = repo.load::<BankAccount>(&account.to_string()).await?;
+        if loaded.version == 0 {
+            println!("{account}: no such account");
+            return Ok(false);
+        }
+        let a = &loaded.aggregate;
+        let status = match a.status() {
+            Status::New => "new",
+            Status::Open => "open",
+            Status::Closed => "closed",
+        };
+        println!(
+            "{account} (rebuilt from {} events): {} owned by {}, {status}",
+            loaded.version,
+            format_cents(a.balance()),
+            a.owner()
+        );
+        Ok(true)
+    }
+
+    async fn print_balances(&mut self) -> anyhow::Result<()> {
+        let rows = self.read_side.balances().await?;
+        println!("Balances (from the projection):");
+        if rows.is_empty() {
+            println!("  (no accounts)");
+        }
+        for row in rows {
             println!(
-                "  #{:<3} {} {}#{} {:<15} v{} {}",
-                e.position,
-                e.timestamp.format("%H:%M:%S%.3f"),
-                e.aggregate_id,
-                e.sequence,
-                e.event.event_type,
-                e.event.version,
-                e.event.payload
+                "  {:<8} {:<14} {:>12}{}",
+                row.account_number,
+                row.owner,
+                format_cents(row.balance),
+                if row.closed { "  (closed)" } else { "" }
             );
         }
+        Ok(())
     }
 
-    let ada = repo.load::<BankAccount>(&"ACC-001".to_string()).await?;
+    async fn print_events(&self, account: Option<&str>) -> anyhow::Result<()> {
+        println!("Stored events (global order):");
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .read_all(after, 500)
+                .await
+                .context("reading events")?;
+            let Some(last) = page.last() else { break };
+            after = last.position;
+            for e in page
+                .iter()
+                .filter(|e| account.is_none_or(|a| a == e.aggregate_id))
+            {
+                print_event(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn print_event(e: &thalo::EventEnvelope<RawEvent>) {
     println!(
-        "\nACC-001 rebuilt from {} events: {} owned by {}",
-        ada.version,
-        format_cents(ada.aggregate.balance()),
-        ada.aggregate.owner()
+        "  #{:<4} {} {}#{} {:<15} v{} {}",
+        e.position,
+        e.timestamp.format("%Y-%m-%d %H:%M:%S%.3f"),
+        e.aggregate_id,
+        e.sequence,
+        e.event.event_type,
+        e.event.version,
+        e.event.payload
     );
-    Ok(())
+}
+
+fn describe(command: &BankAccountCommand) -> String {
+    match command {
+        BankAccountCommand::OpenAccount {
+            owner,
+            initial_deposit,
+        } => {
+            format!("open for {owner} with {}", format_cents(*initial_deposit))
+        }
+        BankAccountCommand::Deposit { amount } => format!("deposit {}", format_cents(*amount)),
+        BankAccountCommand::Withdraw { amount } => format!("withdraw {}", format_cents(*amount)),
+        BankAccountCommand::CloseAccount => "close".to_string(),
+    }
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }

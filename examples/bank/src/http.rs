@@ -1,0 +1,241 @@
+//! The HTTP API of the bank service.
+//!
+//! | method and path                 | body                                             |
+//! |---------------------------------|--------------------------------------------------|
+//! | `POST /accounts`                | `{"account_number", "owner", "initial_deposit"}` |
+//! | `POST /accounts/{id}/deposit`   | `{"amount"}`                                     |
+//! | `POST /accounts/{id}/withdraw`  | `{"amount"}`                                     |
+//! | `POST /accounts/{id}/close`     |                                                  |
+//! | `GET /accounts`                 | every balance, from the read model               |
+//! | `GET /accounts/{id}`            | one balance, from the read model                 |
+//!
+//! Amounts are integer cents. Commands answer with the stored events; a rejected command
+//! answers `422` with `{"code", "message"}`; a concurrency conflict that outlasted the
+//! retries answers `409`. Reads come from the `bank_balances` table, which the Kafka
+//! consumer keeps; they are eventually consistent with the commands.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use thalo::{Error, Event as _, EventEnvelope, Metadata, Repository};
+use thalo_postgres::PgEventStore;
+use uuid::Uuid;
+
+use crate::balances::AccountBalance;
+use crate::pg::PgBalances;
+use crate::{BankAccount, BankAccountCommand, BankAccountEvent};
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Commands go through this repository.
+    pub repository: Repository<PgEventStore>,
+    /// Reads come from this read model.
+    pub balances: PgBalances,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/accounts", post(open).get(list))
+        .route("/accounts/{id}", get(show))
+        .route("/accounts/{id}/deposit", post(deposit))
+        .route("/accounts/{id}/withdraw", post(withdraw))
+        .route("/accounts/{id}/close", post(close))
+        .with_state(state)
+}
+
+/// Body of `POST /accounts`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct OpenAccount {
+    /// The new account's number.
+    pub account_number: String,
+    /// The owner's name.
+    pub owner: String,
+    /// Initial deposit in cents.
+    #[serde(default)]
+    pub initial_deposit: i64,
+}
+
+/// Body of deposits and withdrawals.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Amount {
+    /// Cents.
+    pub amount: i64,
+}
+
+/// A stored event, as the API shows it.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct StoredEvent {
+    /// Event id.
+    pub id: Uuid,
+    /// Position in the account's stream.
+    pub sequence: u64,
+    /// Event type name.
+    pub event_type: String,
+    /// The event's fields.
+    pub data: serde_json::Value,
+}
+
+/// An account's balance, as the API shows it.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct BalanceView {
+    /// The account number.
+    pub account_number: String,
+    /// The owner.
+    pub owner: String,
+    /// Cents.
+    pub balance: i64,
+    /// Whether the account is closed.
+    pub closed: bool,
+    /// The last event applied to this row.
+    pub version: u64,
+}
+
+impl From<AccountBalance> for BalanceView {
+    fn from(b: AccountBalance) -> Self {
+        BalanceView {
+            account_number: b.account_number,
+            owner: b.owner,
+            balance: b.balance,
+            closed: b.closed,
+            version: b.version,
+        }
+    }
+}
+
+/// An error as the API answers it.
+#[derive(Debug)]
+pub struct ApiError(Error);
+
+/// The JSON body of an error.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ErrorBody {
+    /// Stable code: an invariant code, `CONFLICT`, `NOT_FOUND` or `INTERNAL`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self.0 {
+            Error::Invariant { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.to_string()),
+            Error::Conflict { .. } => (StatusCode::CONFLICT, "CONFLICT".to_owned()),
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "NOT_FOUND".to_owned()),
+            _ => {
+                tracing::error!(error = %self.0, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL".to_owned())
+            }
+        };
+        let body = ErrorBody {
+            code,
+            message: self.0.to_string(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        ApiError(err)
+    }
+}
+
+async fn execute(
+    state: &AppState,
+    id: String,
+    command: BankAccountCommand,
+) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    let metadata = Metadata::new()
+        .with_correlation_id(Uuid::new_v4())
+        .with_header("source", "bank-http");
+    let stored = state
+        .repository
+        .execute_with::<BankAccount>(&id, command, &metadata)
+        .await?;
+    let events = stored.iter().map(view).collect::<Result<Vec<_>, Error>>()?;
+    Ok((StatusCode::OK, Json(events)))
+}
+
+fn view(envelope: &EventEnvelope<BankAccountEvent>) -> Result<StoredEvent, Error> {
+    let payload = envelope.event.encode()?;
+    Ok(StoredEvent {
+        id: envelope.id,
+        sequence: envelope.sequence,
+        event_type: envelope.event.event_type().to_owned(),
+        data: serde_json::from_str(&payload)
+            .map_err(|e| Error::serialization(envelope.event.event_type(), e))?,
+    })
+}
+
+async fn open(
+    State(state): State<AppState>,
+    Json(body): Json<OpenAccount>,
+) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    let command = BankAccountCommand::OpenAccount {
+        owner: body.owner,
+        initial_deposit: body.initial_deposit,
+    };
+    let (_, events) = execute(&state, body.account_number, command).await?;
+    Ok((StatusCode::CREATED, events))
+}
+
+async fn deposit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<Amount>,
+) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    execute(
+        &state,
+        id,
+        BankAccountCommand::Deposit {
+            amount: body.amount,
+        },
+    )
+    .await
+}
+
+async fn withdraw(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<Amount>,
+) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    execute(
+        &state,
+        id,
+        BankAccountCommand::Withdraw {
+            amount: body.amount,
+        },
+    )
+    .await
+}
+
+async fn close(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    execute(&state, id, BankAccountCommand::CloseAccount).await
+}
+
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<BalanceView>>, ApiError> {
+    let rows = state.balances.all().await?;
+    Ok(Json(rows.into_iter().map(BalanceView::from).collect()))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BalanceView>, ApiError> {
+    match state.balances.get(&id).await? {
+        Some(row) => Ok(Json(row.into())),
+        None => Err(Error::NotFound {
+            aggregate_type: "bank_account".into(),
+            aggregate_id: id,
+        }
+        .into()),
+    }
+}

@@ -1,0 +1,155 @@
+//! The bank service on the real stack: HTTP API -> Postgres event store -> outbox relay
+//! -> Kafka -> consumer -> `bank_balances` read model in Postgres.
+
+use std::net::SocketAddr;
+
+use thalo::{AggregateType as _, Error, Repository};
+use thalo_kafka::{KafkaConsumer, KafkaRelay, TopicNaming};
+use thalo_postgres::PgEventStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::http::{router, AppState};
+use crate::pg::PgBalances;
+use crate::BankAccount;
+
+/// Settings of [`run`].
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Postgres URL.
+    pub database_url: String,
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// Where the HTTP API listens.
+    pub listen: SocketAddr,
+    /// Postgres schema of the event store and the read model.
+    pub schema: String,
+    /// Prefix of the Kafka topics (empty: the topic is `bank_account`).
+    pub topic_prefix: String,
+    /// Consumer group of the balances projection.
+    pub group_id: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            database_url: "postgres://postgres@127.0.0.1:5432/thalo_test".to_owned(),
+            kafka_brokers: "127.0.0.1:9092".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            schema: "bank".to_owned(),
+            topic_prefix: String::new(),
+            group_id: "bank-balances".to_owned(),
+        }
+    }
+}
+
+/// A started service: its address, and a handle that waits for it to stop.
+#[derive(Debug)]
+pub struct Running {
+    /// The address the API listens on (useful with port 0).
+    pub addr: SocketAddr,
+    /// The store, for inspection.
+    pub store: PgEventStore,
+    /// The read model, for inspection.
+    pub balances: PgBalances,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// Waits until the service has stopped (after `shutdown` was cancelled).
+    ///
+    /// # Errors
+    ///
+    /// The first error of the relay, the consumer or the HTTP server.
+    pub async fn stopped(self) -> Result<(), Error> {
+        self.task
+            .await
+            .map_err(|e| Error::handler("bank service", e))?
+    }
+}
+
+/// Starts the service: migrates the store, creates the read model, and runs the relay,
+/// the balances consumer and the HTTP API until `shutdown` is cancelled.
+///
+/// # Errors
+///
+/// Returns an error when Postgres is unreachable or the listener cannot bind. Broker
+/// outages are retried by the relay and the consumer while the service runs.
+pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result<Running, Error> {
+    let pool = thalo_postgres::sqlx::PgPool::connect(&config.database_url)
+        .await
+        .map_err(|e| Error::store("connecting to Postgres", e))?;
+    let store = PgEventStore::builder(pool)
+        .schema(config.schema.clone())
+        .build()?;
+    store.migrate().await?;
+    let balances = PgBalances::new(&store).await?;
+    let naming = TopicNaming::prefixed(config.topic_prefix.clone());
+    let topic = naming.topic(BankAccount::TYPE);
+
+    let relay = KafkaRelay::from_store(&store, config.kafka_brokers.clone())
+        .with_topic_naming(naming.clone());
+    let consumer = KafkaConsumer::new(config.kafka_brokers.clone(), config.group_id.clone())
+        .with_topic_naming(naming)
+        .subscribe::<BankAccount>();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::config(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::config(format!("no local address: {e}")))?;
+    let app = router(AppState {
+        repository: Repository::new(store.clone()),
+        balances: balances.clone(),
+    });
+    info!(%addr, topic, "bank service listening");
+
+    // Three parts; when one stops (shutdown, or a fatal error), the others stop too.
+    let stop_all_on_exit = |shutdown: CancellationToken| {
+        move |result: Result<(), Error>| {
+            shutdown.cancel();
+            result
+        }
+    };
+    let relay_task = tokio::spawn({
+        let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
+        async move { done(relay.run(shutdown).await) }
+    });
+    let consumer_task = tokio::spawn({
+        let (store, balances) = (store.clone(), balances.clone());
+        let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
+        async move {
+            done(
+                consumer
+                    .run_projection(store, balances, shutdown)
+                    .await
+                    .map(|_| ()),
+            )
+        }
+    });
+    let server_task = tokio::spawn({
+        let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
+        async move {
+            let server = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+                .map_err(|e| Error::handler("http server", e));
+            done(server)
+        }
+    });
+    let task = tokio::spawn(async move {
+        let joined = |name: &'static str| move |e| Error::handler(name, e);
+        let server = server_task.await.map_err(joined("http server"))?;
+        let relay = relay_task.await.map_err(joined("relay"))?;
+        let consumer = consumer_task.await.map_err(joined("consumer"))?;
+        server.and(relay).and(consumer)
+    });
+    Ok(Running {
+        addr,
+        store,
+        balances,
+        task,
+    })
+}

@@ -1,0 +1,151 @@
+//! The bank service on the real stack: HTTP -> Postgres -> relay -> Kafka -> consumer ->
+//! read model in Postgres.
+
+// Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
+#![allow(clippy::inconsistent_digit_grouping)]
+
+use std::time::{Duration, Instant};
+
+use bank::http::{BalanceView, ErrorBody, StoredEvent};
+use bank::service::{start, ServiceConfig};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_over_http_reach_the_read_model_through_kafka() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = ServiceConfig {
+        database_url: env_or(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/thalo_test",
+        ),
+        kafka_brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        schema: format!("bank_{id}"),
+        topic_prefix: format!("test-{id}-"),
+        group_id: format!("bank-balances-{id}"),
+    };
+    let shutdown = CancellationToken::new();
+    let running = start(config, shutdown.clone()).await.expect(
+        "the service starts (Postgres at DATABASE_URL and a broker at KAFKA_BROKERS are required)",
+    );
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+
+    let opened = http
+        .post(format!("{base}/accounts"))
+        .json(&json!({"account_number": "ACC-1", "owner": "Ada", "initial_deposit": 100_00}))
+        .send()
+        .await
+        .expect("open");
+    assert_eq!(opened.status(), 201);
+    let events: Vec<StoredEvent> = opened.json().await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_type, "AccountOpened");
+    assert_eq!(
+        events[0].data,
+        json!({"owner": "Ada", "initial_deposit": 100_00})
+    );
+
+    for (path, amount) in [("deposit", 50_00), ("withdraw", 30_00), ("deposit", 1)] {
+        let res = http
+            .post(format!("{base}/accounts/ACC-1/{path}"))
+            .json(&json!({ "amount": amount }))
+            .send()
+            .await
+            .expect(path);
+        assert_eq!(res.status(), 200, "{path}");
+    }
+    let rejected = http
+        .post(format!("{base}/accounts/ACC-1/withdraw"))
+        .json(&json!({"amount": 1_000_00}))
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(rejected.status(), 422);
+    let body: ErrorBody = rejected.json().await.expect("error body");
+    assert_eq!(body.code, "INSUFFICIENT_FUNDS");
+
+    http.post(format!("{base}/accounts"))
+        .json(&json!({"account_number": "ACC-2", "owner": "Alan"}))
+        .send()
+        .await
+        .expect("open 2");
+    http.post(format!("{base}/accounts/ACC-2/close"))
+        .send()
+        .await
+        .expect("close 2");
+
+    // The read model catches up through the outbox, the broker and the consumer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let balances = loop {
+        let res = http
+            .get(format!("{base}/accounts"))
+            .send()
+            .await
+            .expect("list");
+        let rows: Vec<BalanceView> = res.json().await.expect("rows");
+        let done = rows
+            .iter()
+            .any(|r| r.account_number == "ACC-1" && r.version == 4)
+            && rows.iter().any(|r| r.account_number == "ACC-2" && r.closed);
+        if done {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read model did not catch up: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let acc1 = balances
+        .iter()
+        .find(|r| r.account_number == "ACC-1")
+        .expect("ACC-1");
+    assert_eq!(
+        (acc1.balance, acc1.owner.as_str(), acc1.closed),
+        (120_01, "Ada", false)
+    );
+    let acc2 = balances
+        .iter()
+        .find(|r| r.account_number == "ACC-2")
+        .expect("ACC-2");
+    assert_eq!((acc2.balance, acc2.closed), (0, true));
+
+    let one: BalanceView = http
+        .get(format!("{base}/accounts/ACC-1"))
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("row");
+    assert_eq!(one.balance, 120_01);
+    let missing = http
+        .get(format!("{base}/accounts/NOPE"))
+        .send()
+        .await
+        .expect("show");
+    assert_eq!(missing.status(), 404);
+
+    // The read model equals the aggregates rebuilt from the store.
+    let repo = thalo::Repository::new(running.store.clone());
+    for row in &balances {
+        let account = repo
+            .load::<bank::BankAccount>(&row.account_number)
+            .await
+            .expect("load");
+        assert_eq!(account.aggregate.balance(), row.balance);
+        assert_eq!(account.version, row.version);
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running.stopped())
+        .await
+        .expect("the service stops on shutdown")
+        .expect("clean stop");
+}

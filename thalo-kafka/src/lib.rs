@@ -1,0 +1,120 @@
+//! # Thalo on Kafka
+//!
+//! Two halves connect a Thalo service to Kafka (or any broker that speaks the Kafka
+//! protocol: Redpanda, tansu, ...):
+//!
+//! - [`KafkaRelay`] publishes the events that `thalo_postgres::PgEventStore` stores. The
+//!   store writes each event and an outbox row in one transaction; the relay turns outbox
+//!   rows into Kafka messages and deletes them once Kafka has acknowledged them. Run it
+//!   in your service or as the `thalo-relay` binary.
+//! - [`KafkaConsumer`] feeds those messages to [`thalo::EventHandler`]s, or to
+//!   `thalo_postgres::PgProjection`s with exactly-once effects.
+//!
+//! ```no_run
+//! # #[derive(Clone, Debug)] pub struct BankAccountEvent;
+//! # impl thalo::Event for BankAccountEvent {
+//! #     fn event_type(&self) -> &'static str { "X" }
+//! #     fn encode(&self) -> Result<String, thalo::Error> { Ok("{}".into()) }
+//! #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, thalo::Error> { Ok(BankAccountEvent) }
+//! #     fn event_types() -> &'static [&'static str] { &["X"] }
+//! # }
+//! # struct Balances;
+//! # impl thalo_postgres::PgProjection<BankAccountEvent> for Balances {
+//! #     fn name(&self) -> &str { "balances" }
+//! #     async fn handle(&self, _: &mut sqlx::PgConnection, _: &thalo::EventEnvelope<BankAccountEvent>) -> Result<(), thalo::Error> { Ok(()) }
+//! # }
+//! # async fn example() -> Result<(), thalo::Error> {
+//! use thalo_kafka::{shutdown_signal, KafkaConsumer, KafkaRelay};
+//! use thalo_postgres::PgEventStore;
+//!
+//! let store = PgEventStore::connect("postgres://postgres@127.0.0.1:5432/bank").await?;
+//! store.migrate().await?;
+//! let shutdown = shutdown_signal();
+//!
+//! // Postgres -> Kafka: topic `bank_account`, key = account id, value = event JSON.
+//! let relay = KafkaRelay::from_store(&store, "127.0.0.1:9092");
+//! let relay_task = tokio::spawn({
+//!     let shutdown = shutdown.clone();
+//!     async move { relay.run(shutdown).await }
+//! });
+//!
+//! // Kafka -> read model, exactly once.
+//! KafkaConsumer::new("127.0.0.1:9092", "balances")
+//!     .with_topic("bank_account")
+//!     .run_projection(store, Balances, shutdown)
+//!     .await?;
+//! relay_task.await.ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Messages
+//!
+//! One event per message: topic per aggregate type ([`TopicNaming`]), key = aggregate
+//! id, value = the event's JSON payload, and headers in the CloudEvents Kafka binding
+//! (`ce_id`, `ce_type`, `ce_source`, `ce_time`, ...) plus `thalo_*` headers for the
+//! sequence, global position, schema version, correlation and causation ids and the
+//! free-form metadata headers. Any Kafka client in any language can read them; see
+//! [`message`] for the full list.
+//!
+//! ## Delivery guarantees
+//!
+//! | stage                        | guarantee                                              | where it is explained |
+//! |------------------------------|--------------------------------------------------------|-----------------------|
+//! | store -> outbox              | atomic: an event is stored with its outbox row or not at all | `thalo_postgres` |
+//! | outbox -> Kafka              | at least once, in order per aggregate                  | [`relay`]             |
+//! | Kafka -> [`thalo::EventHandler`] | at least once, in order per aggregate              | [`consumer`]          |
+//! | Kafka -> `PgProjection`      | exactly-once effects                                   | [`projection`]        |
+//!
+//! Duplicates happen after crashes (the relay republishes a batch whose rows it had not
+//! deleted yet; a consumer re-handles messages since its last offset commit). Handlers
+//! should be idempotent; Postgres projections are, by construction.
+//!
+//! A message that cannot be decoded, or whose handler keeps failing, goes to a
+//! dead-letter topic (`<topic>.dlq`) with the error in its headers, and the consumer
+//! moves on. Outages (broker or database unreachable) are retried until they end.
+//!
+//! ## Running the relay
+//!
+//! One relay per outbox publishes at a time; start two or more for availability: they
+//! elect a leader through a Postgres advisory lock, and a standby takes over within a
+//! second when the leader dies. The `thalo-relay` binary runs one from the command
+//! line:
+//!
+//! ```text
+//! DATABASE_URL=postgres://... KAFKA_BROKERS=broker:9092 thalo-relay --schema thalo --topic-prefix bank.
+//! ```
+//!
+//! ## Feature flags
+//!
+//! - `postgres` (default): [`KafkaRelay`] and [`KafkaConsumer::run_projection`] (pulls in
+//!   `sqlx` and `thalo-postgres`). Without it, the crate has the consumer for plain
+//!   event handlers only.
+//! - `cli` (default): the `thalo-relay` binary.
+
+pub mod consumer;
+pub mod message;
+#[cfg(feature = "postgres")]
+pub mod outbox;
+#[cfg(feature = "postgres")]
+pub mod projection;
+#[cfg(feature = "postgres")]
+pub mod relay;
+
+mod backoff;
+mod shutdown;
+mod topic;
+
+pub use backoff::RetryPolicy;
+pub use consumer::{ConsumerStats, KafkaConsumer};
+pub use message::{decode_message, decode_raw_message, encode_headers};
+#[cfg(feature = "postgres")]
+pub use outbox::RelayLag;
+#[cfg(feature = "postgres")]
+pub use relay::{KafkaRelay, RelayStatus};
+pub use shutdown::shutdown_signal;
+pub use topic::{ensure_topics, TopicNaming, TopicSettings};
+
+/// The rdkafka version this crate is built with, re-exported for raw access (admin
+/// operations, custom producers) with the same types.
+pub use rdkafka;

@@ -1,0 +1,127 @@
+//! Postgres projections fed from Kafka, with exactly-once effects.
+//!
+//! # Delivery guarantee: exactly-once effects
+//!
+//! Kafka delivers at least once: after a consumer crash, everything since the last
+//! offset commit comes again, and the relay may have published an event twice. A
+//! [`PgProjection`] run by [`KafkaConsumer::run_projection`] is applied through
+//! [`PgEventStore::apply_exactly_once`], which changes the read model and the
+//! projection's per-stream checkpoint (`stream_checkpoints`: the last applied sequence
+//! of each aggregate) in one transaction, and skips every event at or below the
+//! checkpoint. So:
+//!
+//! - crash before the commit: nothing of the event is stored; Kafka redelivers it and
+//!   it is applied;
+//! - crash after the commit, before the offset is committed: Kafka redelivers it; the
+//!   checkpoint says it is applied, and it is skipped;
+//! - relay duplicate: same as the previous case.
+//!
+//! The Kafka offset is only an optimisation (how much is redelivered); the checkpoint in
+//! Postgres is the truth. Two consumers that briefly both hold a partition during a
+//! rebalance are serialised by the checkpoint row locks.
+
+use thalo::{Error, Event, EventEnvelope};
+use thalo_postgres::{PgEventStore, PgProjection};
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::Apply;
+use crate::{ConsumerStats, KafkaConsumer};
+
+impl KafkaConsumer {
+    /// Runs `projection` on the subscribed topics with exactly-once effects, until
+    /// `shutdown` is cancelled (see the [module docs](crate::projection)). Use the
+    /// projection's name as the group id.
+    ///
+    /// Messages that are already waiting in a partition's queue are applied together in
+    /// one transaction (up to [`with_max_batch`](KafkaConsumer::with_max_batch)); when
+    /// such a batch fails, its messages are retried one by one, so one bad event is
+    /// dead-lettered alone.
+    ///
+    /// ```no_run
+    /// # async fn example(store: thalo_postgres::PgEventStore) -> Result<(), thalo::Error> {
+    /// # use thalo::{Error, EventEnvelope};
+    /// # use thalo_postgres::PgProjection;
+    /// # use sqlx::PgConnection;
+    /// # #[derive(Clone, Debug)] pub enum AccountEvent { Opened }
+    /// # impl thalo::Event for AccountEvent {
+    /// #     fn event_type(&self) -> &'static str { "Opened" }
+    /// #     fn encode(&self) -> Result<String, Error> { Ok("{}".into()) }
+    /// #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> { Ok(AccountEvent::Opened) }
+    /// #     fn event_types() -> &'static [&'static str] { &["Opened"] }
+    /// # }
+    /// # struct Balances;
+    /// # impl PgProjection<AccountEvent> for Balances {
+    /// #     fn name(&self) -> &str { "balances" }
+    /// #     async fn handle(&self, _: &mut PgConnection, _: &EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
+    /// # }
+    /// use thalo_kafka::{shutdown_signal, KafkaConsumer};
+    ///
+    /// KafkaConsumer::new("127.0.0.1:9092", "balances")
+    ///     .with_topic("bank_account")
+    ///     .run_projection(store, Balances, shutdown_signal())
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`KafkaConsumer::run`].
+    pub async fn run_projection<E, P>(
+        self,
+        store: PgEventStore,
+        projection: P,
+        shutdown: CancellationToken,
+    ) -> Result<ConsumerStats, Error>
+    where
+        E: Event,
+        P: PgProjection<E> + 'static,
+    {
+        self.run_with(ProjectionApply { store, projection }, shutdown)
+            .await
+    }
+}
+
+struct ProjectionApply<P> {
+    store: PgEventStore,
+    projection: P,
+}
+
+impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
+    const BATCHES: bool = true;
+
+    async fn apply(&self, envelope: &EventEnvelope<E>) -> Result<u64, Error> {
+        self.apply_batch(std::slice::from_ref(envelope)).await
+    }
+
+    async fn apply_batch(&self, envelopes: &[EventEnvelope<E>]) -> Result<u64, Error> {
+        let applied = self
+            .store
+            .apply_exactly_once(&self.projection, envelopes)
+            .await?;
+        Ok(applied.skipped as u64)
+    }
+}
+
+/// Whether a database error is an outage that retrying will get past.
+pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57P: operator
+            // intervention (shutdown, crash); 40001/40P01: serialization failure and
+            // deadlock, which succeed when retried.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}

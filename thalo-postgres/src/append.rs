@@ -1,0 +1,245 @@
+//! Appending: events, outbox rows and the notification in one statement.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, PgConnection, Postgres, Row};
+use thalo::{Aggregate, AggregateType, Error, Event, EventEnvelope, Metadata};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::error::{self, store, to_i64, to_u64};
+use crate::store::Inner;
+use crate::{sql, NotifyMode};
+
+/// One append's events, encoded for the `UNNEST` insert.
+struct AppendBatch {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    expected_version: u64,
+    expected: i64,
+    ids: Vec<Uuid>,
+    types: Vec<&'static str>,
+    versions: Vec<i16>,
+    payloads: Vec<String>,
+    metadata: String,
+    metadata_value: Metadata,
+    timestamp: DateTime<Utc>,
+}
+
+impl AppendBatch {
+    /// Encodes everything before touching the database: an event that cannot be
+    /// serialized stores nothing.
+    fn new<A: Aggregate>(
+        id: &A::Id,
+        expected_version: u64,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<Self, Error> {
+        let mut batch = AppendBatch {
+            aggregate_type: <A as AggregateType>::TYPE,
+            aggregate_id: id.to_string(),
+            expected_version,
+            expected: to_i64(expected_version, "expected version")?,
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: serde_json::to_string(metadata)
+                .map_err(|e| Error::serialization("event metadata", e))?,
+            metadata_value: metadata.clone(),
+            // Postgres keeps microseconds: truncate so that what `append` returns equals
+            // what is read back.
+            timestamp: Utc::now().trunc_subsecs(6),
+        };
+        for event in events {
+            let event_type = event.event_type();
+            let version = i16::try_from(event.event_version()).map_err(|_| {
+                Error::serialization(
+                    event_type,
+                    format!(
+                        "schema version {} does not fit the store's SMALLINT column",
+                        event.event_version()
+                    ),
+                )
+            })?;
+            batch.ids.push(Uuid::now_v7());
+            batch.types.push(event_type);
+            batch.versions.push(version);
+            batch.payloads.push(event.encode()?);
+        }
+        Ok(batch)
+    }
+
+    /// Turns the append statement's result row into envelopes, or a conflict when the
+    /// stream was not at the expected version.
+    fn finish<A: Aggregate>(
+        &self,
+        events: Vec<A::Event>,
+        row: &PgRow,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        let version: i64 = row
+            .try_get(0)
+            .map_err(store("decoding the append result"))?;
+        let positions: Option<Vec<i64>> = row
+            .try_get(1)
+            .map_err(store("decoding the append result"))?;
+        let positions = match positions {
+            Some(positions) if version == self.expected && positions.len() == events.len() => {
+                positions
+            }
+            _ => {
+                return Err(Error::Conflict {
+                    aggregate_type: self.aggregate_type.into(),
+                    aggregate_id: self.aggregate_id.clone(),
+                    expected: self.expected_version,
+                    actual: Some(to_u64(version, "version")?),
+                    source: None,
+                })
+            }
+        };
+        events
+            .into_iter()
+            .zip(positions)
+            .zip(&self.ids)
+            .zip(1..)
+            .map(|(((event, position), id), offset)| {
+                Ok(EventEnvelope {
+                    id: *id,
+                    aggregate_type: self.aggregate_type.to_owned(),
+                    aggregate_id: self.aggregate_id.clone(),
+                    sequence: self.expected_version + offset,
+                    position: to_u64(position, "position")?,
+                    timestamp: self.timestamp,
+                    metadata: self.metadata_value.clone(),
+                    event,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    /// Runs the append statement, notifying in it when `notify`.
+    async fn run_append<'c, X>(
+        &self,
+        executor: X,
+        batch: &AppendBatch,
+        notify: bool,
+    ) -> Result<PgRow, Error>
+    where
+        X: sqlx::Executor<'c, Database = Postgres>,
+    {
+        let sql = if notify {
+            &self.sql.append_notify
+        } else {
+            &self.sql.append
+        };
+        let mut query = sqlx::query(sql)
+            .bind(batch.aggregate_type)
+            .bind(&batch.aggregate_id)
+            .bind(batch.expected)
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(batch.timestamp);
+        if notify {
+            query = query.bind(&self.channel);
+        }
+        query.fetch_one(executor).await.map_err(|err| {
+            error::append(
+                err,
+                batch.aggregate_type,
+                &batch.aggregate_id,
+                batch.expected_version,
+            )
+        })
+    }
+
+    pub(crate) async fn append<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        // A single statement runs in its own implicit transaction: no BEGIN/COMMIT round
+        // trips are needed for the events, the outbox rows and the notification to
+        // commit together.
+        match self.notify {
+            NotifyMode::Off => {
+                let row = self.run_append(&self.pool, &batch, false).await?;
+                batch.finish::<A>(events, &row)
+            }
+            NotifyMode::InTransaction => {
+                let row = self.run_append(&self.pool, &batch, true).await?;
+                batch.finish::<A>(events, &row)
+            }
+            NotifyMode::AfterCommit => {
+                let mut conn = self
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(store("acquiring a connection"))?;
+                let row = self.run_append(&mut *conn, &batch, false).await?;
+                let stored = batch.finish::<A>(events, &row)?;
+                if let Some(last) = stored.last() {
+                    // The events are committed: a failed notification only delays
+                    // listeners until they poll, so it must not fail the append.
+                    let notified = sqlx::query(sql::NOTIFY)
+                        .bind(&self.channel)
+                        .bind(last.position.to_string())
+                        .execute(&mut *conn)
+                        .await;
+                    if let Err(err) = notified {
+                        warn!(channel = %self.channel, error = %err, "notifying after an append failed");
+                    }
+                }
+                Ok(stored)
+            }
+        }
+    }
+
+    /// [`Inner::append`] in the caller's transaction, inside a savepoint.
+    pub(crate) async fn append_in<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        let mut savepoint = conn
+            .begin()
+            .await
+            .map_err(store("opening a savepoint for the append"))?;
+        // Only the caller knows when its transaction commits: notify inside it.
+        let notify = self.notify.is_on();
+        let result = self.run_append(&mut *savepoint, &batch, notify).await;
+        let outcome = result.and_then(|row| batch.finish::<A>(events, &row));
+        match outcome {
+            Ok(stored) => {
+                savepoint
+                    .commit()
+                    .await
+                    .map_err(store("releasing the append's savepoint"))?;
+                Ok(stored)
+            }
+            Err(err) => {
+                if let Err(rollback) = savepoint.rollback().await {
+                    warn!(error = %rollback, "rolling back the append's savepoint failed");
+                }
+                Err(err)
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Configuring a [`PgEventStore`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use thalo::{AggregateType, Error};
+
+use crate::notify::Notifier;
+use crate::sql::Sql;
+use crate::store::Inner;
+use crate::{NotifyMode, PgEventStore, SchemaName, SnapshotPolicy};
+
+/// Builds a [`PgEventStore`] with a non-default configuration.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), thalo::Error> {
+/// use std::time::Duration;
+/// use thalo_postgres::{NotifyMode, PgEventStore};
+///
+/// let store = PgEventStore::builder(pool)
+///     .schema("billing")
+///     .snapshot_every_type("invoice", 200)
+///     .notify(true)
+///     .horizon_wait(Duration::from_secs(2))
+///     .build()?;
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PgEventStoreBuilder {
+    pool: PgPool,
+    schema: String,
+    snapshots: SnapshotPolicy,
+    notify: NotifyMode,
+    horizon_wait: Duration,
+    poll_interval: Duration,
+}
+
+impl PgEventStoreBuilder {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        PgEventStoreBuilder {
+            pool,
+            schema: SchemaName::DEFAULT.to_owned(),
+            snapshots: SnapshotPolicy::never(),
+            notify: NotifyMode::InTransaction,
+            horizon_wait: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(250),
+        }
+    }
+
+    /// The Postgres schema of the store's tables (default `thalo`). It must match
+    /// `^[a-z_][a-z0-9_]{0,62}$`, not start with `pg_`, and, with notify on, be at most 56
+    /// characters so that the channel `<schema>_events` fits Postgres' 63-byte limit.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Replaces the whole snapshot policy.
+    pub fn snapshots(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshots = policy;
+        self
+    }
+
+    /// Snapshots of aggregate `A` every `n` events (0: never).
+    pub fn snapshot_every<A: AggregateType>(mut self, n: u64) -> Self {
+        self.snapshots = self.snapshots.with::<A>(n);
+        self
+    }
+
+    /// Snapshots of the aggregate type named `aggregate_type` every `n` events (0: never).
+    pub fn snapshot_every_type(mut self, aggregate_type: impl Into<String>, n: u64) -> Self {
+        self.snapshots = self.snapshots.with_type(aggregate_type, n);
+        self
+    }
+
+    /// Whether appends `NOTIFY` the channel `<schema>_events` with their last position:
+    /// `true` for [`NotifyMode::InTransaction`] (the default), `false` for
+    /// [`NotifyMode::Off`]. Subscriptions and the outbox relay `LISTEN` on it and fall
+    /// back to polling without it.
+    ///
+    /// The cost: Postgres serialises the commits of all notifying transactions on a
+    /// cluster-wide lock held until the commit is durable, so with notify on, appends
+    /// that commit at the same moment wait for each other's WAL flush instead of sharing
+    /// one (the benchmark measures it). See [`NotifyMode`] for the alternative.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = if notify {
+            NotifyMode::InTransaction
+        } else {
+            NotifyMode::Off
+        };
+        self
+    }
+
+    /// How appends notify; see [`NotifyMode`].
+    pub fn notify_mode(mut self, mode: NotifyMode) -> Self {
+        self.notify = mode;
+        self
+    }
+
+    /// How long [`read_all`](thalo::EventStore::read_all) waits for an older running
+    /// transaction to finish when everything it could return is held back behind it
+    /// (default 5 s). See the crate docs on global order.
+    pub fn horizon_wait(mut self, wait: Duration) -> Self {
+        self.horizon_wait = wait;
+        self
+    }
+
+    /// How often [`wait_for_events`](thalo::EventStore::wait_for_events) polls when it
+    /// cannot listen for notifications (default 250 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Builds the store. Does not touch the database; call
+    /// [`PgEventStore::migrate`] to create or update the schema.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Config`] for an invalid schema name.
+    pub fn build(self) -> Result<PgEventStore, Error> {
+        let schema = SchemaName::new(self.schema.as_str())?;
+        let channel = schema.channel();
+        if self.notify.is_on() && channel.len() > 63 {
+            return Err(Error::config(format!(
+                "schema name `{schema}` is too long for the notification channel `{channel}` \
+                 (63 bytes at most): use at most 56 characters or turn notify off"
+            )));
+        }
+        Ok(self.assemble(schema))
+    }
+
+    /// Builds the store around an already validated schema name.
+    pub(crate) fn assemble(self, schema: SchemaName) -> PgEventStore {
+        let channel = schema.channel();
+        let sql = Sql::new(&schema);
+        PgEventStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                sql,
+                schema,
+                channel,
+                snapshots: self.snapshots,
+                notify: self.notify,
+                horizon_wait: self.horizon_wait,
+                poll_interval: self.poll_interval,
+                notifier: Notifier::default(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! # thalo-postgres
+//!
+//! A PostgreSQL event store for [Thalo](thalo): events, a transactional outbox,
+//! snapshots, checkpoints and projections with exactly-once effects, on
+//! [sqlx](https://docs.rs/sqlx).
+//!
+//! ```no_run
+//! use thalo::{commands, events, Aggregate, Error, EventStore, Repository};
+//! use thalo_postgres::PgEventStore;
+//!
+//! #[derive(Aggregate, Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+//! #[aggregate(snapshot)]
+//! pub struct BankAccount {
+//!     #[identity]
+//!     account_number: String,
+//!     balance_cents: i64,
+//!     opened: bool,
+//! }
+//!
+//! #[commands]
+//! impl BankAccount {
+//!     pub fn open_account(&self, initial_cents: i64) -> Result<AccountOpenedEvent, Error> {
+//!         if self.opened {
+//!             return Err(Error::invariant_code("ACCOUNT_ALREADY_OPENED"));
+//!         }
+//!         Ok(AccountOpenedEvent { initial_cents })
+//!     }
+//! }
+//!
+//! #[events]
+//! impl BankAccount {
+//!     pub fn account_opened(&mut self, initial_cents: i64) {
+//!         self.balance_cents = initial_cents;
+//!         self.opened = true;
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Error> {
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/bank")
+//!     .await
+//!     .map_err(|e| Error::store("connecting", e))?;
+//! let store = PgEventStore::builder(pool)
+//!     .schema("bank")                              // default: `thalo`
+//!     .snapshot_every::<BankAccount>(100)          // default: no snapshots
+//!     .build()?;
+//! store.migrate().await?;                          // explicit, idempotent
+//!
+//! let repo = Repository::new(store.clone());
+//! let id = "acc-1".to_string();
+//! let stored = repo
+//!     .execute::<BankAccount>(&id, BankAccountCommand::OpenAccount { initial_cents: 10_00 })
+//!     .await?;
+//! assert_eq!(stored[0].sequence, 1);
+//!
+//! // Everything, in global order, from the start:
+//! let all = store.read_all(0, 100).await?;
+//! # let _ = all;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Tables
+//!
+//! [`PgEventStore::migrate`] creates, in the store's schema (default `thalo`, see
+//! [`SchemaName`]): `events` (one row per event, unique
+//! `(aggregate_type, aggregate_id, sequence)`), `outbox` (one row per event, for the
+//! Kafka relay), `snapshots`, `checkpoints` (a position per named reader) and
+//! `stream_checkpoints` (a sequence per projection and stream). The SQL is in
+//! `migrations/0001_init.sql`; sqlx's `_sqlx_migrations` lives in the same schema.
+//!
+//! ## Consistency
+//!
+//! An append is one SQL statement: it checks that the stream is at the expected version,
+//! inserts all events (one multi-row insert), inserts their outbox rows, and notifies
+//! `<schema>_events`, atomically. Two guards make optimistic concurrency exact:
+//!
+//! - the statement inserts nothing unless the stream's current version equals the
+//!   expected one (so appending at a version past the end conflicts too), and
+//! - the unique constraint `events_stream_sequence` rejects the second of two concurrent
+//!   appends that both saw the same version.
+//!
+//! Both are reported as [`thalo::Error::Conflict`], the second with the sqlx error as its
+//! source; [`thalo::Repository`] reloads and retries. [`PgEventStore::append_in`] runs the
+//! same statement inside your transaction, so a read model in the same database can
+//! change atomically with the events.
+//!
+//! ## Global order
+//!
+//! [`read_all`](thalo::EventStore::read_all) returns events in the order
+//! `(transaction_id, position)`, and only those written by transactions older than every
+//! transaction still running (`pg_snapshot_xmin(pg_current_snapshot())`). A plain
+//! `position > cursor` read would skip an event whose transaction took its position
+//! early but committed late; the horizon makes that impossible: nothing can ever commit
+//! behind a reader's cursor. The cursor is still a `u64` position. The cost is that a
+//! long-running write transaction anywhere in the cluster delays readers (not writers)
+//! until it ends; keep write transactions short. See `global.rs` for the details.
+//!
+//! ## Snapshots
+//!
+//! Per aggregate type, with a [`SnapshotPolicy`] (every N events): loading replays at
+//! most about N events after the latest snapshot and writes a new snapshot when it had to
+//! replay N or more. A snapshot that no longer decodes is ignored with a warning (full
+//! replay, then a fresh snapshot). The aggregate must support snapshots
+//! (`#[aggregate(snapshot)]`).
+//!
+//! ## Delivery to the read side
+//!
+//! - [`thalo::Subscription`] works with this store as with any other (at least once).
+//! - [`PgSubscription`] runs a [`PgProjection`] whose read model lives in the same
+//!   database with exactly-once effects: each batch's read-model changes and the
+//!   projection's checkpoints commit in one transaction.
+//! - [`PgEventStore::apply_exactly_once`] is the same protocol for events that arrive
+//!   another way (a Kafka consumer's batch): duplicates and redeliveries are skipped by
+//!   a per-stream sequence stored in the same transaction as the change.
+//!
+//! ## Notifications
+//!
+//! With notify on (the default, [`NotifyMode::InTransaction`]), every append's
+//! transaction runs `pg_notify('<schema>_events', last_position)`; [`wait_for_events`],
+//! [`PgSubscription`] and the outbox relay `LISTEN` on it and fall back to polling.
+//! Postgres serialises the commits of notifying transactions (a cluster-wide lock held
+//! until the commit is durable), which caps concurrent appends at about one commit per WAL
+//! flush. [`NotifyMode::AfterCommit`] notifies in a separate statement after the commit
+//! instead (appends commit concurrently again, for one more round trip), and
+//! [`NotifyMode::Off`] not at all. The benchmark (`benches/store.rs`) measures the three.
+//!
+//! ## Performance
+//!
+//! An append is one round trip; a load is one (two with a snapshot policy). sqlx's pool
+//! pings every connection it hands out by default (`test_before_acquire`), which adds a
+//! round trip to every store call; `PgPoolOptions::test_before_acquire(false)` removes
+//! it, at the price of an error (instead of a reconnect) when a connection died while
+//! idle.
+//!
+//! [`wait_for_events`]: thalo::EventStore::wait_for_events
+//!
+//! ## Limits
+//!
+//! Payloads and metadata are stored as `jsonb`: key order and whitespace are not kept
+//! (events decode the same), and strings must not contain `\u0000`. Event schema versions
+//! must fit a `SMALLINT` (up to 32767).
+
+mod append;
+mod builder;
+mod checkpoint;
+mod error;
+mod global;
+mod load;
+mod notify;
+mod projection;
+mod row;
+mod schema;
+mod snapshot;
+mod sql;
+mod store;
+mod subscription;
+
+pub use builder::PgEventStoreBuilder;
+pub use notify::NotifyMode;
+pub use projection::{Applied, PgProjection};
+pub use schema::{SchemaName, SchemaNameError};
+pub use snapshot::SnapshotPolicy;
+pub use store::PgEventStore;
+pub use subscription::PgSubscription;
+
+/// The sqlx this crate is built with, so that projections and callers of
+/// [`PgEventStore::append_in`] use the same types.
+pub use sqlx;

@@ -1,0 +1,275 @@
+//! Projections into Postgres with exactly-once effects.
+//!
+//! # How exactly-once works here
+//!
+//! Delivery is at least once everywhere: a subscription re-reads the batch it crashed in,
+//! Kafka redelivers after a rebalance, the outbox relay may publish an event twice. The
+//! effects become exactly once because the read-model change and the record of what was
+//! applied commit in the same Postgres transaction:
+//!
+//! 1. Lock (creating them at 0 if missing) the rows of `stream_checkpoints` for the
+//!    projection and every stream in the batch. Locking serialises two appliers of the
+//!    same projection and stream (say, two consumers during a rebalance), so they cannot
+//!    both apply the same event.
+//! 2. For each envelope, in order: skip it when its sequence is not above the stream's
+//!    stored sequence (a duplicate or a redelivery), otherwise call
+//!    [`PgProjection::handle`] with the transaction's connection.
+//! 3. Store the new sequences, then commit.
+//!
+//! If anything fails, the transaction rolls back: neither the read-model change nor the
+//! checkpoint is stored, and the batch is applied again on retry. If the commit succeeded,
+//! the sequences say so, and a redelivered event is skipped.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+
+use sqlx::{PgConnection, Row};
+use thalo::{Error, Event, EventEnvelope};
+use tracing::debug;
+
+use crate::error::{store, to_i64, to_u64};
+use crate::PgEventStore;
+
+/// A projection that keeps its read model in the event store's database and updates it
+/// through the transaction it is given, for exactly-once effects.
+///
+/// Run it in process with [`PgSubscription`](crate::PgSubscription), or from Kafka with
+/// [`PgEventStore::apply_exactly_once`] per batch.
+///
+/// ```no_run
+/// use sqlx::PgConnection;
+/// use thalo::{Error, EventEnvelope};
+/// use thalo_postgres::PgProjection;
+/// # #[derive(Clone, Debug)] pub enum AccountEvent { Deposited { amount: i64 } }
+/// # impl thalo::Event for AccountEvent {
+/// #     fn event_type(&self) -> &'static str { "Deposited" }
+/// #     fn encode(&self) -> Result<String, Error> { unimplemented!() }
+/// #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> { unimplemented!() }
+/// #     fn event_types() -> &'static [&'static str] { &["Deposited"] }
+/// # }
+///
+/// struct Balances;
+///
+/// impl PgProjection<AccountEvent> for Balances {
+///     fn name(&self) -> &str {
+///         "balances"
+///     }
+///
+///     async fn handle(
+///         &self,
+///         tx: &mut PgConnection,
+///         envelope: &EventEnvelope<AccountEvent>,
+///     ) -> Result<(), Error> {
+///         let AccountEvent::Deposited { amount } = envelope.event;
+///         sqlx::query(
+///             "INSERT INTO balances (account, cents) VALUES ($1, $2)
+///              ON CONFLICT (account) DO UPDATE SET cents = balances.cents + EXCLUDED.cents",
+///         )
+///         .bind(&envelope.aggregate_id)
+///         .bind(amount)
+///         .execute(tx)
+///         .await
+///         .map_err(|e| Error::store("updating balances", e))?;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait PgProjection<E: Event>: Send + Sync {
+    /// Stable name, the key of the projection's checkpoints. Changing it rebuilds the
+    /// projection from scratch.
+    fn name(&self) -> &str;
+
+    /// Applies one event to the read model, using only `tx` (an open transaction that
+    /// also commits the checkpoint). Must not commit or roll back `tx`.
+    ///
+    /// # Errors
+    ///
+    /// Any error rolls back the whole batch, read model and checkpoints alike.
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &EventEnvelope<E>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &EventEnvelope<E>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).handle(tx, envelope)
+    }
+}
+
+/// What [`PgEventStore::apply_exactly_once`] did with a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Envelopes handed to the projection.
+    pub applied: usize,
+    /// Envelopes skipped because their stream's checkpoint was already at or past them.
+    pub skipped: usize,
+}
+
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, other: Applied) {
+        self.applied += other.applied;
+        self.skipped += other.skipped;
+    }
+}
+
+impl PgEventStore {
+    /// Applies `envelopes` to `projection` with exactly-once effects, in one transaction
+    /// of its own: events at or below their stream's stored sequence are skipped, the
+    /// others are handled in order, and the new sequences commit with the read-model
+    /// changes. See the [module docs](crate::PgProjection) for the protocol.
+    ///
+    /// Envelopes of one stream must come in sequence order (as the store and Kafka
+    /// partitions deliver them); envelopes of different streams may be interleaved.
+    /// Meant for a consumer's batch, e.g. the decoded messages of one Kafka partition.
+    ///
+    /// # Errors
+    ///
+    /// Returns the projection's error as [`Error::Handler`] (nothing of the batch is
+    /// stored) and [`Error::Store`] when the database fails.
+    pub async fn apply_exactly_once<E, P>(
+        &self,
+        projection: &P,
+        envelopes: &[EventEnvelope<E>],
+    ) -> Result<Applied, Error>
+    where
+        E: Event,
+        P: PgProjection<E>,
+    {
+        if envelopes.is_empty() {
+            return Ok(Applied::default());
+        }
+        let mut tx = self
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(store("beginning a projection transaction"))?;
+        let applied = self
+            .apply_exactly_once_in(&mut tx, projection, envelopes)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(store("committing a projection transaction"))?;
+        Ok(applied)
+    }
+
+    /// [`apply_exactly_once`](PgEventStore::apply_exactly_once) inside the caller's
+    /// transaction, which the caller commits (e.g. together with a Kafka partition's
+    /// offset saved with [`save_checkpoint_in`](PgEventStore::save_checkpoint_in)).
+    ///
+    /// On error, part of the batch may have been applied in the transaction: roll it
+    /// back.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgEventStore::apply_exactly_once`].
+    pub async fn apply_exactly_once_in<E, P>(
+        &self,
+        conn: &mut PgConnection,
+        projection: &P,
+        envelopes: &[EventEnvelope<E>],
+    ) -> Result<Applied, Error>
+    where
+        E: Event,
+        P: PgProjection<E>,
+    {
+        let mut outcome = Applied::default();
+        if envelopes.is_empty() {
+            return Ok(outcome);
+        }
+        let name = projection.name();
+        let sql = &self.inner.sql;
+
+        // Sorted and distinct: every applier locks in the same order.
+        let keys: BTreeSet<(&str, &str)> = envelopes
+            .iter()
+            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+            .collect();
+        let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let rows = sqlx::query(&sql.lock_stream_checkpoints)
+            .bind(name)
+            .bind(&types)
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(store("locking stream checkpoints"))?;
+        let mut stored: HashMap<(&str, &str), (u64, bool)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let aggregate_type: &str = row
+                .try_get(0)
+                .map_err(store("decoding a stream checkpoint"))?;
+            let aggregate_id: &str = row
+                .try_get(1)
+                .map_err(store("decoding a stream checkpoint"))?;
+            let sequence: i64 = row
+                .try_get(2)
+                .map_err(store("decoding a stream checkpoint"))?;
+            if let Some(&key) = keys.get(&(aggregate_type, aggregate_id)) {
+                stored.insert(key, (to_u64(sequence, "stream checkpoint")?, false));
+            }
+        }
+
+        for envelope in envelopes {
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            let checkpoint = stored.entry(key).or_insert((0, false));
+            if envelope.sequence <= checkpoint.0 {
+                outcome.skipped += 1;
+                continue;
+            }
+            if envelope.sequence != checkpoint.0 + 1 {
+                debug!(
+                    projection = name,
+                    aggregate_type = key.0,
+                    aggregate_id = key.1,
+                    expected = checkpoint.0 + 1,
+                    sequence = envelope.sequence,
+                    "gap in a stream's sequences (the projection started after its first event?)"
+                );
+            }
+            projection
+                .handle(&mut *conn, envelope)
+                .await
+                .map_err(|err| match err {
+                    err @ Error::Handler { .. } => err,
+                    err => Error::handler(name, err),
+                })?;
+            *checkpoint = (envelope.sequence, true);
+            outcome.applied += 1;
+        }
+
+        let mut types = Vec::new();
+        let mut ids = Vec::new();
+        let mut sequences = Vec::new();
+        for ((aggregate_type, aggregate_id), (sequence, changed)) in &stored {
+            if *changed {
+                types.push(*aggregate_type);
+                ids.push(*aggregate_id);
+                sequences.push(to_i64(*sequence, "sequence")?);
+            }
+        }
+        if !sequences.is_empty() {
+            sqlx::query(&sql.save_stream_checkpoints)
+                .bind(name)
+                .bind(&types)
+                .bind(&ids)
+                .bind(&sequences)
+                .execute(&mut *conn)
+                .await
+                .map_err(store("saving stream checkpoints"))?;
+        }
+        Ok(outcome)
+    }
+}

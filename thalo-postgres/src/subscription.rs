@@ -1,0 +1,228 @@
+//! In-process, exactly-once projection runner over the global log.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore};
+use tracing::{debug, warn};
+
+use crate::error::store;
+use crate::{checkpoint, global, sql, Applied, PgEventStore, PgProjection};
+
+/// Feeds one aggregate type's events from a [`PgEventStore`] to a [`PgProjection`],
+/// with exactly-once effects, and follows new events as they are appended.
+///
+/// Each batch is one transaction: it takes a transaction-scoped advisory lock on the
+/// projection's name (so two runners of the same projection take turns instead of
+/// applying the same batch twice), reads the projection's checkpoint (the `checkpoints`
+/// table, named after the projection) and up to `batch_size` events of the global log
+/// after it, applies the events of the aggregate type with
+/// [`PgEventStore::apply_exactly_once_in`], saves the checkpoint, and commits. A crash or
+/// an error anywhere rolls back the read-model changes and the checkpoint together, so
+/// the batch is applied again, once, on restart.
+///
+/// New events wake the runner through `LISTEN/NOTIFY`, with polling every idle timeout as
+/// a fallback.
+///
+/// ```no_run
+/// # use thalo::{Error, EventEnvelope};
+/// # use thalo_postgres::{PgEventStore, PgProjection, PgSubscription};
+/// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+/// # pub struct Account { #[identity] id: String }
+/// # #[thalo::commands] impl Account {
+/// #     pub fn deposit(&self, amount: i64) -> Result<DepositedEvent, Error> { Ok(DepositedEvent { amount }) }
+/// # }
+/// # #[thalo::events] impl Account { pub fn deposited(&mut self, amount: i64) { let _ = amount; } }
+/// # struct Balances;
+/// # impl PgProjection<AccountEvent> for Balances {
+/// #     fn name(&self) -> &str { "balances" }
+/// #     async fn handle(&self, _: &mut sqlx::PgConnection, _: &EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
+/// # }
+/// # async fn example(store: PgEventStore) -> Result<(), Error> {
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let subscription = PgSubscription::new::<Account>(store, Balances);
+/// let running = tokio::spawn(subscription.run(async {
+///     let _ = stopped.await; // e.g. on SIGTERM
+/// }));
+/// // ...
+/// let _ = stop.send(());
+/// let _projection = running.await.map_err(|e| Error::handler("balances", e))??;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct PgSubscription<P, E> {
+    store: PgEventStore,
+    projection: P,
+    aggregate_type: &'static str,
+    batch_size: usize,
+    idle_timeout: Duration,
+    _event: PhantomData<fn() -> E>,
+}
+
+/// One batch's outcome.
+struct Step {
+    /// Events read from the log (of every aggregate type).
+    read: usize,
+    applied: Applied,
+    /// The checkpoint after the batch.
+    position: u64,
+}
+
+impl<P, E> PgSubscription<P, E>
+where
+    P: PgProjection<E>,
+    E: Event,
+{
+    /// A subscription feeding the events of aggregate `A` to `projection`.
+    pub fn new<A: Aggregate<Event = E>>(store: PgEventStore, projection: P) -> Self {
+        PgSubscription {
+            store,
+            projection,
+            aggregate_type: A::TYPE,
+            batch_size: 500,
+            idle_timeout: Duration::from_secs(1),
+            _event: PhantomData,
+        }
+    }
+
+    /// How many events of the global log to read per batch and transaction (default 500).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How long to wait for a notification before polling (default 1 s).
+    #[must_use]
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// Applies every event appended so far that the projection has not seen, batch by
+    /// batch, and returns how many events were applied and skipped.
+    ///
+    /// # Errors
+    ///
+    /// Returns the projection's error ([`Error::Handler`]), a decoding error for an event
+    /// of the aggregate type that cannot be decoded, or [`Error::Store`]. The failing
+    /// batch is rolled back; earlier batches stay committed.
+    pub async fn catch_up(&self) -> Result<Applied, Error> {
+        self.catch_up_from().await.map(|(applied, _)| applied)
+    }
+
+    async fn catch_up_from(&self) -> Result<(Applied, u64), Error> {
+        let mut total = Applied::default();
+        loop {
+            let step = self.step().await?;
+            total += step.applied;
+            if step.read < self.batch_size {
+                return Ok((total, step.position));
+            }
+        }
+    }
+
+    /// Applies one batch in one transaction.
+    async fn step(&self) -> Result<Step, Error> {
+        let inner = &self.store.inner;
+        let name = self.projection.name();
+        let mut tx = inner
+            .pool
+            .begin()
+            .await
+            .map_err(store("beginning a subscription transaction"))?;
+        sqlx::query(sql::ADVISORY_XACT_LOCK)
+            .bind(sql::subscription_lock_key(&inner.schema, name))
+            .execute(&mut *tx)
+            .await
+            .map_err(store("locking the subscription"))?;
+        let position = checkpoint::load(&mut tx, &inner.sql, name)
+            .await?
+            .unwrap_or(0);
+        // Read before writing anything: until then the transaction has no transaction id
+        // of its own to hold the read horizon back.
+        let batch = global::read_all(
+            &mut tx,
+            &inner.sql,
+            position,
+            self.batch_size,
+            inner.horizon_wait,
+        )
+        .await?;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            return Ok(Step {
+                read: 0,
+                applied: Applied::default(),
+                position,
+            });
+        };
+        let envelopes = batch
+            .iter()
+            .filter(|e| e.aggregate_type == self.aggregate_type)
+            .map(EventEnvelope::decode)
+            .collect::<Result<Vec<EventEnvelope<E>>, Error>>()?;
+        let applied = self
+            .store
+            .apply_exactly_once_in(&mut tx, &self.projection, &envelopes)
+            .await?;
+        checkpoint::save(&mut tx, &inner.sql, name, last).await?;
+        tx.commit()
+            .await
+            .map_err(store("committing a subscription batch"))?;
+        Ok(Step {
+            read: batch.len(),
+            applied,
+            position: last,
+        })
+    }
+
+    /// Catches up, then follows new events until `shutdown` resolves, and returns the
+    /// projection. A batch in flight at shutdown is rolled back (and applied by the next
+    /// run).
+    ///
+    /// Store errors are logged and retried after the idle timeout.
+    ///
+    /// # Errors
+    ///
+    /// Returns the projection's error ([`Error::Handler`]) or the decoding error that
+    /// stopped it; the checkpoint stays before the failing batch.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<P, Error> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut position = 0;
+        loop {
+            let caught_up = tokio::select! {
+                () = &mut shutdown => return Ok(self.projection),
+                caught_up = self.catch_up_from() => caught_up,
+            };
+            match caught_up {
+                Ok((applied, at)) => {
+                    position = at;
+                    if applied != Applied::default() {
+                        debug!(
+                            projection = self.projection.name(),
+                            applied = applied.applied,
+                            skipped = applied.skipped,
+                            position,
+                            "caught up"
+                        );
+                    }
+                }
+                Err(err @ Error::Store { .. }) => {
+                    warn!(projection = self.projection.name(), error = %err, "subscription failed, retrying");
+                }
+                Err(err) => return Err(err),
+            }
+            tokio::select! {
+                () = &mut shutdown => return Ok(self.projection),
+                () = self.store.wait_for_events(position, self.idle_timeout) => {}
+            }
+        }
+    }
+}
