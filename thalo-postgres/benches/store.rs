@@ -6,6 +6,8 @@
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/thalo_test cargo bench -p thalo-postgres --bench store
 //! ```
 //!
+//! `BENCH_ONLY=group` runs only the group-commit table (section 4).
+//!
 //! Every variant runs in the same process against the same fresh schema, in interleaved
 //! rounds (the order rotates every round) after a warm-up round; the tables show the
 //! median of the rounds. The pool has `test_before_acquire(false)` for thalo and the raw
@@ -24,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Row};
 use thalo::{commands, events, Aggregate, AggregateType, Error, EventStore, Metadata, Repository};
-use thalo_postgres::{NotifyMode, PgEventStore};
+use thalo_postgres::{GroupCommit, NotifyMode, PgEventStore};
 use uuid::Uuid;
 
 /// Measured rounds (after one warm-up round); `BENCH_ROUNDS` overrides it.
@@ -71,6 +73,8 @@ struct Bench {
     store_after: PgEventStore,
     store_quiet: PgEventStore,
     store_snapshots: PgEventStore,
+    /// [`Bench::store`] with group commit.
+    store_group: PgEventStore,
     sql: RawSql,
 }
 
@@ -136,6 +140,16 @@ impl RawSql {
 fn fail(context: &str, err: impl std::fmt::Display) -> ! {
     eprintln!("benchmark failed: {context}: {err}");
     std::process::exit(1);
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank.
+fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -301,6 +315,52 @@ impl Bench {
             }
         }
         (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+    }
+
+    /// Group-commit table: like [`Bench::commands`] (10 commands per aggregate, each
+    /// client on its own aggregates), but also records every command's latency.
+    /// Returns commands per second and the latencies in seconds.
+    async fn group_commands(
+        self: &Arc<Self>,
+        variant: &str,
+        clients: usize,
+        per_client: usize,
+        round: &str,
+    ) -> (f64, Vec<f64>) {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|client| {
+                let bench = Arc::clone(self);
+                let variant = variant.to_owned();
+                let round = round.to_owned();
+                tokio::spawn(async move {
+                    let repo = Repository::new(bench.store.clone());
+                    let group = Repository::new(bench.store_group.clone());
+                    let mut latencies = Vec::with_capacity(per_client);
+                    for i in 0..per_client {
+                        let id = format!("g-{variant}-{round}-{client}-{}", i / 10);
+                        let began = Instant::now();
+                        match variant.as_str() {
+                            "thalo" => Self::thalo_command(&repo, &id).await,
+                            "thalo-group" => Self::thalo_command(&group, &id).await,
+                            "raw-min" => bench.raw_command_min(&id, true).await,
+                            other => fail("variant", other),
+                        }
+                        latencies.push(began.elapsed().as_secs_f64());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::with_capacity(clients * per_client);
+        for task in tasks {
+            match task.await {
+                Ok(l) => latencies.extend(l),
+                Err(err) => fail("client task", err),
+            }
+        }
+        let rate = (clients * per_client) as f64 / started.elapsed().as_secs_f64();
+        (rate, latencies)
     }
 
     // ---- 2. batch append --------------------------------------------------------------
@@ -495,6 +555,11 @@ async fn run() {
         store_after: build(NotifyMode::AfterCommit, 0),
         store_quiet: build(NotifyMode::Off, 0),
         store_snapshots: build(NotifyMode::InTransaction, 100),
+        store_group: PgEventStore::builder(pool.clone())
+            .schema(&schema)
+            .group_commit(GroupCommit::default())
+            .build()
+            .unwrap_or_else(|e| fail("store", e)),
         store,
         sql: RawSql::new(&schema),
     });
@@ -510,6 +575,12 @@ async fn run() {
         .collect::<Vec<_>>()
         .join(" ");
     println!("- load average at the start (other processes on the machine): {load}\n");
+
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("group") {
+        group_commit_table(&bench, rounds).await;
+        drop_schema(&pool, &schema).await;
+        return;
+    }
 
     // ---- 1. commands ----
     let mut results: BTreeMap<(usize, &str), Vec<f64>> = BTreeMap::new();
@@ -690,8 +761,67 @@ async fn run() {
         ms("thalo-snapshot") / ms("raw-snapshot")
     );
 
+    group_commit_table(&bench, rounds).await;
+    drop_schema(&pool, &schema).await;
+}
+
+async fn drop_schema(pool: &PgPool, schema: &str) {
     let drop = format!("DROP SCHEMA \"{schema}\" CASCADE");
     if let Err(err) = pool.execute(drop.as_str()).await {
         eprintln!("could not drop {schema}: {err}");
+    }
+}
+
+/// Section 4: group commit against one transaction per command, at many clients.
+async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
+    let variants = ["thalo", "thalo-group", "raw-min"];
+    let levels = [(8, 40), (32, 20), (256, 8)];
+    // Per (clients, variant): the rate, p50 and p99 of each round.
+    let mut results: BTreeMap<(usize, &str), [Vec<f64>; 3]> = BTreeMap::new();
+    for round in 0..=rounds {
+        for &(clients, per_client) in &levels {
+            for k in 0..variants.len() {
+                let variant = variants[(k + round) % variants.len()];
+                let (rate, latencies) = bench
+                    .group_commands(variant, clients, per_client, &format!("r{round}"))
+                    .await;
+                if round > 0 {
+                    let entry = results.entry((clients, variant)).or_default();
+                    entry[0].push(rate);
+                    entry[1].push(quantile(latencies.clone(), 0.5));
+                    entry[2].push(quantile(latencies, 0.99));
+                }
+            }
+        }
+        eprintln!("group commit: round {round} done");
+    }
+    let m = |clients: usize, v: &str, i: usize| {
+        median(
+            results
+                .get(&(clients, v))
+                .map(|r| r[i].clone())
+                .unwrap_or_default(),
+        )
+    };
+    println!("\n## 4. Group commit (`Repository::execute`, notify in the transaction)\n");
+    println!("Each client runs commands on its own aggregates, 10 commands per aggregate. Commands/s, and p50 / p99 latency per command in ms (medians over rounds).\n");
+    println!("| clients | thalo, one tx per command | thalo, group commit | raw minimal, one tx per command | group commit / raw |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &(clients, _) in &levels {
+        let cell = |v: &str| {
+            format!(
+                "{:.0}/s, {:.1} / {:.1} ms",
+                m(clients, v, 0),
+                m(clients, v, 1) * 1e3,
+                m(clients, v, 2) * 1e3
+            )
+        };
+        println!(
+            "| {clients} | {} | {} | {} | {:.2}x |",
+            cell("thalo"),
+            cell("thalo-group"),
+            cell("raw-min"),
+            m(clients, "thalo-group", 0) / m(clients, "raw-min", 0)
+        );
     }
 }

@@ -11,25 +11,26 @@ use crate::error::{self, store, to_i64, to_u64};
 use crate::store::Inner;
 use crate::{sql, NotifyMode};
 
-/// One append's events, encoded for the `UNNEST` insert.
-struct AppendBatch {
-    aggregate_type: &'static str,
-    aggregate_id: String,
-    expected_version: u64,
-    expected: i64,
-    ids: Vec<Uuid>,
-    types: Vec<&'static str>,
-    versions: Vec<i16>,
-    payloads: Vec<String>,
-    metadata: String,
-    metadata_value: Metadata,
-    timestamp: DateTime<Utc>,
+/// One append's events, encoded for the `UNNEST` insert (alone, or with other appends in
+/// a group-commit batch).
+pub(crate) struct AppendBatch {
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) aggregate_id: String,
+    pub(crate) expected_version: u64,
+    pub(crate) expected: i64,
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) types: Vec<&'static str>,
+    pub(crate) versions: Vec<i16>,
+    pub(crate) payloads: Vec<String>,
+    pub(crate) metadata: String,
+    pub(crate) metadata_value: Metadata,
+    pub(crate) timestamp: DateTime<Utc>,
 }
 
 impl AppendBatch {
     /// Encodes everything before touching the database: an event that cannot be
     /// serialized stores nothing.
-    fn new<A: Aggregate>(
+    pub(crate) fn new<A: Aggregate>(
         id: &A::Id,
         expected_version: u64,
         events: &[A::Event],
@@ -70,33 +71,45 @@ impl AppendBatch {
         Ok(batch)
     }
 
-    /// Turns the append statement's result row into envelopes, or a conflict when the
-    /// stream was not at the expected version.
-    fn finish<A: Aggregate>(
-        &self,
-        events: Vec<A::Event>,
-        row: &PgRow,
-    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+    /// Decodes the append statement's result row into the new positions, or a conflict
+    /// when the stream was not at the expected version.
+    fn positions(&self, row: &PgRow) -> Result<Vec<i64>, Error> {
         let version: i64 = row
             .try_get(0)
             .map_err(store("decoding the append result"))?;
         let positions: Option<Vec<i64>> = row
             .try_get(1)
             .map_err(store("decoding the append result"))?;
-        let positions = match positions {
-            Some(positions) if version == self.expected && positions.len() == events.len() => {
-                positions
+        self.check(version, positions)
+    }
+
+    /// The positions of the inserted events when the stream was at the expected version
+    /// (`version` is the head the statement saw), a conflict otherwise.
+    pub(crate) fn check(
+        &self,
+        version: i64,
+        positions: Option<Vec<i64>>,
+    ) -> Result<Vec<i64>, Error> {
+        match positions {
+            Some(positions) if version == self.expected && positions.len() == self.ids.len() => {
+                Ok(positions)
             }
-            _ => {
-                return Err(Error::Conflict {
-                    aggregate_type: self.aggregate_type.into(),
-                    aggregate_id: self.aggregate_id.clone(),
-                    expected: self.expected_version,
-                    actual: Some(to_u64(version, "version")?),
-                    source: None,
-                })
-            }
-        };
+            _ => Err(Error::Conflict {
+                aggregate_type: self.aggregate_type.into(),
+                aggregate_id: self.aggregate_id.clone(),
+                expected: self.expected_version,
+                actual: Some(to_u64(version, "version")?),
+                source: None,
+            }),
+        }
+    }
+
+    /// The envelopes of the stored events, given their positions by sequence.
+    pub(crate) fn envelopes<A: Aggregate>(
+        &self,
+        events: Vec<A::Event>,
+        positions: Vec<i64>,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
         events
             .into_iter()
             .zip(positions)
@@ -115,6 +128,17 @@ impl AppendBatch {
                 })
             })
             .collect()
+    }
+
+    /// Turns the append statement's result row into envelopes, or a conflict when the
+    /// stream was not at the expected version.
+    fn finish<A: Aggregate>(
+        &self,
+        events: Vec<A::Event>,
+        row: &PgRow,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        let positions = self.positions(row)?;
+        self.envelopes::<A>(events, positions)
     }
 }
 
@@ -168,17 +192,24 @@ impl Inner {
             return Ok(Vec::new());
         }
         let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        let positions = self.append_encoded(&batch).await?;
+        batch.envelopes::<A>(events, positions)
+    }
+
+    /// Appends one encoded batch on its own, notifying per the store's [`NotifyMode`];
+    /// returns the new positions by sequence. Also the fallback of group commit.
+    pub(crate) async fn append_encoded(&self, batch: &AppendBatch) -> Result<Vec<i64>, Error> {
         // A single statement runs in its own implicit transaction: no BEGIN/COMMIT round
         // trips are needed for the events, the outbox rows and the notification to
         // commit together.
         match self.notify {
             NotifyMode::Off => {
-                let row = self.run_append(&self.pool, &batch, false).await?;
-                batch.finish::<A>(events, &row)
+                let row = self.run_append(&self.pool, batch, false).await?;
+                batch.positions(&row)
             }
             NotifyMode::InTransaction => {
-                let row = self.run_append(&self.pool, &batch, true).await?;
-                batch.finish::<A>(events, &row)
+                let row = self.run_append(&self.pool, batch, true).await?;
+                batch.positions(&row)
             }
             NotifyMode::AfterCommit => {
                 let mut conn = self
@@ -186,22 +217,27 @@ impl Inner {
                     .acquire()
                     .await
                     .map_err(store("acquiring a connection"))?;
-                let row = self.run_append(&mut *conn, &batch, false).await?;
-                let stored = batch.finish::<A>(events, &row)?;
-                if let Some(last) = stored.last() {
-                    // The events are committed: a failed notification only delays
-                    // listeners until they poll, so it must not fail the append.
-                    let notified = sqlx::query(sql::NOTIFY)
-                        .bind(&self.channel)
-                        .bind(last.position.to_string())
-                        .execute(&mut *conn)
-                        .await;
-                    if let Err(err) = notified {
-                        warn!(channel = %self.channel, error = %err, "notifying after an append failed");
-                    }
+                let row = self.run_append(&mut *conn, batch, false).await?;
+                let positions = batch.positions(&row)?;
+                if let Some(last) = positions.last() {
+                    self.notify_after_commit(&mut conn, *last).await;
                 }
-                Ok(stored)
+                Ok(positions)
             }
+        }
+    }
+
+    /// Notifies the events channel with `last` after a commit. The events are committed:
+    /// a failed notification only delays listeners until they poll, so it must not fail
+    /// the append.
+    pub(crate) async fn notify_after_commit(&self, conn: &mut PgConnection, last: i64) {
+        let notified = sqlx::query(sql::NOTIFY)
+            .bind(&self.channel)
+            .bind(last.to_string())
+            .execute(&mut *conn)
+            .await;
+        if let Err(err) = notified {
+            warn!(channel = %self.channel, error = %err, "notifying after an append failed");
         }
     }
 

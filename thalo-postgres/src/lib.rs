@@ -124,6 +124,25 @@
 //! instead (appends commit concurrently again, for one more round trip), and
 //! [`NotifyMode::Off`] not at all. The benchmark (`benches/store.rs`) measures the three.
 //!
+//! ## Group commit
+//!
+//! With one transaction per append, many concurrent writers are capped by the commit rate
+//! (one WAL flush each, and notifying commits are serialised, see above).
+//! [`PgEventStoreBuilder::group_commit`] (off by default) hands every
+//! [`append`](thalo::EventStore::append) to one background committer, which writes all
+//! appends queued at that moment, across streams, with one statement and one commit.
+//!
+//! - **Use it** for many concurrent writers whose throughput is bound by commits.
+//! - **Cost:** each append waits for the batch in flight and then for its own (roughly
+//!   one to two commit latencies); with few clients it is slower than plain appends.
+//! - **Guarantees:** expected versions are checked per aggregate (at most one append per
+//!   stream in a batch; a stale one fails alone with [`thalo::Error::Conflict`] and its
+//!   actual version, the rest of the batch is stored); each caller gets its own
+//!   envelopes or error; nothing is acknowledged before the commit, and a failed batch
+//!   fails each of its callers. A writer outside the batch that races one of its streams
+//!   (another process, [`PgEventStore::append_in`], which is never batched) makes the
+//!   batch fall back to one append per request. See `group.rs`.
+//!
 //! ## Performance
 //!
 //! An append is one round trip; a load is one (two with a snapshot policy). sqlx's pool
@@ -145,6 +164,7 @@ mod builder;
 mod checkpoint;
 mod error;
 mod global;
+mod group;
 mod load;
 mod notify;
 mod projection;
@@ -156,6 +176,7 @@ mod store;
 mod subscription;
 
 pub use builder::PgEventStoreBuilder;
+pub use group::GroupCommit;
 pub use notify::NotifyMode;
 pub use projection::{Applied, PgProjection};
 pub use schema::{SchemaName, SchemaNameError};

@@ -64,6 +64,24 @@ pub(crate) struct Sql {
     /// [`Sql::append`] that also notifies channel `$10` with the last position, in the
     /// append's transaction.
     pub append_notify: String,
+    /// Group commit: [`Sql::append`] for many streams at once, one request per stream.
+    /// Requests: `$1` request index, `$2` aggregate type, `$3` aggregate id, `$4` expected
+    /// version, `$5` metadata (text), `$6` timestamp. Events: `$7` request index, `$8`
+    /// ordinal within the request (from 1), `$9` event id, `$10` type, `$11` version,
+    /// `$12` payload (text).
+    ///
+    /// Each request's head is read as in [`Sql::append`]; only the events of requests
+    /// whose head equals their expected version are inserted (with their outbox rows), so
+    /// a stale request inserts nothing and does not affect the others. Returns one row
+    /// per request, in request order: its index, the head seen, and the new positions by
+    /// sequence (NULL when nothing was inserted for it). Inserted rows are matched back to
+    /// their request by stream, which is unique within a batch. A writer outside the
+    /// batch racing one of its streams makes the whole statement fail on the
+    /// `events_stream_sequence` unique constraint.
+    pub append_group: String,
+    /// [`Sql::append_group`] that also notifies channel `$13` once with the batch's last
+    /// position, in its transaction.
+    pub append_group_notify: String,
     /// Events of a stream after `$3`, just what replay needs.
     pub load: String,
     /// [`Sql::load`] preceded by the stream's snapshot, if any, as one ordered result:
@@ -123,6 +141,45 @@ SELECT (SELECT version FROM head) AS version,
         // `pg_notify` returns void; the cast gives the column a type every client decodes.
         let append_notify = append_with(
             ",\n       (SELECT pg_notify($10, max(position)::text) FROM inserted \
+             HAVING count(*) > 0)::text AS notified",
+        );
+
+        let append_group_with = |notify_column: &str| {
+            format!(
+                "WITH req AS (
+    SELECT r.req, r.aggregate_type, r.aggregate_id, r.expected, r.metadata, r.created_at,
+           COALESCE((SELECT max(h.sequence) FROM {events} h
+                     WHERE h.aggregate_type = r.aggregate_type
+                       AND h.aggregate_id = r.aggregate_id), 0) AS version
+    FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::timestamptz[])
+         AS r(req, aggregate_type, aggregate_id, expected, metadata, created_at)
+),
+inserted AS (
+    INSERT INTO {events} (event_id, aggregate_type, aggregate_id, sequence, event_type,
+                          event_version, payload, metadata, created_at)
+    SELECT e.event_id, r.aggregate_type, r.aggregate_id, r.expected + e.ord, e.event_type,
+           e.event_version, e.payload::jsonb, r.metadata::jsonb, r.created_at
+    FROM UNNEST($7::int4[], $8::int8[], $9::uuid[], $10::text[], $11::int2[], $12::text[])
+         AS e(req, ord, event_id, event_type, event_version, payload)
+    JOIN req r ON r.req = e.req
+    WHERE r.version = r.expected
+    ORDER BY e.req, e.ord
+    RETURNING aggregate_type, aggregate_id, sequence, position
+),
+outboxed AS (
+    INSERT INTO {outbox} (position) SELECT position FROM inserted ORDER BY position
+)
+SELECT r.req, r.version,
+       (SELECT array_agg(i.position ORDER BY i.sequence) FROM inserted i
+        WHERE i.aggregate_type = r.aggregate_type
+          AND i.aggregate_id = r.aggregate_id) AS positions{notify_column}
+FROM req r
+ORDER BY r.req"
+            )
+        };
+        let append_group = append_group_with("");
+        let append_group_notify = append_group_with(
+            ",\n       (SELECT pg_notify($13, max(position)::text) FROM inserted \
              HAVING count(*) > 0)::text AS notified",
         );
 
@@ -208,6 +265,8 @@ WHERE c.projection = $1 AND c.aggregate_type = k.aggregate_type
         Sql {
             append,
             append_notify,
+            append_group,
+            append_group_notify,
             load,
             load_with_snapshot,
             save_snapshot,
@@ -233,6 +292,8 @@ mod tests {
         for statement in [
             &sql.append,
             &sql.append_notify,
+            &sql.append_group,
+            &sql.append_group_notify,
             &sql.load,
             &sql.read_all,
             &sql.save_checkpoint,
@@ -247,5 +308,7 @@ mod tests {
         }
         assert!(sql.append_notify.contains("pg_notify($10"));
         assert!(!sql.append.contains("pg_notify"));
+        assert!(sql.append_group_notify.contains("pg_notify($13"));
+        assert!(!sql.append_group.contains("pg_notify"));
     }
 }

@@ -8,9 +8,10 @@ use sqlx::{PgConnection, PgPool};
 use thalo::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent};
 
 use crate::error::store;
+use crate::group::{self, GroupState};
 use crate::notify::{self, Notifier};
 use crate::sql::Sql;
-use crate::{global, NotifyMode, PgEventStoreBuilder, SchemaName, SnapshotPolicy};
+use crate::{global, GroupCommit, NotifyMode, PgEventStoreBuilder, SchemaName, SnapshotPolicy};
 
 /// A Thalo [`EventStore`] and [`CheckpointStore`](thalo::CheckpointStore) in PostgreSQL.
 ///
@@ -21,6 +22,9 @@ use crate::{global, NotifyMode, PgEventStoreBuilder, SchemaName, SnapshotPolicy}
 ///   stale expected version as [`Error::Conflict`].
 /// - [`append_in`](PgEventStore::append_in) does the same inside the caller's
 ///   transaction, so a same-database read model commits atomically with the events.
+/// - With [group commit](PgEventStoreBuilder::group_commit) on, `append` hands its
+///   encoded events to a background committer that writes the appends of many tasks in
+///   one statement and one commit (`append_in` is never batched).
 /// - [`load`](EventStore::load) starts from a snapshot when the
 ///   [`SnapshotPolicy`] asks for them.
 /// - [`read_all`](EventStore::read_all) follows the global order without ever skipping
@@ -42,6 +46,8 @@ pub(crate) struct Inner {
     pub(crate) horizon_wait: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) notifier: Notifier,
+    /// Set when appends go through the group committer.
+    pub(crate) group: Option<GroupState>,
 }
 
 impl fmt::Debug for PgEventStore {
@@ -51,6 +57,7 @@ impl fmt::Debug for PgEventStore {
             .field("notify", &self.inner.notify)
             .field("snapshots", &self.inner.snapshots)
             .field("horizon_wait", &self.inner.horizon_wait)
+            .field("group_commit", &self.group_commit())
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +115,12 @@ impl PgEventStore {
     /// How appends notify [`notify_channel`](PgEventStore::notify_channel).
     pub fn notify_mode(&self) -> NotifyMode {
         self.inner.notify
+    }
+
+    /// The group-commit settings, when appends are group-committed (see
+    /// [`PgEventStoreBuilder::group_commit`]).
+    pub fn group_commit(&self) -> Option<GroupCommit> {
+        self.inner.group.as_ref().map(|group| group.config)
     }
 
     /// The snapshot policy.
@@ -207,9 +220,16 @@ impl EventStore for PgEventStore {
         events: Vec<A::Event>,
         metadata: &Metadata,
     ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
-        self.inner
-            .append::<A>(id, expected_version, events, metadata)
-            .await
+        match &self.inner.group {
+            Some(state) => {
+                group::append::<A>(&self.inner, state, id, expected_version, events, metadata).await
+            }
+            None => {
+                self.inner
+                    .append::<A>(id, expected_version, events, metadata)
+                    .await
+            }
+        }
     }
 
     async fn read_stream<A: Aggregate>(

@@ -1,0 +1,438 @@
+//! Group commit: appends from many tasks coalesced into one statement and one commit.
+//!
+//! The guarantee, and where each part of it is kept:
+//!
+//! - **Nothing is acknowledged before it is durable.** The committer replies to the
+//!   callers of a batch only after `COMMIT` returned; if the statement or the commit
+//!   fails, every caller of the batch gets the error.
+//! - **Per-aggregate optimistic concurrency.** A batch holds at most one request per
+//!   stream (later ones wait for the next batch), and the statement checks each request's
+//!   head against its expected version on its own: a stale request inserts nothing and
+//!   gets its own [`Error::Conflict`], the others of the batch are stored.
+//! - **Racing writers outside the batch** (another process, or
+//!   [`append_in`](crate::PgEventStore::append_in)) make the statement fail on the
+//!   `events_stream_sequence` unique constraint; the batch is then rolled back and every
+//!   request appended on its own, so each caller gets its own result.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use sqlx::{Acquire, Row};
+use thalo::{Aggregate, Error, EventEnvelope, Metadata};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+use uuid::Uuid;
+
+use crate::append::AppendBatch;
+use crate::error::is_stream_conflict;
+use crate::store::Inner;
+use crate::NotifyMode;
+
+/// Group-commit settings for [`PgEventStoreBuilder::group_commit`].
+///
+/// ```
+/// use std::time::Duration;
+/// use thalo_postgres::GroupCommit;
+///
+/// let config = GroupCommit::default()
+///     .max_batch(256)
+///     .max_wait(Duration::from_micros(500));
+/// assert_eq!(config.batch_limit(), 256);
+/// ```
+///
+/// [`PgEventStoreBuilder::group_commit`]: crate::PgEventStoreBuilder::group_commit
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    max_batch: usize,
+    max_wait: Duration,
+}
+
+impl Default for GroupCommit {
+    /// Batches of up to 512 appends, no waiting: a batch takes what is queued.
+    fn default() -> Self {
+        GroupCommit {
+            max_batch: 512,
+            max_wait: Duration::ZERO,
+        }
+    }
+}
+
+impl GroupCommit {
+    /// At most `n` appends per batch (default 512; clamped to 1..=65536).
+    #[must_use]
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n.clamp(1, 65_536);
+        self
+    }
+
+    /// How long the committer waits for more appends after the first of a batch
+    /// (default zero: it takes what is queued and writes at once). Appends arriving while
+    /// a batch is being written queue for the next one anyway, so under load batches
+    /// fill without waiting; a wait only helps when clients are few and bursty, and adds
+    /// to every append's latency.
+    #[must_use]
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// The configured maximum batch size.
+    pub fn batch_limit(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The configured wait for more appends.
+    pub fn wait(&self) -> Duration {
+        self.max_wait
+    }
+}
+
+/// The store's group-commit state: the configuration and, once the first append ran, the
+/// queue of the committer task.
+#[derive(Debug)]
+pub(crate) struct GroupState {
+    pub(crate) config: GroupCommit,
+    queue: OnceLock<mpsc::UnboundedSender<AppendRequest>>,
+}
+
+impl GroupState {
+    pub(crate) fn new(config: GroupCommit) -> Self {
+        GroupState {
+            config,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// The committer's queue, spawning the committer on first use. It holds only a weak
+    /// reference to the store, so it ends when the last store handle is dropped (its
+    /// queue's sender goes with the store).
+    fn queue(&self, inner: &Arc<Inner>) -> Result<&mpsc::UnboundedSender<AppendRequest>, Error> {
+        if let Some(queue) = self.queue.get() {
+            return Ok(queue);
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| Error::store("starting the group committer", e))?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        // Two first appends may race here: the loser's committer sees its queue closed
+        // at once and ends.
+        if self.queue.set(sender).is_ok() {
+            runtime.spawn(run(Arc::downgrade(inner), receiver, self.config));
+        }
+        self.queue
+            .get()
+            .ok_or_else(|| Error::store("starting the group committer", "no queue"))
+    }
+}
+
+/// One caller's append, encoded, waiting for its batch.
+pub(crate) struct AppendRequest {
+    batch: Arc<AppendBatch>,
+    /// The new positions by sequence, or this request's own error.
+    reply: oneshot::Sender<Result<Vec<i64>, Error>>,
+}
+
+/// [`EventStore::append`](thalo::EventStore::append) through the committer.
+pub(crate) async fn append<A: Aggregate>(
+    inner: &Arc<Inner>,
+    group: &GroupState,
+    id: &A::Id,
+    expected_version: u64,
+    events: Vec<A::Event>,
+    metadata: &Metadata,
+) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Encoding happens here, in the caller's task: the committer only writes.
+    let batch = Arc::new(AppendBatch::new::<A>(
+        id,
+        expected_version,
+        &events,
+        metadata,
+    )?);
+    let (reply, answer) = oneshot::channel();
+    group
+        .queue(inner)?
+        .send(AppendRequest {
+            batch: Arc::clone(&batch),
+            reply,
+        })
+        .map_err(|_| Error::store("queueing a group-commit append", "the committer is gone"))?;
+    let positions = answer.await.map_err(|_| {
+        Error::store("waiting for a group-commit append", "the committer is gone")
+    })??;
+    batch.envelopes::<A>(events, positions)
+}
+
+/// The committer: takes batches off the queue and writes each in one transaction.
+async fn run(
+    inner: Weak<Inner>,
+    mut queue: mpsc::UnboundedReceiver<AppendRequest>,
+    config: GroupCommit,
+) {
+    // Requests that met their stream already in a batch, oldest first.
+    let mut deferred: VecDeque<AppendRequest> = VecDeque::new();
+    loop {
+        if deferred.is_empty() {
+            match queue.recv().await {
+                Some(request) => deferred.push_back(request),
+                None => return,
+            }
+        }
+        let batch = next_batch(&mut queue, &mut deferred, config).await;
+        let Some(inner) = inner.upgrade() else {
+            // The store is gone; so are its callers.
+            return;
+        };
+        inner.commit_batch(batch).await;
+    }
+}
+
+/// Admits deferred requests first, then queued ones, at most one per stream and
+/// `max_batch` in all; the rest is deferred in arrival order.
+async fn next_batch(
+    queue: &mut mpsc::UnboundedReceiver<AppendRequest>,
+    deferred: &mut VecDeque<AppendRequest>,
+    config: GroupCommit,
+) -> Vec<AppendRequest> {
+    let mut batch = Vec::new();
+    let mut streams: HashSet<(&'static str, String)> = HashSet::new();
+    let mut later = VecDeque::new();
+    let mut admit = |request: AppendRequest,
+                     batch: &mut Vec<AppendRequest>,
+                     later: &mut VecDeque<AppendRequest>| {
+        let stream = (
+            request.batch.aggregate_type,
+            request.batch.aggregate_id.clone(),
+        );
+        if batch.len() < config.max_batch && streams.insert(stream) {
+            batch.push(request);
+        } else {
+            later.push_back(request);
+        }
+    };
+    for request in deferred.drain(..) {
+        admit(request, &mut batch, &mut later);
+    }
+    let deadline = Instant::now() + config.max_wait;
+    // Bounded, so that a flood of requests for streams already in the batch cannot keep
+    // the committer from writing it.
+    let mut received = 0;
+    while batch.len() < config.max_batch && received < config.max_batch {
+        let request = match queue.try_recv() {
+            Ok(request) => request,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if config.max_wait.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, queue.recv()).await {
+                    Ok(Some(request)) => request,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        };
+        received += 1;
+        admit(request, &mut batch, &mut later);
+    }
+    *deferred = later;
+    batch
+}
+
+/// Why a batch statement did not produce per-request results.
+enum BatchFailure {
+    /// A writer outside the batch won a race on one of its streams.
+    Raced,
+    /// Anything else: every caller of the batch gets it.
+    Failed(Arc<sqlx::Error>, &'static str),
+}
+
+impl Inner {
+    /// Writes one batch and replies to each of its callers.
+    async fn commit_batch(&self, batch: Vec<AppendRequest>) {
+        match self.write_batch(&batch).await {
+            Ok(results) => {
+                for (request, result) in batch.into_iter().zip(results) {
+                    // A caller that gave up waiting is no reason to stop.
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(BatchFailure::Raced) => {
+                debug!(
+                    requests = batch.len(),
+                    "group commit raced a writer outside the batch: appending one by one"
+                );
+                // Distinct streams: the single appends do not race each other.
+                let results = join_all(batch.iter().map(|r| self.append_encoded(&r.batch))).await;
+                for (request, result) in batch.into_iter().zip(results) {
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(BatchFailure::Failed(err, context)) => {
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(Error::store(context, Arc::clone(&err))));
+                }
+            }
+        }
+    }
+
+    /// One statement and one commit for the whole batch; per request, its positions or
+    /// its conflict. Nothing is returned before the commit succeeded.
+    async fn write_batch(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<Vec<i64>, Error>>, BatchFailure> {
+        let failed = |context: &'static str| {
+            move |err: sqlx::Error| BatchFailure::Failed(Arc::new(err), context)
+        };
+        let columns = Columns::new(batch);
+        let notify = self.notify == NotifyMode::InTransaction;
+        let sql = if notify {
+            &self.sql.append_group_notify
+        } else {
+            &self.sql.append_group
+        };
+        let mut query = sqlx::query(sql)
+            .bind(&columns.req)
+            .bind(&columns.aggregate_types)
+            .bind(&columns.aggregate_ids)
+            .bind(&columns.expected)
+            .bind(&columns.metadata)
+            .bind(&columns.timestamps)
+            .bind(&columns.event_req)
+            .bind(&columns.ords)
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.versions)
+            .bind(&columns.payloads);
+        if notify {
+            query = query.bind(&self.channel);
+        }
+
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(failed("acquiring a connection for a group commit"))?;
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(failed("beginning a group commit"))?;
+        let rows = match query.fetch_all(&mut *tx).await {
+            Ok(rows) => rows,
+            // Dropping `tx` rolls the batch back.
+            Err(err) if is_stream_conflict(&err) => return Err(BatchFailure::Raced),
+            Err(err) => return Err(failed("appending a group-commit batch")(err)),
+        };
+        // Decode before committing: a batch whose outcome cannot be told is rolled back.
+        let mut results: Vec<Option<Result<Vec<i64>, Error>>> =
+            batch.iter().map(|_| None).collect();
+        for row in &rows {
+            let decoded: Result<(i32, i64, Option<Vec<i64>>), sqlx::Error> =
+                (|| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))();
+            let (req, version, positions) =
+                decoded.map_err(failed("decoding a group-commit result"))?;
+            let slot = usize::try_from(req)
+                .ok()
+                .and_then(|i| Some((i, batch.get(i)?)));
+            let Some((index, request)) = slot else {
+                return Err(failed("decoding a group-commit result")(
+                    sqlx::Error::Protocol(format!("unknown request index {req}")),
+                ));
+            };
+            if let Some(result) = results.get_mut(index) {
+                *result = Some(request.batch.check(version, positions));
+            }
+        }
+        let results = results
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                failed("decoding a group-commit result")(sqlx::Error::Protocol(
+                    "a request of the batch has no result row".into(),
+                ))
+            })?;
+        tx.commit()
+            .await
+            .map_err(failed("committing a group-commit batch"))?;
+
+        if self.notify == NotifyMode::AfterCommit {
+            let last = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok()?.iter().max().copied())
+                .max();
+            if let Some(last) = last {
+                self.notify_after_commit(&mut conn, last).await;
+            }
+        }
+        Ok(results)
+    }
+}
+
+/// A batch as the statement's parameter arrays.
+struct Columns<'a> {
+    req: Vec<i32>,
+    aggregate_types: Vec<&'static str>,
+    aggregate_ids: Vec<&'a str>,
+    expected: Vec<i64>,
+    metadata: Vec<&'a str>,
+    timestamps: Vec<DateTime<Utc>>,
+    event_req: Vec<i32>,
+    ords: Vec<i64>,
+    ids: Vec<Uuid>,
+    types: Vec<&'static str>,
+    versions: Vec<i16>,
+    payloads: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(batch: &'a [AppendRequest]) -> Self {
+        let events: usize = batch.iter().map(|r| r.batch.ids.len()).sum();
+        let mut columns = Columns {
+            req: Vec::with_capacity(batch.len()),
+            aggregate_types: Vec::with_capacity(batch.len()),
+            aggregate_ids: Vec::with_capacity(batch.len()),
+            expected: Vec::with_capacity(batch.len()),
+            metadata: Vec::with_capacity(batch.len()),
+            timestamps: Vec::with_capacity(batch.len()),
+            event_req: Vec::with_capacity(events),
+            ords: Vec::with_capacity(events),
+            ids: Vec::with_capacity(events),
+            types: Vec::with_capacity(events),
+            versions: Vec::with_capacity(events),
+            payloads: Vec::with_capacity(events),
+        };
+        // `max_batch` is at most 65536, so the index always fits an int4.
+        for (index, request) in batch.iter().enumerate() {
+            let index = i32::try_from(index).unwrap_or(i32::MAX);
+            let append = &request.batch;
+            columns.req.push(index);
+            columns.aggregate_types.push(append.aggregate_type);
+            columns.aggregate_ids.push(&append.aggregate_id);
+            columns.expected.push(append.expected);
+            columns.metadata.push(&append.metadata);
+            columns.timestamps.push(append.timestamp);
+            for (ord, ((id, event_type), (version, payload))) in (1..).zip(
+                append
+                    .ids
+                    .iter()
+                    .zip(&append.types)
+                    .zip(append.versions.iter().zip(&append.payloads)),
+            ) {
+                columns.event_req.push(index);
+                columns.ords.push(ord);
+                columns.ids.push(*id);
+                columns.types.push(event_type);
+                columns.versions.push(*version);
+                columns.payloads.push(payload);
+            }
+        }
+        columns
+    }
+}
