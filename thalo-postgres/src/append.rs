@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::error::{self, store, to_i64, to_u64};
 use crate::store::Inner;
-use crate::{sql, NotifyMode};
+use crate::NotifyMode;
 
 /// One append's events, encoded for the `UNNEST` insert (alone, or with other appends in
 /// a group-commit batch).
@@ -196,49 +196,63 @@ impl Inner {
         batch.envelopes::<A>(events, positions)
     }
 
+    /// [`Inner::append`] on a given connection (outside a transaction).
+    pub(crate) async fn append_on<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        let positions = self.append_encoded_on(conn, &batch).await?;
+        batch.envelopes::<A>(events, positions)
+    }
+
     /// Appends one encoded batch on its own, notifying per the store's [`NotifyMode`];
     /// returns the new positions by sequence. Also the fallback of group commit.
     pub(crate) async fn append_encoded(&self, batch: &AppendBatch) -> Result<Vec<i64>, Error> {
         // A single statement runs in its own implicit transaction: no BEGIN/COMMIT round
         // trips are needed for the events, the outbox rows and the notification to
         // commit together.
-        match self.notify {
-            NotifyMode::Off => {
-                let row = self.run_append(&self.pool, batch, false).await?;
-                batch.positions(&row)
-            }
-            NotifyMode::InTransaction => {
-                let row = self.run_append(&self.pool, batch, true).await?;
-                batch.positions(&row)
-            }
-            NotifyMode::AfterCommit => {
-                let mut conn = self
-                    .pool
-                    .acquire()
-                    .await
-                    .map_err(store("acquiring a connection"))?;
-                let row = self.run_append(&mut *conn, batch, false).await?;
-                let positions = batch.positions(&row)?;
-                if let Some(last) = positions.last() {
-                    self.notify_after_commit(&mut conn, *last).await;
-                }
-                Ok(positions)
-            }
-        }
+        let row = self
+            .run_append(&self.pool, batch, self.notify == NotifyMode::InTransaction)
+            .await?;
+        self.appended(batch, &row)
     }
 
-    /// Notifies the events channel with `last` after a commit. The events are committed:
-    /// a failed notification only delays listeners until they poll, so it must not fail
-    /// the append.
-    pub(crate) async fn notify_after_commit(&self, conn: &mut PgConnection, last: i64) {
-        let notified = sqlx::query(sql::NOTIFY)
-            .bind(&self.channel)
-            .bind(last.to_string())
-            .execute(&mut *conn)
-            .await;
-        if let Err(err) = notified {
-            warn!(channel = %self.channel, error = %err, "notifying after an append failed");
+    /// [`Inner::append_encoded`] on a given connection (outside a transaction).
+    pub(crate) async fn append_encoded_on(
+        &self,
+        conn: &mut PgConnection,
+        batch: &AppendBatch,
+    ) -> Result<Vec<i64>, Error> {
+        let row = self
+            .run_append(&mut *conn, batch, self.notify == NotifyMode::InTransaction)
+            .await?;
+        self.appended(batch, &row)
+    }
+
+    /// The positions of a committed append, announced when notifying after commit.
+    fn appended(&self, batch: &AppendBatch, row: &PgRow) -> Result<Vec<i64>, Error> {
+        let positions = batch.positions(row)?;
+        if self.notify == NotifyMode::AfterCommit {
+            if let Some(last) = positions.last() {
+                self.announce(*last);
+            }
         }
+        Ok(positions)
+    }
+
+    /// Has the store's background announcer `NOTIFY` the events channel with `last`
+    /// (a committed position). Never waits and never fails: a notification is a wake-up,
+    /// and a lost one only delays listeners until they poll.
+    pub(crate) fn announce(&self, last: i64) {
+        self.announcer.announce(&self.pool, &self.channel, last);
     }
 
     /// [`Inner::append`] in the caller's transaction, inside a savepoint.

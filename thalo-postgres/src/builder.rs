@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use thalo::{AggregateType, Error};
 
 use crate::group::GroupState;
-use crate::notify::Notifier;
+use crate::notify::{Announcer, Notifier};
 use crate::sql::Sql;
 use crate::store::Inner;
 use crate::{GroupCommit, NotifyMode, PgEventStore, SchemaName, SnapshotPolicy};
@@ -47,7 +47,7 @@ impl PgEventStoreBuilder {
             pool,
             schema: SchemaName::DEFAULT.to_owned(),
             snapshots: SnapshotPolicy::never(),
-            notify: NotifyMode::InTransaction,
+            notify: NotifyMode::AfterCommit,
             horizon_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             group_commit: None,
@@ -81,17 +81,12 @@ impl PgEventStoreBuilder {
     }
 
     /// Whether appends `NOTIFY` the channel `<schema>_events` with their last position:
-    /// `true` for [`NotifyMode::InTransaction`] (the default), `false` for
+    /// `true` for [`NotifyMode::AfterCommit`] (the default), `false` for
     /// [`NotifyMode::Off`]. Subscriptions and the outbox relay `LISTEN` on it and fall
-    /// back to polling without it.
-    ///
-    /// The cost: Postgres serialises the commits of all notifying transactions on a
-    /// cluster-wide lock held until the commit is durable, so with notify on, appends
-    /// that commit at the same moment wait for each other's WAL flush instead of sharing
-    /// one (the benchmark measures it). See [`NotifyMode`] for the alternative.
+    /// back to polling without it. See [`NotifyMode`] for the choices and their costs.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = if notify {
-            NotifyMode::InTransaction
+            NotifyMode::AfterCommit
         } else {
             NotifyMode::Off
         };
@@ -128,10 +123,11 @@ impl PgEventStoreBuilder {
     /// **When:** many concurrent writers whose throughput is bound by the commit rate
     /// (one WAL flush per transaction). Batching turns N commits into one.
     ///
-    /// **Cost:** each append waits for the batch in flight and then for its own: roughly
-    /// one to two commit latencies, plus a hop between tasks. With few clients it is
-    /// slower than one transaction per append, and all appends share the committer's one
-    /// connection at a time.
+    /// **Cost:** each append waits until its batch is written and committed: roughly one
+    /// to two commit latencies, plus a hop between tasks. With few clients it is slower
+    /// than one transaction per append. The committer writes up to
+    /// [`GroupCommit::max_in_flight`] batches at once (streams never shared between
+    /// them), each on a connection of the store's pool, so size the pool for it.
     ///
     /// **Guarantees** (the same as without it):
     ///
@@ -199,6 +195,7 @@ impl PgEventStoreBuilder {
                 horizon_wait: self.horizon_wait,
                 poll_interval: self.poll_interval,
                 notifier: Notifier::default(),
+                announcer: Announcer::default(),
                 group: self.group_commit.map(GroupState::new),
             }),
         }

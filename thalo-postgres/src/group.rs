@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use sqlx::{Acquire, Row};
 use thalo::{Aggregate, Error, EventEnvelope, Metadata};
 use tokio::sync::{mpsc, oneshot};
@@ -49,14 +50,17 @@ use crate::NotifyMode;
 pub struct GroupCommit {
     max_batch: usize,
     max_wait: Duration,
+    max_in_flight: usize,
 }
 
 impl Default for GroupCommit {
-    /// Batches of up to 512 appends, no waiting: a batch takes what is queued.
+    /// Batches of up to 512 appends, no waiting (a batch takes what is queued), up to 4
+    /// batches being written at once.
     fn default() -> Self {
         GroupCommit {
             max_batch: 512,
             max_wait: Duration::ZERO,
+            max_in_flight: 4,
         }
     }
 }
@@ -78,6 +82,21 @@ impl GroupCommit {
     pub fn max_wait(mut self, wait: Duration) -> Self {
         self.max_wait = wait;
         self
+    }
+
+    /// How many batches may be written at once, each on its own pooled connection
+    /// (default 4; clamped to 1..=64). While one batch waits for its commit to be
+    /// durable, the next is already being written; batches in flight never share a
+    /// stream.
+    #[must_use]
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.clamp(1, 64);
+        self
+    }
+
+    /// The configured number of batches written at once.
+    pub fn in_flight_limit(&self) -> usize {
+        self.max_in_flight
     }
 
     /// The configured maximum batch size.
@@ -135,6 +154,12 @@ pub(crate) struct AppendRequest {
     reply: oneshot::Sender<Result<Vec<i64>, Error>>,
 }
 
+impl AppendRequest {
+    fn stream(&self) -> Stream {
+        (self.batch.aggregate_type, self.batch.aggregate_id.clone())
+    }
+}
+
 /// [`EventStore::append`](thalo::EventStore::append) through the committer.
 pub(crate) async fn append<A: Aggregate>(
     inner: &Arc<Inner>,
@@ -168,7 +193,11 @@ pub(crate) async fn append<A: Aggregate>(
     batch.envelopes::<A>(events, positions)
 }
 
-/// The committer: takes batches off the queue and writes each in one transaction.
+/// A stream, as the committer keeps them apart.
+type Stream = (&'static str, String);
+
+/// The committer: takes batches off the queue and writes each in one transaction, up to
+/// `max_in_flight` batches at once.
 async fn run(
     inner: Weak<Inner>,
     mut queue: mpsc::UnboundedReceiver<AppendRequest>,
@@ -176,40 +205,70 @@ async fn run(
 ) {
     // Requests that met their stream already in a batch, oldest first.
     let mut deferred: VecDeque<AppendRequest> = VecDeque::new();
+    // Streams of the batches being written, and those batches.
+    let mut busy: HashSet<Stream> = HashSet::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
     loop {
-        if deferred.is_empty() {
-            match queue.recv().await {
-                Some(request) => deferred.push_back(request),
-                None => return,
+        if (open || !deferred.is_empty()) && in_flight.len() < config.max_in_flight {
+            if open && deferred.is_empty() && in_flight.is_empty() {
+                match queue.recv().await {
+                    Some(request) => deferred.push_back(request),
+                    None => return,
+                }
+            }
+            let batch = next_batch(&mut queue, &mut deferred, &busy, config).await;
+            if !batch.is_empty() {
+                let Some(inner) = inner.upgrade() else {
+                    // The store is gone; so are its callers.
+                    return;
+                };
+                let streams: Vec<Stream> = batch.iter().map(|r| r.stream()).collect();
+                busy.extend(streams.iter().cloned());
+                in_flight.push(async move {
+                    inner.commit_batch(batch).await;
+                    streams
+                });
+                continue;
             }
         }
-        let batch = next_batch(&mut queue, &mut deferred, config).await;
-        let Some(inner) = inner.upgrade() else {
-            // The store is gone; so are its callers.
+        if in_flight.is_empty() && !open && deferred.is_empty() {
             return;
-        };
-        inner.commit_batch(batch).await;
+        }
+        tokio::select! {
+            Some(streams) = in_flight.next(), if !in_flight.is_empty() => {
+                for stream in streams {
+                    busy.remove(&stream);
+                }
+            }
+            received = queue.recv(), if open && in_flight.len() < config.max_in_flight => {
+                match received {
+                    Some(request) => deferred.push_back(request),
+                    // No new appends can come; finish what was admitted.
+                    None => open = false,
+                }
+            }
+        }
     }
 }
 
-/// Admits deferred requests first, then queued ones, at most one per stream and
-/// `max_batch` in all; the rest is deferred in arrival order.
+/// Admits deferred requests first, then queued ones, at most one per stream, none for a
+/// stream in `busy` (being written by another batch), and `max_batch` in all; the rest is
+/// deferred in arrival order.
 async fn next_batch(
     queue: &mut mpsc::UnboundedReceiver<AppendRequest>,
     deferred: &mut VecDeque<AppendRequest>,
+    busy: &HashSet<Stream>,
     config: GroupCommit,
 ) -> Vec<AppendRequest> {
     let mut batch = Vec::new();
-    let mut streams: HashSet<(&'static str, String)> = HashSet::new();
+    let mut streams: HashSet<Stream> = HashSet::new();
     let mut later = VecDeque::new();
     let mut admit = |request: AppendRequest,
                      batch: &mut Vec<AppendRequest>,
                      later: &mut VecDeque<AppendRequest>| {
-        let stream = (
-            request.batch.aggregate_type,
-            request.batch.aggregate_id.clone(),
-        );
-        if batch.len() < config.max_batch && streams.insert(stream) {
+        let stream = request.stream();
+        if batch.len() < config.max_batch && !busy.contains(&stream) && streams.insert(stream) {
             batch.push(request);
         } else {
             later.push_back(request);
@@ -227,7 +286,7 @@ async fn next_batch(
             Ok(request) => request,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
-                if config.max_wait.is_zero() {
+                if config.max_wait.is_zero() || batch.is_empty() {
                     break;
                 }
                 match tokio::time::timeout_at(deadline, queue.recv()).await {
@@ -368,7 +427,7 @@ impl Inner {
                 .filter_map(|r| r.as_ref().ok()?.iter().max().copied())
                 .max();
             if let Some(last) = last {
-                self.notify_after_commit(&mut conn, last).await;
+                self.announce(last);
             }
         }
         Ok(results)

@@ -115,14 +115,16 @@
 //!
 //! ## Notifications
 //!
-//! With notify on (the default, [`NotifyMode::InTransaction`]), every append's
-//! transaction runs `pg_notify('<schema>_events', last_position)`; [`wait_for_events`],
-//! [`PgSubscription`] and the outbox relay `LISTEN` on it and fall back to polling.
-//! Postgres serialises the commits of notifying transactions (a cluster-wide lock held
-//! until the commit is durable), which caps concurrent appends at about one commit per WAL
-//! flush. [`NotifyMode::AfterCommit`] notifies in a separate statement after the commit
-//! instead (appends commit concurrently again, for one more round trip), and
-//! [`NotifyMode::Off`] not at all. The benchmark (`benches/store.rs`) measures the three.
+//! With notify on (the default, [`NotifyMode::AfterCommit`]), every committed append
+//! has a background task of the store `NOTIFY '<schema>_events'` with its last position
+//! (concurrent appends share one notification, and no append waits for it);
+//! [`wait_for_events`], [`PgSubscription`] and the outbox relay `LISTEN` on it and fall
+//! back to polling. [`NotifyMode::InTransaction`] runs `pg_notify` inside the append's
+//! transaction instead, so the notification goes out exactly when the events commit;
+//! but Postgres serialises the commits of notifying transactions (a database-wide lock
+//! held until the commit is durable), which caps concurrent appends at about one commit
+//! per WAL flush. [`NotifyMode::Off`] does not notify. The benchmark
+//! (`benches/store.rs`) measures the three.
 //!
 //! ## Group commit
 //!
@@ -130,7 +132,9 @@
 //! (one WAL flush each, and notifying commits are serialised, see above).
 //! [`PgEventStoreBuilder::group_commit`] (off by default) hands every
 //! [`append`](thalo::EventStore::append) to one background committer, which writes all
-//! appends queued at that moment, across streams, with one statement and one commit.
+//! appends queued at that moment, across streams, with one statement and one commit,
+//! and keeps up to [`GroupCommit::max_in_flight`] such batches (on distinct streams) in
+//! flight at once.
 //!
 //! - **Use it** for many concurrent writers whose throughput is bound by commits.
 //! - **Cost:** each append waits for the batch in flight and then for its own (roughly

@@ -1,6 +1,7 @@
 //! Loading aggregates (snapshot + later events) and reading streams.
 
 use futures_util::TryStreamExt;
+use sqlx::PgConnection;
 use thalo::{Aggregate, Error, Event, EventEnvelope, Loaded};
 use tracing::{debug, warn};
 
@@ -22,10 +23,27 @@ enum Replay<A> {
 
 impl Inner {
     pub(crate) async fn load<A: Aggregate>(&self, id: &A::Id) -> Result<Loaded<A>, Error> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(store("acquiring a connection"))?;
+        self.load_on(&mut conn, id).await
+    }
+
+    /// [`Inner::load`] on a given connection.
+    pub(crate) async fn load_on<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &A::Id,
+    ) -> Result<Loaded<A>, Error> {
         let aggregate_id = id.to_string();
         let every = self.snapshots.every(A::TYPE);
-        let replay = match self.replay::<A>(id, &aggregate_id, every.is_some()).await? {
-            Replay::BadSnapshot => self.replay::<A>(id, &aggregate_id, false).await?,
+        let replay = match self
+            .replay::<A>(conn, id, &aggregate_id, every.is_some())
+            .await?
+        {
+            Replay::BadSnapshot => self.replay::<A>(conn, id, &aggregate_id, false).await?,
             done => done,
         };
         let Replay::Done {
@@ -41,7 +59,8 @@ impl Inner {
         };
         if let Some(every) = every {
             if replayed >= every {
-                self.save_snapshot(&aggregate, &aggregate_id, version).await;
+                self.save_snapshot(conn, &aggregate, &aggregate_id, version)
+                    .await;
             }
         }
         Ok(Loaded { aggregate, version })
@@ -51,6 +70,7 @@ impl Inner {
     /// event as its row arrives.
     async fn replay<A: Aggregate>(
         &self,
+        conn: &mut PgConnection,
         id: &A::Id,
         aggregate_id: &str,
         with_snapshot: bool,
@@ -65,7 +85,7 @@ impl Inner {
                 .bind(aggregate_id)
                 .bind(0_i64)
         };
-        let mut rows = query.fetch(&self.pool);
+        let mut rows = query.fetch(&mut *conn);
         let mut aggregate: Option<A> = None;
         let mut version = 0;
         let mut replayed = 0;
@@ -106,7 +126,13 @@ impl Inner {
 
     /// Stores a snapshot of `aggregate` at `version`. Best effort: a failure only costs
     /// the next load some replay, so it is logged, not returned.
-    async fn save_snapshot<A: Aggregate>(&self, aggregate: &A, aggregate_id: &str, version: u64) {
+    async fn save_snapshot<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        aggregate: &A,
+        aggregate_id: &str,
+        version: u64,
+    ) {
         let payload = match aggregate.to_snapshot() {
             None => return,
             Some(Ok(payload)) => payload,
@@ -123,7 +149,7 @@ impl Inner {
             .bind(aggregate_id)
             .bind(version_i64)
             .bind(payload)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await;
         match saved {
             Ok(_) => debug!(

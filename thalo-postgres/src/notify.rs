@@ -1,8 +1,9 @@
 //! Waking readers when events are appended: `LISTEN` on the store's channel, with a
 //! polling fallback.
 //!
-//! Every append runs `pg_notify('<schema>_events', last_position)` in its transaction, so
-//! the notification is delivered when (and only if) the events commit. One listener per
+//! Appends notify `<schema>_events` with their last position: by default from a
+//! background task once they committed ([`Announcer`]), or with `pg_notify` in their own
+//! transaction ([`NotifyMode::InTransaction`]). One listener per
 //! store (on its own connection, not one of the pool's) turns notifications into a
 //! counter that waiters watch. Notifications are hints, never the source of truth: a
 //! waiter always asks the database whether there is something to read, and a lost
@@ -12,6 +13,7 @@
 //! no notification will announce the horizon moving, so the waiter polls with a short
 //! backoff instead.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -21,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::global::Peek;
+use crate::sql;
 use crate::store::Inner;
 
 /// Whether and how appends `NOTIFY` the channel `<schema>_events` with their last
@@ -30,24 +33,29 @@ use crate::store::Inner;
 /// latency, never events.
 ///
 /// Choosing: Postgres serialises the commits of all transactions that notify (each holds
-/// a cluster-wide lock on the notification queue from its pre-commit until its commit
+/// a database-wide lock on the notification queue from its pre-commit until its commit
 /// is durable, WAL flush included), so [`InTransaction`](NotifyMode::InTransaction)
 /// caps concurrent appends at roughly one commit per WAL flush.
-/// [`AfterCommit`](NotifyMode::AfterCommit) keeps commits concurrent (group commit works
-/// again) for one more round trip per append, and loses the notification if the process
-/// dies between the two statements. The benchmark measures all three.
+/// [`AfterCommit`](NotifyMode::AfterCommit), the default, keeps commits concurrent
+/// (Postgres' own WAL group commit works again) and costs appends nothing: a background
+/// task sends the notification after the commit, coalescing those of concurrent appends
+/// into one. A notification is lost if the process dies between the commit and the
+/// `NOTIFY`; listeners then find the events at their next poll. The benchmark measures
+/// all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum NotifyMode {
     /// No notifications; listeners poll.
     Off,
     /// `pg_notify` in the append's own statement and transaction: delivered exactly when
-    /// the events commit. The default.
-    #[default]
+    /// the events commit, and serialises the commits of concurrent appends.
     InTransaction,
-    /// `pg_notify` in a separate statement right after the append committed.
+    /// `NOTIFY` from a background task of the store once the append has committed,
+    /// one notification (the latest position) for however many appends committed
+    /// meanwhile. The default.
     /// [`append_in`](crate::PgEventStore::append_in) cannot know when the caller commits
     /// and notifies in the caller's transaction instead.
+    #[default]
     AfterCommit,
 }
 
@@ -55,6 +63,62 @@ impl NotifyMode {
     /// Whether appends notify at all.
     pub fn is_on(self) -> bool {
         self != NotifyMode::Off
+    }
+}
+
+/// Sends the notifications of [`NotifyMode::AfterCommit`] from a background task, so
+/// that no append waits for its `NOTIFY` and concurrent appends share one.
+#[derive(Debug, Default)]
+pub(crate) struct Announcer {
+    /// The latest committed position to announce; the task holds the receiver.
+    latest: Mutex<Option<watch::Sender<i64>>>,
+}
+
+impl Announcer {
+    /// Records `last` for the background task, spawning it on the current runtime when
+    /// it is not running (first use, or its runtime has shut down since).
+    pub(crate) fn announce(&self, pool: &PgPool, channel: &str, last: i64) {
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let running = latest.as_ref().filter(|sender| !sender.is_closed());
+        let sender = match running {
+            Some(sender) => sender,
+            None => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    debug!(
+                        channel,
+                        "no Tokio runtime to notify from; listeners will poll"
+                    );
+                    return;
+                };
+                let (sender, receiver) = watch::channel(0);
+                runtime.spawn(announce(pool.clone(), channel.to_owned(), receiver));
+                latest.insert(sender)
+            }
+        };
+        sender.send_modify(|latest| *latest = (*latest).max(last));
+    }
+}
+
+/// Notifies `channel` with the latest announced position until the store (the sender)
+/// is dropped. Appends that commit while a `NOTIFY` is on its way share the next one.
+async fn announce(pool: PgPool, channel: String, mut latest: watch::Receiver<i64>) {
+    let mut sent = 0;
+    while latest.changed().await.is_ok() {
+        let last = *latest.borrow_and_update();
+        if last <= sent {
+            continue;
+        }
+        let notified = sqlx::query(sql::NOTIFY)
+            .bind(&channel)
+            .bind(last.to_string())
+            .execute(&pool)
+            .await;
+        match notified {
+            Ok(_) => sent = last,
+            Err(err) => {
+                warn!(channel, error = %err, "notifying new events failed; listeners will poll")
+            }
+        }
     }
 }
 

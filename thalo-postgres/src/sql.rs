@@ -17,9 +17,13 @@ pub(crate) const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtextexte
 pub(crate) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 
 /// A notification sent on its own, after an append committed ([`NotifyMode::AfterCommit`]).
+/// A notifying transaction takes a transaction id, so its commit would wait for a WAL
+/// flush; a wake-up needs no durability, so it commits asynchronously (`SET LOCAL
+/// synchronous_commit = off` for this transaction only).
 ///
 /// [`NotifyMode::AfterCommit`]: crate::NotifyMode::AfterCommit
-pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+pub(crate) const NOTIFY: &str =
+    "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)";
 
 /// The key of the per-schema migration lock.
 pub(crate) fn migrate_lock_key(schema: &SchemaName) -> String {

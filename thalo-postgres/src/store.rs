@@ -9,7 +9,7 @@ use thalo::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEv
 
 use crate::error::store;
 use crate::group::{self, GroupState};
-use crate::notify::{self, Notifier};
+use crate::notify::{self, Announcer, Notifier};
 use crate::sql::Sql;
 use crate::{global, GroupCommit, NotifyMode, PgEventStoreBuilder, SchemaName, SnapshotPolicy};
 
@@ -46,6 +46,8 @@ pub(crate) struct Inner {
     pub(crate) horizon_wait: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) notifier: Notifier,
+    /// Sends the notifications of [`NotifyMode::AfterCommit`].
+    pub(crate) announcer: Announcer,
     /// Set when appends go through the group committer.
     pub(crate) group: Option<GroupState>,
 }
@@ -227,6 +229,43 @@ impl EventStore for PgEventStore {
             None => {
                 self.inner
                     .append::<A>(id, expected_version, events, metadata)
+                    .await
+            }
+        }
+    }
+
+    /// Loads and appends on one pooled connection (one checkout instead of two); with
+    /// group commit on, the connection goes back to the pool before the append joins a
+    /// batch.
+    async fn load_decide_append<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        decide: F,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(store("acquiring a connection"))?;
+        let Loaded { aggregate, version } = self.inner.load_on::<A>(&mut conn, id).await?;
+        let events = decide(&aggregate)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.inner.group {
+            Some(state) => {
+                drop(conn);
+                group::append::<A>(&self.inner, state, id, version, events, metadata).await
+            }
+            None => {
+                self.inner
+                    .append_on::<A>(&mut conn, id, version, events, metadata)
                     .await
             }
         }

@@ -157,6 +157,12 @@ where
         )
         .await?;
         let Some(last) = batch.last().map(|e| e.position) else {
+            // End the transaction now rather than when `tx` is dropped: a dropped
+            // transaction's ROLLBACK is only sent when its connection is next used or
+            // returned to the pool, and until then it holds its locks.
+            tx.rollback()
+                .await
+                .map_err(store("ending an empty subscription transaction"))?;
             return Ok(Step {
                 read: 0,
                 applied: Applied::default(),

@@ -102,6 +102,65 @@ async fn group_commit_contention_loses_and_doubles_nothing() {
     assert_eq!(streams.len(), 65);
 }
 
+/// Small batches force several of them in flight at once: streams are never shared
+/// between batches in flight, so nothing conflicts that would not without group commit,
+/// and every append lands exactly once, in sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_batches_in_flight_keep_streams_apart() {
+    let config = GroupCommit::default().max_batch(3).max_in_flight(4);
+    assert_eq!(config.in_flight_limit(), 4);
+    let db = group_store(16, config).await;
+    let store = db.store.clone();
+    let ids: Vec<String> = (0..12).map(|_| new_id()).collect();
+    let mut tasks = Vec::new();
+    // One writer per stream, each appending with the version it knows: any conflict
+    // would mean two batches in flight raced on one stream.
+    for id in ids.clone() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for version in 0..20_u64 {
+                let amount = i64::try_from(version).expect("small") + 1;
+                store
+                    .append::<Account>(&id, version, deposits([amount]), &Metadata::default())
+                    .await
+                    .expect("append without a conflict");
+            }
+        }));
+    }
+    // Meanwhile, writers racing on one shared stream through the repository.
+    let repo = Repository::new(store.clone()).with_max_attempts(1000);
+    let hot = new_id();
+    for task in 0..8_i64 {
+        let repo = repo.clone();
+        let hot = hot.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10_i64 {
+                repo.execute::<Account>(
+                    &hot,
+                    AccountCommand::Deposit {
+                        amount: 1 + task * 10 + i,
+                    },
+                )
+                .await
+                .expect("deposit on the hot aggregate");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let streams = stored_deposits(&db).await;
+    for id in &ids {
+        let expected: Vec<(i64, i64)> = (1..=20).map(|n| (n, n)).collect();
+        assert_eq!(streams[id], expected, "{id}");
+    }
+    let mut amounts: Vec<i64> = streams[&hot].iter().map(|(_, a)| *a).collect();
+    amounts.sort_unstable();
+    assert_eq!(amounts, (1..=80).collect::<Vec<_>>());
+    let sequences: Vec<i64> = streams[&hot].iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (1..=80).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_mixed_batch_isolates_conflicts() {
     // A short wait makes the appends below land in few batches.

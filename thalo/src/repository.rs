@@ -146,12 +146,14 @@ impl<S: EventStore> Repository<S> {
     {
         let mut attempt = 1;
         loop {
-            let Loaded { aggregate, version } = self.store.load::<A>(id).await?;
-            let events = aggregate.handle(command.clone()).map_err(Into::into)?;
-            if events.is_empty() {
-                return Ok(Vec::new());
-            }
-            match self.store.append::<A>(id, version, events, metadata).await {
+            let command = command.clone();
+            let attempted = self
+                .store
+                .load_decide_append::<A, _>(id, metadata, move |aggregate| {
+                    aggregate.handle(command).map_err(Into::into)
+                })
+                .await;
+            match attempted {
                 Err(err) if err.is_conflict() && attempt < self.max_attempts => {
                     debug!(
                         aggregate_type = A::TYPE,

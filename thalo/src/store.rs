@@ -60,6 +60,40 @@ pub trait EventStore: Send + Sync {
         metadata: &Metadata,
     ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send;
 
+    /// One attempt of a command: loads the aggregate, lets `decide` turn it into events
+    /// and appends them with the loaded version as the expected version. Returns the
+    /// stored events; a `decide` that returns no events stores nothing.
+    ///
+    /// [`Repository::execute`](crate::Repository::execute) calls this once per attempt.
+    /// The default runs [`load`](EventStore::load) and then
+    /// [`append`](EventStore::append); a store overrides it when it can do better, as
+    /// `PgEventStore` does by running both on one connection.
+    ///
+    /// # Errors
+    ///
+    /// Returns what `decide` returns, and the errors of [`load`](EventStore::load) and
+    /// [`append`](EventStore::append) ([`Error::Conflict`] when another writer appended
+    /// after the load).
+    fn load_decide_append<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        decide: F,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        async move {
+            let Loaded { aggregate, version } = self.load::<A>(id).await?;
+            let events = decide(&aggregate)?;
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.append::<A>(id, version, events, metadata).await
+        }
+    }
+
     /// Reads an aggregate's events with a sequence greater than `after_sequence`, in order.
     ///
     /// # Errors
@@ -138,6 +172,19 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         metadata: &Metadata,
     ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send {
         (**self).append::<A>(id, expected_version, events, metadata)
+    }
+
+    fn load_decide_append<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        decide: F,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        (**self).load_decide_append::<A, F>(id, metadata, decide)
     }
 
     fn read_stream<A: Aggregate>(

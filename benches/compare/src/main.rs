@@ -6,7 +6,7 @@
 //! cargo run --release --manifest-path benches/compare/Cargo.toml -- [--rounds N] [--quick] [--out PATH]
 //! ```
 //!
-//! Contenders: Thalo (`Repository::execute` on `PgEventStore`, notify on and off),
+//! Contenders: Thalo (`Repository::execute` on `PgEventStore`, notify after commit and in tx),
 //! `cqrs-es` + `postgres-es`, `esrs`, `disintegrate` + `disintegrate-postgres`, and raw
 //! sqlx doing the same SQL work by hand (the physical limit). Each gets its own database,
 //! dropped and created at start. Every table is measured in this one process: a warm-up
@@ -675,10 +675,13 @@ runs first and is discarded; in every round the contenders take turns per scenar
 rotated order.
 
 - **thalo**: `Repository::execute` on `thalo_postgres::PgEventStore` with its defaults \
-  (notify on, 5 attempts on conflict). Load = one `SELECT`; append = one statement that checks \
-  the version, inserts the event and its outbox row and calls `pg_notify`. Internal retries are \
-  counted by wrapping the store.
-- **thalo (notify off)**: the same with `PgEventStore::builder(pool).notify(false)`.
+  (notify after commit, 5 attempts on conflict). On one pooled connection: load = one \
+  `SELECT`; append = one statement that checks the version and inserts the event and its \
+  outbox row; a background task of the store then `NOTIFY`s the latest position (shared by \
+  concurrent appends). Internal retries are counted by wrapping the store.
+- **thalo (notify in tx)**: the same with \
+  `PgEventStore::builder(pool).notify_mode(NotifyMode::InTransaction)`: `pg_notify` inside the \
+  append statement, which makes Postgres serialise the commits of concurrent appends.
 - **cqrs-es**: `CqrsFramework::execute` (`postgres_es::postgres_cqrs`). One `SELECT`, then \
   `BEGIN`, one `INSERT` per event, `COMMIT`. No outbox; a conflict is returned \
   (`AggregateConflict`) and retried by the harness.
@@ -694,8 +697,9 @@ rotated order.
 - **raw sqlx (1 tx)**: the physical limit with a plain transaction: `BEGIN`, `SELECT` the \
   stream, `INSERT` the event, `INSERT` the outbox row, `COMMIT` (5 round trips), on Thalo's \
   table layout, a unique violation being the conflict.
-- **raw sqlx (2 stmts)**: the fewest round trips with the same guarantees: `SELECT` the \
-  stream, then one statement that inserts the event and its outbox row.
+- **raw sqlx (2 stmts)**: the fewest round trips with the same guarantees, on one pooled \
+  connection: `SELECT` the stream, then one statement that inserts the event and its outbox \
+  row.
 ";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -703,8 +707,12 @@ async fn main() -> Result<()> {
     let config = Config::from_args()?;
     let sizes = Sizes::new(config.quick);
     let frameworks: Vec<Box<dyn Framework>> = vec![
-        Box::new(thalo::Thalo { notify: true }),
-        Box::new(thalo::Thalo { notify: false }),
+        Box::new(thalo::Thalo {
+            notify: ::thalo_postgres::NotifyMode::AfterCommit,
+        }),
+        Box::new(thalo::Thalo {
+            notify: ::thalo_postgres::NotifyMode::InTransaction,
+        }),
         Box::new(cqrs_es::CqrsEs),
         Box::new(esrs::Esrs),
         Box::new(disintegrate::Disintegrate),

@@ -12,7 +12,7 @@
 //!   does.
 //! - [`Raw::Minimal`]: the fewest round trips that keep the same guarantees: the
 //!   `SELECT` on its own, then one statement that inserts the event and its outbox row
-//!   (a data-modifying CTE is atomic by itself), 2 round trips.
+//!   (a data-modifying CTE is atomic by itself), 2 round trips on one pooled connection.
 
 use std::sync::Arc;
 
@@ -198,10 +198,11 @@ impl RawBank {
                 tx.commit().await.map_err(map)?;
             }
             Raw::Minimal => {
+                let mut conn = self.pool.acquire().await.map_err(map)?;
                 let rows = sqlx::query(SELECT_STREAM)
                     .bind(AGGREGATE_TYPE)
                     .bind(&id)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *conn)
                     .await
                     .map_err(map)?;
                 let (state, opened) = fold(&rows)?;
@@ -213,7 +214,7 @@ impl RawBank {
                     .bind(i64::try_from(state.events + 1).context("sequence")?)
                     .bind(event_type)
                     .bind(payload)
-                    .execute(&self.pool)
+                    .execute(&mut *conn)
                     .await
                     .map_err(map)?;
             }

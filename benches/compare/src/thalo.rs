@@ -1,8 +1,9 @@
 //! Thalo: `Repository::execute` on `thalo_postgres::PgEventStore`.
 //!
 //! A deposit is one `SELECT` of the stream (`load`) and one statement that checks the
-//! stream's version, inserts the event and its outbox row and, with notify on (the
-//! default), `pg_notify`s the store's channel. `Repository::execute` retries a conflict
+//! stream's version and inserts the event and its outbox row, both on one pooled
+//! connection; the store then notifies its channel from a background task (the default,
+//! `NotifyMode::AfterCommit`), or inside the statement (`NotifyMode::InTransaction`). `Repository::execute` retries a conflict
 //! by itself (5 attempts by default); [`Counting`] counts those retries.
 
 use std::future::Future;
@@ -14,7 +15,7 @@ use ::thalo::{
     commands, events, Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent,
     Repository,
 };
-use ::thalo_postgres::PgEventStore;
+use ::thalo_postgres::{NotifyMode, PgEventStore};
 use anyhow::Result;
 use async_trait::async_trait;
 use sqlx::PgPool;
@@ -113,6 +114,26 @@ impl<S: EventStore> EventStore for Counting<S> {
         result
     }
 
+    async fn load_decide_append<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        decide: F,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        let result = self
+            .inner
+            .load_decide_append::<A, F>(id, metadata, decide)
+            .await;
+        if result.as_ref().is_err_and(Error::is_conflict) {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
     fn read_stream<A: Aggregate>(
         &self,
         id: &A::Id,
@@ -138,34 +159,35 @@ impl<S: EventStore> EventStore for Counting<S> {
     }
 }
 
-/// Thalo with `PgEventStore`, notify on (the default) or off.
+/// Thalo with `PgEventStore`: its defaults (notify after commit) or notify in the
+/// append's transaction.
 #[derive(Clone, Copy, Debug)]
 pub struct Thalo {
-    /// Whether appends `pg_notify` (the store's default: on).
-    pub notify: bool,
+    /// How appends notify (the store's default: [`NotifyMode::AfterCommit`]).
+    pub notify: NotifyMode,
 }
 
 impl Thalo {
     fn store(&self, pool: PgPool) -> Result<PgEventStore> {
-        Ok(PgEventStore::builder(pool).notify(self.notify).build()?)
+        Ok(PgEventStore::builder(pool).notify_mode(self.notify).build()?)
     }
 }
 
 #[async_trait]
 impl Framework for Thalo {
     fn name(&self) -> &'static str {
-        if self.notify {
-            "thalo"
-        } else {
-            "thalo (notify off)"
+        match self.notify {
+            NotifyMode::InTransaction => "thalo (notify in tx)",
+            NotifyMode::Off => "thalo (notify off)",
+            _ => "thalo",
         }
     }
 
     fn database(&self) -> &'static str {
-        if self.notify {
-            "thalo_compare_thalo"
-        } else {
-            "thalo_compare_thalo_quiet"
+        match self.notify {
+            NotifyMode::InTransaction => "thalo_compare_thalo_in_tx",
+            NotifyMode::Off => "thalo_compare_thalo_quiet",
+            _ => "thalo_compare_thalo",
         }
     }
 
