@@ -181,58 +181,42 @@ impl Inner {
         })
     }
 
-    pub(crate) async fn append<A: Aggregate>(
+    /// Appends `events` on `executor` (the pool, or a connection outside a transaction).
+    pub(crate) async fn append<'c, A, X>(
         &self,
+        executor: X,
         id: &A::Id,
         expected_version: u64,
         events: Vec<A::Event>,
         metadata: &Metadata,
-    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    where
+        A: Aggregate,
+        X: sqlx::Executor<'c, Database = Postgres>,
+    {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
-        let positions = self.append_encoded(&batch).await?;
-        batch.envelopes::<A>(events, positions)
-    }
-
-    /// [`Inner::append`] on a given connection (outside a transaction).
-    pub(crate) async fn append_on<A: Aggregate>(
-        &self,
-        conn: &mut PgConnection,
-        id: &A::Id,
-        expected_version: u64,
-        events: Vec<A::Event>,
-        metadata: &Metadata,
-    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
-        let positions = self.append_encoded_on(conn, &batch).await?;
+        let positions = self.append_encoded(executor, &batch).await?;
         batch.envelopes::<A>(events, positions)
     }
 
     /// Appends one encoded batch on its own, notifying per the store's [`NotifyMode`];
     /// returns the new positions by sequence. Also the fallback of group commit.
-    pub(crate) async fn append_encoded(&self, batch: &AppendBatch) -> Result<Vec<i64>, Error> {
+    pub(crate) async fn append_encoded<'c, X>(
+        &self,
+        executor: X,
+        batch: &AppendBatch,
+    ) -> Result<Vec<i64>, Error>
+    where
+        X: sqlx::Executor<'c, Database = Postgres>,
+    {
         // A single statement runs in its own implicit transaction: no BEGIN/COMMIT round
         // trips are needed for the events, the outbox rows and the notification to
         // commit together.
         let row = self
-            .run_append(&self.pool, batch, self.notify == NotifyMode::InTransaction)
-            .await?;
-        self.appended(batch, &row)
-    }
-
-    /// [`Inner::append_encoded`] on a given connection (outside a transaction).
-    pub(crate) async fn append_encoded_on(
-        &self,
-        conn: &mut PgConnection,
-        batch: &AppendBatch,
-    ) -> Result<Vec<i64>, Error> {
-        let row = self
-            .run_append(&mut *conn, batch, self.notify == NotifyMode::InTransaction)
+            .run_append(executor, batch, self.notify == NotifyMode::InTransaction)
             .await?;
         self.appended(batch, &row)
     }

@@ -326,7 +326,12 @@ impl Inner {
                     "group commit raced a writer outside the batch: appending one by one"
                 );
                 // Distinct streams: the single appends do not race each other.
-                let results = join_all(batch.iter().map(|r| self.append_encoded(&r.batch))).await;
+                let results = join_all(
+                    batch
+                        .iter()
+                        .map(|r| self.append_encoded(&self.pool, &r.batch)),
+                )
+                .await;
                 for (request, result) in batch.into_iter().zip(results) {
                     let _ = request.reply.send(result);
                 }

@@ -228,7 +228,7 @@ impl EventStore for PgEventStore {
             }
             None => {
                 self.inner
-                    .append::<A>(id, expected_version, events, metadata)
+                    .append::<A, _>(&self.inner.pool, id, expected_version, events, metadata)
                     .await
             }
         }
@@ -265,7 +265,7 @@ impl EventStore for PgEventStore {
             }
             None => {
                 self.inner
-                    .append_on::<A>(&mut conn, id, version, events, metadata)
+                    .append::<A, _>(&mut *conn, id, version, events, metadata)
                     .await
             }
         }
