@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use thalo::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent};
+use thalo::{Aggregate, Decided, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent};
 
 use crate::error::store;
 use crate::group::{self, GroupState};
@@ -242,7 +242,7 @@ impl EventStore for PgEventStore {
         id: &A::Id,
         metadata: &Metadata,
         decide: F,
-    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    ) -> Result<Decided<A>, Error>
     where
         A: Aggregate,
         F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
@@ -253,22 +253,24 @@ impl EventStore for PgEventStore {
             .acquire()
             .await
             .map_err(store("acquiring a connection"))?;
-        let Loaded { aggregate, version } = self.inner.load_on::<A>(&mut conn, id).await?;
-        let events = decide(&aggregate)?;
+        let loaded = self.inner.load_on::<A>(&mut conn, id).await?;
+        let events = decide(&loaded.aggregate)?;
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((loaded, Vec::new()));
         }
-        match &self.inner.group {
+        let version = loaded.version;
+        let stored = match &self.inner.group {
             Some(state) => {
                 drop(conn);
-                group::append::<A>(&self.inner, state, id, version, events, metadata).await
+                group::append::<A>(&self.inner, state, id, version, events, metadata).await?
             }
             None => {
                 self.inner
                     .append::<A, _>(&mut *conn, id, version, events, metadata)
-                    .await
+                    .await?
             }
-        }
+        };
+        Ok((loaded, stored))
     }
 
     async fn read_stream<A: Aggregate>(

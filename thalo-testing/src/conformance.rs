@@ -296,6 +296,110 @@ pub async fn execute_retries_on_conflict<S: EventStore + 'static>(store: S) {
     );
 }
 
+/// A repository with an aggregate cache starts commands from its cached aggregates, and
+/// a cached aggregate that another writer made stale is caught by the store's version
+/// check, dropped and reloaded: deposits from cached and uncached repositories, one
+/// after another and concurrently, all land exactly once.
+pub async fn cached_execute_detects_stale_entries<S: EventStore + 'static>(store: S) {
+    let store = Arc::new(store);
+    let cached = Arc::new(
+        Repository::new(store.clone())
+            .with_cache(64)
+            .with_max_attempts(100),
+    );
+    let other = Arc::new(Repository::new(store.clone()).with_max_attempts(100));
+    let id = new_id();
+    let stats = |repo: &Repository<Arc<S>>| {
+        let stats = repo.cache_stats().expect("cache");
+        (stats.hits, stats.misses, stats.stale)
+    };
+
+    cached
+        .execute::<Account>(&id, AccountCommand::Open)
+        .await
+        .expect("open");
+    cached
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 10 })
+        .await
+        .expect("deposit from the cache");
+    assert_eq!(
+        stats(&cached),
+        (1, 1, 0),
+        "loaded once, then from the cache"
+    );
+
+    // Another writer appends behind the cache's back.
+    other
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 5 })
+        .await
+        .expect("deposit elsewhere");
+    let stored = cached
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 20 })
+        .await
+        .expect("stale entry: conflict, reload, retry");
+    assert_eq!(stored[0].sequence, 4);
+    assert_eq!(
+        stats(&cached),
+        (2, 2, 1),
+        "the stale entry was caught and reloaded"
+    );
+
+    // A rejected command leaves the cached aggregate in place.
+    let err = cached
+        .execute::<Account>(&id, AccountCommand::Open)
+        .await
+        .expect_err("already opened");
+    assert_eq!(err.code(), Some("ALREADY_OPENED"));
+    cached
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 1 })
+        .await
+        .expect("deposit");
+    assert_eq!(stats(&cached), (4, 2, 1));
+
+    // Concurrently: cached and uncached writers on the same account.
+    const PER_TASK: i64 = 10;
+    let barrier = Arc::new(Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|task| {
+            let repo = if task % 2 == 0 {
+                cached.clone()
+            } else {
+                other.clone()
+            };
+            let (barrier, id) = (barrier.clone(), id.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                for _ in 0..PER_TASK {
+                    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 1 })
+                        .await
+                        .expect("execute retries until it wins");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    cached
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 100 })
+        .await
+        .expect("deposit after the race");
+
+    let loaded = store.load::<Account>(&id).await.expect("load");
+    let expected_deposits = 4 + 8 * PER_TASK as u64 + 1;
+    assert_eq!(loaded.version, 1 + expected_deposits);
+    assert_eq!(loaded.aggregate.deposits, expected_deposits);
+    assert_eq!(loaded.aggregate.balance, 36 + 8 * PER_TASK + 100);
+    let sequences: Vec<u64> = store
+        .read_stream::<Account>(&id, 0)
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(sequences, (1..=loaded.version).collect::<Vec<_>>());
+}
+
 /// Correlation id, causation id and headers survive the store.
 pub async fn metadata_round_trip<S: EventStore>(store: S) {
     let id = new_id();
@@ -487,6 +591,7 @@ macro_rules! store_conformance_tests {
             expected_version_conflict,
             concurrent_appends_one_wins,
             execute_retries_on_conflict,
+            cached_execute_detects_stale_entries,
             metadata_round_trip,
             read_all_in_global_order,
             streams_are_isolated,

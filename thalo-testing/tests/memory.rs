@@ -283,3 +283,86 @@ async fn commands_that_produce_nothing_store_nothing_and_rejections_are_returned
         a
     });
 }
+
+/// A store whose next append is written but reported as failed (a connection lost after
+/// the commit: the outcome is unknown to the caller).
+#[derive(Clone, Default)]
+struct LostAckStore {
+    inner: InMemoryEventStore,
+    lose_next_ack: Arc<AtomicUsize>,
+}
+
+impl EventStore for LostAckStore {
+    async fn load<A: Aggregate>(&self, id: &A::Id) -> Result<thalo::Loaded<A>, Error> {
+        self.inner.load::<A>(id).await
+    }
+
+    async fn append<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        let stored = self
+            .inner
+            .append::<A>(id, expected_version, events, metadata)
+            .await?;
+        if self.lose_next_ack.swap(0, Ordering::SeqCst) > 0 {
+            return Err(Error::store("committing", "connection reset"));
+        }
+        Ok(stored)
+    }
+
+    async fn read_stream<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        after: u64,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+        self.inner.read_stream::<A>(id, after).await
+    }
+
+    async fn read_all(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope<thalo::RawEvent>>, Error> {
+        self.inner.read_all(after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn cache_drops_an_aggregate_whose_append_failed() {
+    let store = LostAckStore::default();
+    let repo = Repository::new(store.clone()).with_cache(8);
+    let id = "lost-ack".to_string();
+    repo.execute::<Account>(&id, AccountCommand::Open)
+        .await
+        .expect("open");
+    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 1 })
+        .await
+        .expect("deposit");
+
+    store.lose_next_ack.store(1, Ordering::SeqCst);
+    let err = repo
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 2 })
+        .await
+        .expect_err("the store reported a failure");
+    assert!(!err.is_conflict(), "{err}");
+    let stats = repo.cache_stats().expect("cache");
+    assert_eq!((stats.hits, stats.misses, stats.entries), (2, 1, 0));
+
+    // The deposit of 2 was in fact stored: the next command reloads and sees it.
+    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 4 })
+        .await
+        .expect("deposit after the failure");
+    let stats = repo.cache_stats().expect("cache");
+    assert_eq!((stats.hits, stats.misses, stats.stale), (2, 2, 0));
+    let account = repo.load::<Account>(&id).await.expect("load");
+    assert_eq!((account.aggregate.balance, account.version), (7, 4));
+
+    repo.clear_cache();
+    assert_eq!(repo.cache_stats().expect("cache").entries, 0);
+    assert_eq!(repo.cache_capacity(), Some(8));
+    assert_eq!(Repository::new(store).cache_stats(), None);
+}

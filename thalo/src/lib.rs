@@ -103,6 +103,7 @@
 //!   `#[events]` from `thalo-macros`.
 
 mod aggregate;
+mod cache;
 mod envelope;
 mod error;
 mod event;
@@ -117,13 +118,14 @@ mod subscription;
 pub mod __private;
 
 pub use aggregate::{Aggregate, AggregateType};
+pub use cache::CacheStats;
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
 pub use error::{BoxError, Error, Result};
 pub use event::Event;
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;
 pub use repository::Repository;
-pub use store::{CheckpointStore, EventStore, Loaded};
+pub use store::{CheckpointStore, Decided, EventStore, Loaded};
 pub use subscription::Subscription;
 
 #[cfg(feature = "macros")]

@@ -1,7 +1,10 @@
 //! Load -> handle -> append, with retries on concurrency conflicts.
 
+use std::sync::Arc;
+
 use tracing::debug;
 
+use crate::cache::{AggregateCache, CacheStats};
 use crate::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata};
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -48,10 +51,25 @@ use crate::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata};
 /// # Ok::<(), Error>(())
 /// # }).unwrap();
 /// ```
+///
+/// # Aggregate cache
+///
+/// [`with_cache`](Repository::with_cache) keeps the aggregates this repository has
+/// decided commands on in memory, with their versions, so the next command on the same
+/// aggregate skips the load and costs one append. It is safe with other writers (other
+/// processes, other repositories, direct appends): the append still carries the cached
+/// version as the expected version, so a stale entry is detected by the store as a
+/// conflict, dropped, and the command is reloaded and retried like any other conflict.
+/// Use it when commands on an aggregate mostly come through one process (route commands
+/// by aggregate id, as a Kafka consumer group does); with many processes writing the
+/// same aggregates, most entries are stale and each costs a conflict and a reload.
+///
+/// Clones of a repository share its cache.
 #[derive(Clone, Debug)]
 pub struct Repository<S> {
     store: S,
     max_attempts: u32,
+    cache: Option<Arc<AggregateCache>>,
 }
 
 impl<S: EventStore> Repository<S> {
@@ -63,6 +81,71 @@ impl<S: EventStore> Repository<S> {
         Repository {
             store,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            cache: None,
+        }
+    }
+
+    /// Keeps up to `capacity` aggregates (of all types together, at least 1) in memory
+    /// between commands, least recently used out first; see
+    /// [the type's docs](Repository#aggregate-cache). [`load`](Repository::load) and
+    /// [`get`](Repository::get) always read the store.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use thalo::{commands, events, Aggregate, Error, InMemoryEventStore, Repository};
+    ///
+    /// #[derive(Aggregate, Debug, Default)]
+    /// pub struct Counter {
+    ///     #[identity]
+    ///     id: u64,
+    ///     value: u64,
+    /// }
+    ///
+    /// #[commands]
+    /// impl Counter {
+    ///     pub fn increment(&self, by: u64) -> Result<IncrementedEvent, Error> {
+    ///         Ok(IncrementedEvent { by })
+    ///     }
+    /// }
+    ///
+    /// #[events]
+    /// impl Counter {
+    ///     pub fn incremented(&mut self, by: u64) {
+    ///         self.value += by;
+    ///     }
+    /// }
+    ///
+    /// let repo = Repository::new(InMemoryEventStore::new()).with_cache(10_000);
+    /// for _ in 0..3 {
+    ///     repo.execute::<Counter>(&1, CounterCommand::Increment { by: 2 }).await?;
+    /// }
+    /// let stats = repo.cache_stats().unwrap();
+    /// assert_eq!((stats.misses, stats.hits), (1, 2)); // loaded once
+    /// assert_eq!(repo.load::<Counter>(&1).await?.aggregate.value, 6);
+    /// # Ok::<(), Error>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use]
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(Arc::new(AggregateCache::new(capacity)));
+        self
+    }
+
+    /// The aggregate cache's counters, or `None` without a cache.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|cache| cache.stats())
+    }
+
+    /// The aggregate cache's capacity, or `None` without a cache.
+    pub fn cache_capacity(&self) -> Option<usize> {
+        self.cache.as_ref().map(|cache| cache.capacity())
+    }
+
+    /// Drops every cached aggregate (for example after restoring the store from a
+    /// backup); the next command on each aggregate loads it. Does nothing without a cache.
+    pub fn clear_cache(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
         }
     }
 
@@ -146,13 +229,17 @@ impl<S: EventStore> Repository<S> {
     {
         let mut attempt = 1;
         loop {
-            let command = command.clone();
-            let attempted = self
-                .store
-                .load_decide_append::<A, _>(id, metadata, move |aggregate| {
-                    aggregate.handle(command).map_err(Into::into)
-                })
-                .await;
+            let attempted = match &self.cache {
+                None => self
+                    .store
+                    .load_decide_append::<A, _>(id, metadata, decide(command.clone()))
+                    .await
+                    .map(|(_, stored)| stored),
+                Some(cache) => {
+                    self.attempt_cached::<A>(cache, id, command.clone(), metadata)
+                        .await
+                }
+            };
             match attempted {
                 Err(err) if err.is_conflict() && attempt < self.max_attempts => {
                     debug!(
@@ -167,4 +254,68 @@ impl<S: EventStore> Repository<S> {
             }
         }
     }
+
+    /// One attempt of a command with the cache: from the cached aggregate when there is
+    /// one (append only), else load, decide and append in the store; on success the
+    /// aggregate with the new events applied goes (back) into the cache.
+    async fn attempt_cached<A>(
+        &self,
+        cache: &AggregateCache,
+        id: &A::Id,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    where
+        A: Aggregate,
+    {
+        let (loaded, stored) = match cache.take::<A>(id) {
+            Some((aggregate, version)) => {
+                let events = match aggregate.handle(command) {
+                    Ok(events) => events,
+                    Err(err) => {
+                        // Rejected: the aggregate did not change.
+                        cache.put(id, aggregate, version);
+                        return Err(err.into());
+                    }
+                };
+                if events.is_empty() {
+                    cache.put(id, aggregate, version);
+                    return Ok(Vec::new());
+                }
+                match self.store.append::<A>(id, version, events, metadata).await {
+                    Ok(stored) => (Loaded { aggregate, version }, stored),
+                    Err(err) => {
+                        // Stale (another writer appended) or failed: either way the
+                        // cached state may no longer be the stream's, so it stays out.
+                        if err.is_conflict() {
+                            cache.record_stale();
+                        }
+                        return Err(err);
+                    }
+                }
+            }
+            None => {
+                self.store
+                    .load_decide_append::<A, _>(id, metadata, decide(command))
+                    .await?
+            }
+        };
+        let Loaded {
+            mut aggregate,
+            mut version,
+        } = loaded;
+        for envelope in &stored {
+            aggregate.apply(envelope.event.clone());
+            version = envelope.sequence;
+        }
+        cache.put(id, aggregate, version);
+        Ok(stored)
+    }
+}
+
+/// The store-side `decide` of one command attempt.
+fn decide<A: Aggregate>(
+    command: A::Command,
+) -> impl FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send {
+    move |aggregate| aggregate.handle(command).map_err(Into::into)
 }

@@ -14,6 +14,10 @@ pub struct Loaded<A> {
     pub version: u64,
 }
 
+/// The outcome of one command attempt ([`EventStore::load_decide_append`]): the
+/// aggregate as loaded (before the new events) and the events as stored.
+pub type Decided<A> = (Loaded<A>, Vec<EventEnvelope<<A as Aggregate>::Event>>);
+
 /// Where events live: append with optimistic concurrency, load, read.
 ///
 /// Implemented by [`InMemoryEventStore`](crate::InMemoryEventStore) and by
@@ -62,7 +66,8 @@ pub trait EventStore: Send + Sync {
 
     /// One attempt of a command: loads the aggregate, lets `decide` turn it into events
     /// and appends them with the loaded version as the expected version. Returns the
-    /// stored events; a `decide` that returns no events stores nothing.
+    /// aggregate as loaded (before the new events) and the stored events; a `decide`
+    /// that returns no events stores nothing.
     ///
     /// [`Repository::execute`](crate::Repository::execute) calls this once per attempt.
     /// The default runs [`load`](EventStore::load) and then
@@ -79,18 +84,21 @@ pub trait EventStore: Send + Sync {
         id: &A::Id,
         metadata: &Metadata,
         decide: F,
-    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send
+    ) -> impl Future<Output = Result<Decided<A>, Error>> + Send
     where
         A: Aggregate,
         F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
     {
         async move {
-            let Loaded { aggregate, version } = self.load::<A>(id).await?;
-            let events = decide(&aggregate)?;
+            let loaded = self.load::<A>(id).await?;
+            let events = decide(&loaded.aggregate)?;
             if events.is_empty() {
-                return Ok(Vec::new());
+                return Ok((loaded, Vec::new()));
             }
-            self.append::<A>(id, version, events, metadata).await
+            let stored = self
+                .append::<A>(id, loaded.version, events, metadata)
+                .await?;
+            Ok((loaded, stored))
         }
     }
 
@@ -179,7 +187,7 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         id: &A::Id,
         metadata: &Metadata,
         decide: F,
-    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send
+    ) -> impl Future<Output = Result<Decided<A>, Error>> + Send
     where
         A: Aggregate,
         F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,

@@ -682,6 +682,12 @@ rotated order.
 - **thalo (notify in tx)**: the same with \
   `PgEventStore::builder(pool).notify_mode(NotifyMode::InTransaction)`: `pg_notify` inside the \
   append statement, which makes Postgres serialise the commits of concurrent appends.
+- **thalo (cached)**: thalo with `Repository::with_cache`: the repository keeps each \
+  account it has decided on in memory with its version, so a deposit is one statement (the \
+  version-checked append); a stale entry shows up as a conflict, is dropped and reloaded. The \
+  accounts are opened through the same repository, so timed deposits start from the cache: \
+  this is the case of commands routed to the process that owns the aggregate. Not the same \
+  work as the others (no load per command); shown to measure what the cache saves.
 - **cqrs-es**: `CqrsFramework::execute` (`postgres_es::postgres_cqrs`). One `SELECT`, then \
   `BEGIN`, one `INSERT` per event, `COMMIT`. No outbox; a conflict is returned \
   (`AggregateConflict`) and retried by the harness.
@@ -709,9 +715,15 @@ async fn main() -> Result<()> {
     let frameworks: Vec<Box<dyn Framework>> = vec![
         Box::new(thalo::Thalo {
             notify: ::thalo_postgres::NotifyMode::AfterCommit,
+            cached: false,
         }),
         Box::new(thalo::Thalo {
             notify: ::thalo_postgres::NotifyMode::InTransaction,
+            cached: false,
+        }),
+        Box::new(thalo::Thalo {
+            notify: ::thalo_postgres::NotifyMode::AfterCommit,
+            cached: true,
         }),
         Box::new(cqrs_es::CqrsEs),
         Box::new(esrs::Esrs),
@@ -735,10 +747,12 @@ async fn main() -> Result<()> {
         bench.round(round, sizes, true).await;
     }
 
-    let command = std::iter::once("cargo run --release --manifest-path benches/compare/Cargo.toml --".to_owned())
-        .chain(bench.config.args.iter().cloned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = std::iter::once(
+        "cargo run --release --manifest-path benches/compare/Cargo.toml --".to_owned(),
+    )
+    .chain(bench.config.args.iter().cloned())
+    .collect::<Vec<_>>()
+    .join(" ");
     let tables = bench.tables(sizes);
     println!("{tables}");
     let mut report = String::new();

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::thalo::{
-    commands, events, Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent,
-    Repository,
+    commands, events, Aggregate, Decided, Error, EventEnvelope, EventStore, Loaded, Metadata,
+    RawEvent, Repository,
 };
 use ::thalo_postgres::{NotifyMode, PgEventStore};
 use anyhow::Result;
@@ -119,7 +119,7 @@ impl<S: EventStore> EventStore for Counting<S> {
         id: &A::Id,
         metadata: &Metadata,
         decide: F,
-    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    ) -> Result<Decided<A>, Error>
     where
         A: Aggregate,
         F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
@@ -160,33 +160,43 @@ impl<S: EventStore> EventStore for Counting<S> {
 }
 
 /// Thalo with `PgEventStore`: its defaults (notify after commit) or notify in the
-/// append's transaction.
+/// append's transaction, with or without the repository's aggregate cache.
 #[derive(Clone, Copy, Debug)]
 pub struct Thalo {
     /// How appends notify (the store's default: [`NotifyMode::AfterCommit`]).
     pub notify: NotifyMode,
+    /// `Repository::with_cache`: commands on an aggregate this process has already
+    /// loaded skip the load (one statement per deposit instead of two).
+    pub cached: bool,
 }
+
+/// Aggregates the cached variant keeps (more than any table uses).
+const CACHE_CAPACITY: usize = 100_000;
 
 impl Thalo {
     fn store(&self, pool: PgPool) -> Result<PgEventStore> {
-        Ok(PgEventStore::builder(pool).notify_mode(self.notify).build()?)
+        Ok(PgEventStore::builder(pool)
+            .notify_mode(self.notify)
+            .build()?)
     }
 }
 
 #[async_trait]
 impl Framework for Thalo {
     fn name(&self) -> &'static str {
-        match self.notify {
-            NotifyMode::InTransaction => "thalo (notify in tx)",
-            NotifyMode::Off => "thalo (notify off)",
+        match (self.notify, self.cached) {
+            (_, true) => "thalo (cached)",
+            (NotifyMode::InTransaction, _) => "thalo (notify in tx)",
+            (NotifyMode::Off, _) => "thalo (notify off)",
             _ => "thalo",
         }
     }
 
     fn database(&self) -> &'static str {
-        match self.notify {
-            NotifyMode::InTransaction => "thalo_compare_thalo_in_tx",
-            NotifyMode::Off => "thalo_compare_thalo_quiet",
+        match (self.notify, self.cached) {
+            (_, true) => "thalo_compare_thalo_cached",
+            (NotifyMode::InTransaction, _) => "thalo_compare_thalo_in_tx",
+            (NotifyMode::Off, _) => "thalo_compare_thalo_quiet",
             _ => "thalo_compare_thalo",
         }
     }
@@ -205,10 +215,13 @@ impl Framework for Thalo {
             inner: self.store(pool.clone())?,
             conflicts: AtomicU64::new(0),
         };
-        Ok(Arc::new(ThaloBank {
-            repo: Repository::new(store),
-            pool,
-        }))
+        let repo = Repository::new(store);
+        let repo = if self.cached {
+            repo.with_cache(CACHE_CAPACITY)
+        } else {
+            repo
+        };
+        Ok(Arc::new(ThaloBank { repo, pool }))
     }
 }
 

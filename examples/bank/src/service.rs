@@ -14,6 +14,9 @@ use crate::http::{router, AppState};
 use crate::pg::PgBalances;
 use crate::BankAccount;
 
+/// Accounts the service keeps in memory between commands (`Repository::with_cache`).
+const ACCOUNT_CACHE: usize = 10_000;
+
 /// Settings of [`run`].
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -100,8 +103,11 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
     let addr = listener
         .local_addr()
         .map_err(|e| Error::config(format!("no local address: {e}")))?;
+    // Accounts this service has decided on stay in memory, so a command on a known
+    // account is one append; a write from elsewhere (another instance, the CLI) shows up
+    // as a conflict, and the command is decided again on the reloaded account.
     let app = router(AppState {
-        repository: Repository::new(store.clone()),
+        repository: Repository::new(store.clone()).with_cache(ACCOUNT_CACHE),
         balances: balances.clone(),
     });
     info!(%addr, topic, "bank service listening");
