@@ -68,15 +68,22 @@ struct RawAdded {
 struct Bench {
     pool: PgPool,
     schema: String,
-    /// Notify in the transaction (the default), no snapshots.
+    /// Notify after commit (the default), no snapshots.
     store: PgEventStore,
     store_in_tx: PgEventStore,
     store_quiet: PgEventStore,
     store_snapshots: PgEventStore,
     /// [`Bench::store`] with group commit.
     store_group: PgEventStore,
+    /// Repositories with an aggregate cache over [`Bench::store`] and
+    /// [`Bench::store_group`], shared by all clients.
+    cached: Repository<PgEventStore>,
+    group_cached: Repository<PgEventStore>,
     sql: RawSql,
 }
+
+/// Aggregates the cached repositories keep (more than any run touches).
+const CACHE_CAPACITY: usize = 1_000_000;
 
 struct RawSql {
     select_stream: String,
@@ -300,6 +307,7 @@ impl Bench {
                             "thalo" => Self::thalo_command(&repo, &id).await,
                             "thalo-in-tx" => Self::thalo_command(&in_tx, &id).await,
                             "thalo-quiet" => Self::thalo_command(&quiet, &id).await,
+                            "thalo-cached" => Self::thalo_command(&bench.cached, &id).await,
                             "raw-tx" => bench.raw_command_tx(&id).await,
                             "raw-min" => bench.raw_command_min(&id, true).await,
                             "raw-min-quiet" => bench.raw_command_min(&id, false).await,
@@ -343,6 +351,9 @@ impl Bench {
                         match variant.as_str() {
                             "thalo" => Self::thalo_command(&repo, &id).await,
                             "thalo-group" => Self::thalo_command(&group, &id).await,
+                            "thalo-group-cached" => {
+                                Self::thalo_command(&bench.group_cached, &id).await;
+                            }
                             "raw-min-quiet" => bench.raw_command_min(&id, false).await,
                             other => fail("variant", other),
                         }
@@ -549,17 +560,20 @@ async fn run() {
         .fetch_one(&pool)
         .await
         .unwrap_or_else(|e| fail("version", e));
+    let store_group = PgEventStore::builder(pool.clone())
+        .schema(&schema)
+        .group_commit(GroupCommit::default())
+        .build()
+        .unwrap_or_else(|e| fail("store", e));
     let bench = Arc::new(Bench {
         pool: pool.clone(),
         schema: schema.clone(),
         store_in_tx: build(NotifyMode::InTransaction, 0),
         store_quiet: build(NotifyMode::Off, 0),
         store_snapshots: build(NotifyMode::AfterCommit, 100),
-        store_group: PgEventStore::builder(pool.clone())
-            .schema(&schema)
-            .group_commit(GroupCommit::default())
-            .build()
-            .unwrap_or_else(|e| fail("store", e)),
+        cached: Repository::new(store.clone()).with_cache(CACHE_CAPACITY),
+        group_cached: Repository::new(store_group.clone()).with_cache(CACHE_CAPACITY),
+        store_group,
         store,
         sql: RawSql::new(&schema),
     });
@@ -591,6 +605,7 @@ async fn run() {
         "thalo-in-tx",
         "thalo-quiet",
         "raw-min-quiet",
+        "thalo-cached",
     ];
     let levels = [(1, 300), (8, 100), (32, 40)];
     for round in 0..=rounds {
@@ -625,6 +640,21 @@ async fn run() {
             "| {clients} | {t:.0} | {rq:.0} | {:.0}% | {q:.0} | {:.0}% |",
             100.0 * t / rq,
             100.0 * q / rq
+        );
+    }
+    println!("\nWith the aggregate cache (`Repository::with_cache`): the first command on an aggregate loads it, the next nine start from the cache (one statement each):\n");
+    println!("| clients | thalo `execute`, cached | raw minimal: SELECT + one INSERT statement | thalo cached / raw minimal | thalo cached / thalo |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &(clients, _) in &levels {
+        let (c, t, rq) = (
+            m(clients, "thalo-cached"),
+            m(clients, "thalo"),
+            m(clients, "raw-min-quiet"),
+        );
+        println!(
+            "| {clients} | {c:.0} | {rq:.0} | {:.0}% | {:.2}x |",
+            100.0 * c / rq,
+            c / t
         );
     }
     println!("\nNotify inside the append's transaction (`NotifyMode::InTransaction`), against raw SQL that also notifies in the transaction:\n");
@@ -775,7 +805,21 @@ async fn drop_schema(pool: &PgPool, schema: &str) {
 
 /// Section 4: group commit against one transaction per command, at many clients.
 async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
-    let variants = ["thalo", "thalo-group", "raw-min-quiet"];
+    let all = [
+        "thalo",
+        "thalo-group",
+        "raw-min-quiet",
+        "thalo-group-cached",
+    ];
+    // BENCH_VARIANTS=thalo-group-cached (comma-separated) runs only those, for profiling.
+    let only = std::env::var("BENCH_VARIANTS").ok();
+    let variants: Vec<&str> = all
+        .into_iter()
+        .filter(|v| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *v))
+        })
+        .collect();
     let levels = [(8, 40), (32, 20), (256, 8)];
     // Per (clients, variant): the rate, p50 and p99 of each round.
     let mut results: BTreeMap<(usize, &str), [Vec<f64>; 3]> = BTreeMap::new();
@@ -808,8 +852,8 @@ async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
         "\n## 4. Group commit (`Repository::execute`, notify after commit; raw without NOTIFY)\n"
     );
     println!("Each client runs commands on its own aggregates, 10 commands per aggregate. Commands/s, and p50 / p99 latency per command in ms (medians over rounds).\n");
-    println!("| clients | thalo, one tx per command | thalo, group commit | raw minimal, one tx per command | group commit / raw |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| clients | thalo, one tx per command | thalo, group commit | raw minimal, one tx per command | group commit / raw | thalo, group commit + aggregate cache | group commit + cache / raw |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &(clients, _) in &levels {
         let cell = |v: &str| {
             format!(
@@ -820,11 +864,13 @@ async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
             )
         };
         println!(
-            "| {clients} | {} | {} | {} | {:.2}x |",
+            "| {clients} | {} | {} | {} | {:.2}x | {} | {:.2}x |",
             cell("thalo"),
             cell("thalo-group"),
             cell("raw-min-quiet"),
-            m(clients, "thalo-group", 0) / m(clients, "raw-min-quiet", 0)
+            m(clients, "thalo-group", 0) / m(clients, "raw-min-quiet", 0),
+            cell("thalo-group-cached"),
+            m(clients, "thalo-group-cached", 0) / m(clients, "raw-min-quiet", 0)
         );
     }
 }

@@ -36,18 +36,23 @@ pub struct PgEventStoreBuilder {
     schema: String,
     snapshots: SnapshotPolicy,
     notify: NotifyMode,
+    notify_interval: Duration,
     horizon_wait: Duration,
     poll_interval: Duration,
     group_commit: Option<GroupCommit>,
 }
 
 impl PgEventStoreBuilder {
+    /// The default of [`notify_interval`](PgEventStoreBuilder::notify_interval).
+    pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
+
     pub(crate) fn new(pool: PgPool) -> Self {
         PgEventStoreBuilder {
             pool,
             schema: SchemaName::DEFAULT.to_owned(),
             snapshots: SnapshotPolicy::never(),
             notify: NotifyMode::AfterCommit,
+            notify_interval: Self::DEFAULT_NOTIFY_INTERVAL,
             horizon_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             group_commit: None,
@@ -96,6 +101,17 @@ impl PgEventStoreBuilder {
     /// How appends notify; see [`NotifyMode`].
     pub fn notify_mode(mut self, mode: NotifyMode) -> Self {
         self.notify = mode;
+        self
+    }
+
+    /// With [`NotifyMode::AfterCommit`], the shortest time between two notifications
+    /// (default 5 ms; zero: one `NOTIFY` after another). An append after a quiet spell
+    /// is announced at once; under a steady stream of appends, listeners are woken once
+    /// per interval for all of them, so they may see an event up to this much later,
+    /// and the store sends at most one `NOTIFY` (one small transaction) per interval
+    /// instead of about one per append.
+    pub fn notify_interval(mut self, interval: Duration) -> Self {
+        self.notify_interval = interval;
         self
     }
 
@@ -195,7 +211,7 @@ impl PgEventStoreBuilder {
                 horizon_wait: self.horizon_wait,
                 poll_interval: self.poll_interval,
                 notifier: Notifier::default(),
-                announcer: Announcer::default(),
+                announcer: Announcer::new(self.notify_interval),
                 group: self.group_commit.map(GroupState::new),
             }),
         }

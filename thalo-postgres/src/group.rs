@@ -2,17 +2,19 @@
 //!
 //! The guarantee, and where each part of it is kept:
 //!
-//! - **Nothing is acknowledged before it is durable.** The committer replies to the
-//!   callers of a batch only after `COMMIT` returned; if the statement or the commit
-//!   fails, every caller of the batch gets the error.
+//! - **Nothing is acknowledged before it is durable.** A batch is one statement, which
+//!   commits on its own (an implicit transaction: no `BEGIN`/`COMMIT` round trips); the
+//!   committer replies to the callers of a batch only after the statement returned, that
+//!   is after its commit; if it fails, every caller of the batch gets the error. A batch
+//!   of one request is written with the plain append statement.
 //! - **Per-aggregate optimistic concurrency.** A batch holds at most one request per
 //!   stream (later ones wait for the next batch), and the statement checks each request's
 //!   head against its expected version on its own: a stale request inserts nothing and
 //!   gets its own [`Error::Conflict`], the others of the batch are stored.
 //! - **Racing writers outside the batch** (another process, or
 //!   [`append_in`](crate::PgEventStore::append_in)) make the statement fail on the
-//!   `events_stream_sequence` unique constraint; the batch is then rolled back and every
-//!   request appended on its own, so each caller gets its own result.
+//!   `events_stream_sequence` unique constraint; the statement then stores nothing and
+//!   every request is appended on its own, so each caller gets its own result.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock, Weak};
@@ -21,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use sqlx::{Acquire, Row};
+use sqlx::Row;
 use thalo::{Aggregate, Error, EventEnvelope, Metadata};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -313,6 +315,15 @@ enum BatchFailure {
 impl Inner {
     /// Writes one batch and replies to each of its callers.
     async fn commit_batch(&self, batch: Vec<AppendRequest>) {
+        if let [request] = batch.as_slice() {
+            // Nothing to share the commit with: the plain append statement is cheaper
+            // for the server than the batch statement over arrays of one.
+            let result = self.append_encoded(&self.pool, &request.batch).await;
+            if let Some(request) = batch.into_iter().next() {
+                let _ = request.reply.send(result);
+            }
+            return;
+        }
         match self.write_batch(&batch).await {
             Ok(results) => {
                 for (request, result) in batch.into_iter().zip(results) {
@@ -346,8 +357,9 @@ impl Inner {
         }
     }
 
-    /// One statement and one commit for the whole batch; per request, its positions or
-    /// its conflict. Nothing is returned before the commit succeeded.
+    /// One statement, so one implicit transaction and one commit, for the whole batch;
+    /// per request, its positions or its conflict. The statement's reply comes after its
+    /// commit (durable with `synchronous_commit = on`), so nothing is returned before.
     async fn write_batch(
         &self,
         batch: &[AppendRequest],
@@ -379,22 +391,16 @@ impl Inner {
             query = query.bind(&self.channel);
         }
 
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(failed("acquiring a connection for a group commit"))?;
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(failed("beginning a group commit"))?;
-        let rows = match query.fetch_all(&mut *tx).await {
+        // No BEGIN/COMMIT round trips: a single statement commits on its own, all of it
+        // or (on a raced stream, or any error) none of it.
+        let rows = match query.fetch_all(&self.pool).await {
             Ok(rows) => rows,
-            // Dropping `tx` rolls the batch back.
             Err(err) if is_stream_conflict(&err) => return Err(BatchFailure::Raced),
             Err(err) => return Err(failed("appending a group-commit batch")(err)),
         };
-        // Decode before committing: a batch whose outcome cannot be told is rolled back.
+        // The batch is committed. A reply that cannot be decoded (which would take a
+        // server that breaks the statement's contract) leaves every caller with an error,
+        // as a connection lost after the commit would: their outcome is unknown.
         let mut results: Vec<Option<Result<Vec<i64>, Error>>> =
             batch.iter().map(|_| None).collect();
         for row in &rows {
@@ -422,10 +428,6 @@ impl Inner {
                     "a request of the batch has no result row".into(),
                 ))
             })?;
-        tx.commit()
-            .await
-            .map_err(failed("committing a group-commit batch"))?;
-
         if self.notify == NotifyMode::AfterCommit {
             let last = results
                 .iter()

@@ -37,9 +37,10 @@ use crate::store::Inner;
 /// is durable, WAL flush included), so [`InTransaction`](NotifyMode::InTransaction)
 /// caps concurrent appends at roughly one commit per WAL flush.
 /// [`AfterCommit`](NotifyMode::AfterCommit), the default, keeps commits concurrent
-/// (Postgres' own WAL group commit works again) and costs appends nothing: a background
-/// task sends the notification after the commit, coalescing those of concurrent appends
-/// into one. A notification is lost if the process dies between the commit and the
+/// (Postgres' own WAL group commit works again) and costs appends little: a background
+/// task sends the notification after the commit, at most one per
+/// [`notify_interval`](crate::PgEventStoreBuilder::notify_interval) (5 ms by default),
+/// for all the appends that committed meanwhile. A notification is lost if the process dies between the commit and the
 /// `NOTIFY`; listeners then find the events at their next poll. The benchmark measures
 /// all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -68,13 +69,22 @@ impl NotifyMode {
 
 /// Sends the notifications of [`NotifyMode::AfterCommit`] from a background task, so
 /// that no append waits for its `NOTIFY` and concurrent appends share one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Announcer {
     /// The latest committed position to announce; the task holds the receiver.
     latest: Mutex<Option<watch::Sender<i64>>>,
+    /// The shortest time between the starts of two `NOTIFY`s.
+    interval: Duration,
 }
 
 impl Announcer {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Announcer {
+            latest: Mutex::new(None),
+            interval,
+        }
+    }
+
     /// Records `last` for the background task, spawning it on the current runtime when
     /// it is not running (first use, or its runtime has shut down since).
     pub(crate) fn announce(&self, pool: &PgPool, channel: &str, last: i64) {
@@ -91,7 +101,12 @@ impl Announcer {
                     return;
                 };
                 let (sender, receiver) = watch::channel(0);
-                runtime.spawn(announce(pool.clone(), channel.to_owned(), receiver));
+                runtime.spawn(announce(
+                    pool.clone(),
+                    channel.to_owned(),
+                    receiver,
+                    self.interval,
+                ));
                 latest.insert(sender)
             }
         };
@@ -100,14 +115,27 @@ impl Announcer {
 }
 
 /// Notifies `channel` with the latest announced position until the store (the sender)
-/// is dropped. Appends that commit while a `NOTIFY` is on its way share the next one.
-async fn announce(pool: PgPool, channel: String, mut latest: watch::Receiver<i64>) {
+/// is dropped. Appends that commit while a `NOTIFY` is on its way, or within `interval`
+/// of the previous one, share the next one: an append after a quiet spell is announced
+/// at once, and under a steady stream of appends there is one `NOTIFY` per `interval`
+/// (each is a transaction of its own, which costs the server as much as a small append).
+async fn announce(
+    pool: PgPool,
+    channel: String,
+    mut latest: watch::Receiver<i64>,
+    interval: Duration,
+) {
     let mut sent = 0;
+    let mut sent_at: Option<Instant> = None;
     while latest.changed().await.is_ok() {
+        if let Some(at) = sent_at {
+            tokio::time::sleep_until(at + interval).await;
+        }
         let last = *latest.borrow_and_update();
         if last <= sent {
             continue;
         }
+        sent_at = Some(Instant::now());
         let notified = sqlx::query(sql::NOTIFY)
             .bind(&channel)
             .bind(last.to_string())

@@ -173,11 +173,12 @@ inserted AS (
 outboxed AS (
     INSERT INTO {outbox} (position) SELECT position FROM inserted ORDER BY position
 )
-SELECT r.req, r.version,
-       (SELECT array_agg(i.position ORDER BY i.sequence) FROM inserted i
-        WHERE i.aggregate_type = r.aggregate_type
-          AND i.aggregate_id = r.aggregate_id) AS positions{notify_column}
+SELECT r.req, r.version, p.positions{notify_column}
 FROM req r
+LEFT JOIN (SELECT aggregate_type, aggregate_id,
+                  array_agg(position ORDER BY sequence) AS positions
+           FROM inserted GROUP BY aggregate_type, aggregate_id) p
+       ON p.aggregate_type = r.aggregate_type AND p.aggregate_id = r.aggregate_id
 ORDER BY r.req"
             )
         };

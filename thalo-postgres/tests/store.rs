@@ -417,6 +417,49 @@ async fn notify_test(mode: NotifyMode) {
     assert_eq!(notification.payload(), joined[0].position.to_string());
 }
 
+/// After commit, a steady stream of appends is announced at most once per
+/// `notify_interval`, and the last notification carries the last position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_commit_notifications_are_spaced_by_the_interval() {
+    const INTERVAL: Duration = Duration::from_millis(200);
+    let db = common::store_with(5, |b| b.notify_interval(INTERVAL)).await;
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen(db.store.notify_channel()).await.unwrap();
+
+    let id = new_id();
+    let started = Instant::now();
+    let mut last = 0;
+    for version in 0..40 {
+        let stored = db
+            .store
+            .append::<Account>(&id, version, deposits([1]), &no_metadata())
+            .await
+            .unwrap();
+        last = stored[0].position;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let appending = started.elapsed();
+
+    let mut notifications = 0;
+    loop {
+        let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("the last append is announced")
+            .unwrap();
+        notifications += 1;
+        let position: u64 = notification.payload().parse().unwrap();
+        assert!(position <= last, "{position} > {last}");
+        if position == last {
+            break;
+        }
+    }
+    let bound = appending.as_millis() / INTERVAL.as_millis() + 2;
+    assert!(
+        (1..=bound).contains(&notifications),
+        "{notifications} notifications for 40 appends over {appending:?} (at most {bound})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_notify_waiters_poll() {
     let db = common::store_with(5, |b| {
