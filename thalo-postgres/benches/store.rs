@@ -598,7 +598,7 @@ async fn run() {
 
     // ---- 1. commands ----
     let mut results: BTreeMap<(usize, &str), Vec<f64>> = BTreeMap::new();
-    let variants = [
+    let variants = selected(&[
         "thalo",
         "raw-min",
         "raw-tx",
@@ -606,7 +606,7 @@ async fn run() {
         "thalo-quiet",
         "raw-min-quiet",
         "thalo-cached",
-    ];
+    ]);
     let levels = [(1, 300), (8, 100), (32, 40)];
     for round in 0..=rounds {
         for &(clients, per_client) in &levels {
@@ -671,6 +671,11 @@ async fn run() {
             100.0 * t / rm,
             100.0 * t / rt
         );
+    }
+
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("commands") {
+        drop_schema(&pool, &schema).await;
+        return;
     }
 
     // ---- 2. append 100 ----
@@ -803,23 +808,27 @@ async fn drop_schema(pool: &PgPool, schema: &str) {
     }
 }
 
-/// Section 4: group commit against one transaction per command, at many clients.
-async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
-    let all = [
-        "thalo",
-        "thalo-group",
-        "raw-min-quiet",
-        "thalo-group-cached",
-    ];
-    // BENCH_VARIANTS=thalo-group-cached (comma-separated) runs only those, for profiling.
+/// `all`, or only those named in `BENCH_VARIANTS` (comma-separated), for profiling one
+/// variant at a time (their tables then show `NaN` for the others).
+fn selected(all: &[&'static str]) -> Vec<&'static str> {
     let only = std::env::var("BENCH_VARIANTS").ok();
-    let variants: Vec<&str> = all
-        .into_iter()
+    all.iter()
+        .copied()
         .filter(|v| {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|x| x == *v))
         })
-        .collect();
+        .collect()
+}
+
+/// Section 4: group commit against one transaction per command, at many clients.
+async fn group_commit_table(bench: &Arc<Bench>, rounds: usize) {
+    let variants = selected(&[
+        "thalo",
+        "thalo-group",
+        "raw-min-quiet",
+        "thalo-group-cached",
+    ]);
     let levels = [(8, 40), (32, 20), (256, 8)];
     // Per (clients, variant): the rate, p50 and p99 of each round.
     let mut results: BTreeMap<(usize, &str), [Vec<f64>; 3]> = BTreeMap::new();
