@@ -57,6 +57,14 @@ impl Account {
         Ok(DepositedEvent { amount })
     }
 
+    /// Withdraws `amount`, which must be covered by the balance.
+    pub fn withdraw(&self, amount: i64) -> Result<WithdrawnEvent, Error> {
+        if amount > self.balance {
+            return Err(Error::invariant_code("INSUFFICIENT_FUNDS"));
+        }
+        Ok(WithdrawnEvent { amount })
+    }
+
     /// Deposits several amounts at once.
     pub fn deposit_many(&self, amounts: Vec<i64>) -> Result<Vec<DepositedEvent>, Error> {
         Ok(amounts
@@ -77,6 +85,11 @@ impl Account {
     pub fn deposited(&mut self, amount: i64) {
         self.balance += amount;
         self.deposits += 1;
+    }
+
+    /// Money was withdrawn.
+    pub fn withdrawn(&mut self, amount: i64) {
+        self.balance -= amount;
     }
 }
 
@@ -344,17 +357,43 @@ pub async fn cached_execute_detects_stale_entries<S: EventStore + 'static>(store
         "the stale entry was caught and reloaded"
     );
 
-    // A rejected command leaves the cached aggregate in place.
+    // A command the cached aggregate rejects is decided again on the stored one.
     let err = cached
         .execute::<Account>(&id, AccountCommand::Open)
         .await
         .expect_err("already opened");
     assert_eq!(err.code(), Some("ALREADY_OPENED"));
+    assert_eq!(stats(&cached), (2, 3, 1));
     cached
         .execute::<Account>(&id, AccountCommand::Deposit { amount: 1 })
         .await
         .expect("deposit");
-    assert_eq!(stats(&cached), (4, 2, 1));
+    assert_eq!(
+        stats(&cached),
+        (2, 4, 1),
+        "the rejection left nothing cached"
+    );
+
+    // The cache never changes an outcome: a withdrawal that the cached (stale) balance
+    // does not cover, but the stored one does, succeeds.
+    cached
+        .execute::<Account>(&id, AccountCommand::Withdraw { amount: 36 })
+        .await
+        .expect("withdraw everything");
+    other
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 7 })
+        .await
+        .expect("deposit elsewhere");
+    cached
+        .execute::<Account>(&id, AccountCommand::Withdraw { amount: 7 })
+        .await
+        .expect("covered by the stored balance, not by the cached one");
+    assert_eq!(stats(&cached), (3, 5, 1));
+    let err = cached
+        .execute::<Account>(&id, AccountCommand::Withdraw { amount: 1 })
+        .await
+        .expect_err("nothing left");
+    assert_eq!(err.code(), Some("INSUFFICIENT_FUNDS"));
 
     // Concurrently: cached and uncached writers on the same account.
     const PER_TASK: i64 = 10;
@@ -386,10 +425,14 @@ pub async fn cached_execute_detects_stale_entries<S: EventStore + 'static>(store
         .expect("deposit after the race");
 
     let loaded = store.load::<Account>(&id).await.expect("load");
-    let expected_deposits = 4 + 8 * PER_TASK as u64 + 1;
-    assert_eq!(loaded.version, 1 + expected_deposits);
+    let expected_deposits = 5 + 8 * PER_TASK as u64 + 1;
+    assert_eq!(
+        loaded.version,
+        1 + expected_deposits + 2,
+        "and two withdrawals"
+    );
     assert_eq!(loaded.aggregate.deposits, expected_deposits);
-    assert_eq!(loaded.aggregate.balance, 36 + 8 * PER_TASK + 100);
+    assert_eq!(loaded.aggregate.balance, 8 * PER_TASK + 100);
     let sequences: Vec<u64> = store
         .read_stream::<Account>(&id, 0)
         .await

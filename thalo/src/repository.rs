@@ -60,6 +60,9 @@ use crate::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata};
 /// processes, other repositories, direct appends): the append still carries the cached
 /// version as the expected version, so a stale entry is detected by the store as a
 /// conflict, dropped, and the command is reloaded and retried like any other conflict.
+/// A command that the cached aggregate rejects, or decides to be a no-op, is decided
+/// again on the stored aggregate, so the cache never changes a command's outcome (a
+/// rejection costs a load).
 /// Use it when commands on an aggregate mostly come through one process (route commands
 /// by aggregate id, as a Kafka consumer group does); with many processes writing the
 /// same aggregates, most entries are stale and each costs a conflict and a reload.
@@ -256,8 +259,13 @@ impl<S: EventStore> Repository<S> {
     }
 
     /// One attempt of a command with the cache: from the cached aggregate when there is
-    /// one (append only), else load, decide and append in the store; on success the
-    /// aggregate with the new events applied goes (back) into the cache.
+    /// one and it decides on events (append only), else load, decide and append in the
+    /// store; on success the aggregate with the new events applied goes (back) into the
+    /// cache.
+    ///
+    /// Only the append's version check proves a cached aggregate current, so a command
+    /// that the cached aggregate rejects, or decides to be a no-op, is decided again on
+    /// the stored aggregate: the cache never changes a command's outcome.
     async fn attempt_cached<A>(
         &self,
         cache: &AggregateCache,
@@ -267,50 +275,53 @@ impl<S: EventStore> Repository<S> {
     ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
     where
         A: Aggregate,
+        A::Command: Clone,
     {
-        let (loaded, stored) = match cache.take::<A>(id) {
-            Some((aggregate, version)) => {
-                let events = match aggregate.handle(command) {
-                    Ok(events) => events,
-                    Err(err) => {
-                        // Rejected: the aggregate did not change.
-                        cache.put(id, aggregate, version);
-                        return Err(err.into());
-                    }
-                };
-                if events.is_empty() {
-                    cache.put(id, aggregate, version);
-                    return Ok(Vec::new());
-                }
-                match self.store.append::<A>(id, version, events, metadata).await {
-                    Ok(stored) => (Loaded { aggregate, version }, stored),
-                    Err(err) => {
-                        // Stale (another writer appended) or failed: either way the
-                        // cached state may no longer be the stream's, so it stays out.
-                        if err.is_conflict() {
-                            cache.record_stale();
+        if let Some((aggregate, version)) = cache.take::<A>(id) {
+            if let Ok(events) = aggregate.handle(command.clone()) {
+                if !events.is_empty() {
+                    cache.record_hit();
+                    return match self.store.append::<A>(id, version, events, metadata).await {
+                        Ok(stored) => {
+                            cache_applied(cache, id, aggregate, version, &stored);
+                            Ok(stored)
                         }
-                        return Err(err);
-                    }
+                        Err(err) => {
+                            // Stale (another writer appended) or failed: either way the
+                            // cached state may no longer be the stream's, so it stays out.
+                            if err.is_conflict() {
+                                cache.record_stale();
+                            }
+                            Err(err)
+                        }
+                    };
                 }
             }
-            None => {
-                self.store
-                    .load_decide_append::<A, _>(id, metadata, decide(command))
-                    .await?
-            }
-        };
-        let Loaded {
-            mut aggregate,
-            mut version,
-        } = loaded;
-        for envelope in &stored {
-            aggregate.apply(envelope.event.clone());
-            version = envelope.sequence;
+            // Rejected or no events: decide again on the stored aggregate.
         }
-        cache.put(id, aggregate, version);
+        cache.record_miss();
+        let (loaded, stored) = self
+            .store
+            .load_decide_append::<A, _>(id, metadata, decide(command))
+            .await?;
+        cache_applied(cache, id, loaded.aggregate, loaded.version, &stored);
         Ok(stored)
     }
+}
+
+/// Puts `aggregate` (at `version`) into the cache with the `stored` events applied.
+fn cache_applied<A: Aggregate>(
+    cache: &AggregateCache,
+    id: &A::Id,
+    mut aggregate: A,
+    mut version: u64,
+    stored: &[EventEnvelope<A::Event>],
+) {
+    for envelope in stored {
+        aggregate.apply(envelope.event.clone());
+        version = envelope.sequence;
+    }
+    cache.put(id, aggregate, version);
 }
 
 /// The store-side `decide` of one command attempt.
