@@ -82,6 +82,35 @@ impl PgProjection<AccountEvent> for Balances {
         .map_err(|e| Error::store("updating balances", e))?;
         Ok(())
     }
+
+    /// The same upsert for a whole batch: one statement, one row per account.
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        envelopes: &[&EventEnvelope<AccountEvent>],
+    ) -> Result<(), Error> {
+        let mut sums: HashMap<&str, i64> = HashMap::new();
+        for envelope in envelopes {
+            let AccountEvent::Deposited(e) = &envelope.event;
+            *sums.entry(envelope.aggregate_id.as_str()).or_default() += e.amount;
+        }
+        let mut sums: Vec<(&str, i64)> = sums.into_iter().collect();
+        // A fixed order, so concurrent batches lock rows in the same order.
+        sums.sort_unstable();
+        let (accounts, amounts): (Vec<&str>, Vec<i64>) = sums.into_iter().unzip();
+        sqlx::query(&format!(
+            "INSERT INTO {}.balances AS b (account, balance)
+             SELECT * FROM UNNEST($1::text[], $2::int8[])
+             ON CONFLICT (account) DO UPDATE SET balance = b.balance + EXCLUDED.balance",
+            self.schema
+        ))
+        .bind(&accounts)
+        .bind(&amounts)
+        .execute(tx)
+        .await
+        .map_err(|e| Error::store("updating balances", e))?;
+        Ok(())
+    }
 }
 
 /// Counts events, and records the arrival time of each (for latency).
@@ -428,14 +457,14 @@ async fn main() -> anyhow::Result<()> {
             thalo: format!("{projection_rate:.0}"),
             raw: format!("{raw_consume:.0} (StreamConsumer, no processing)"),
             ratio: format!("{:.0}%", 100.0 * projection_rate / raw_consume),
-            limit: "Postgres transactions (one per partition batch, checkpoint locks + upserts)",
+            limit: "one transaction per partition batch: lock the stream checkpoints, one multi-row upsert (`handle_batch`), save the checkpoints, commit",
         },
         Row {
             what: "Kafka -> same upsert per event, hand-written, events/s",
             thalo: format!("{projection_rate:.0} (exactly once)"),
             raw: format!("{raw_upsert:.0} (StreamConsumer + autocommit upsert, at least once)"),
             ratio: format!("{:.0}%", 100.0 * projection_rate / raw_upsert),
-            limit: "one Postgres round trip per event on both sides",
+            limit: "the hand-written loop pays a round trip and a commit per event; the projection one transaction per partition batch",
         },
         Row {
             what: "commit -> consumer handler latency, ms",

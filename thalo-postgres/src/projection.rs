@@ -11,9 +11,10 @@
 //!    projection and every stream in the batch. Locking serialises two appliers of the
 //!    same projection and stream (say, two consumers during a rebalance), so they cannot
 //!    both apply the same event.
-//! 2. For each envelope, in order: skip it when its sequence is not above the stream's
-//!    stored sequence (a duplicate or a redelivery), otherwise call
-//!    [`PgProjection::handle`] with the transaction's connection.
+//! 2. Skip each envelope whose sequence is not above its stream's stored sequence (a
+//!    duplicate or a redelivery), and hand the others, in order, to
+//!    [`PgProjection::handle_batch`] (by default [`PgProjection::handle`] for each) with
+//!    the transaction's connection.
 //! 3. Store the new sequences, then commit.
 //!
 //! If anything fails, the transaction rolls back: neither the read-model change nor the
@@ -90,6 +91,86 @@ pub trait PgProjection<E: Event>: Send + Sync {
         tx: &mut PgConnection,
         envelope: &EventEnvelope<E>,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Applies the events of one batch, in delivery order (sequence order within each
+    /// stream), using only `tx`. It gets only events that were not applied before:
+    /// duplicates and redeliveries are filtered out first, and the stream checkpoints
+    /// are saved in `tx` after it returns. The default calls
+    /// [`handle`](PgProjection::handle) for each event; override it to change the read
+    /// model with fewer statements (one multi-row upsert per batch, say), which is what
+    /// makes a projection fast: each statement is a round trip.
+    ///
+    /// ```no_run
+    /// use std::collections::BTreeMap;
+    ///
+    /// use sqlx::PgConnection;
+    /// use thalo::{Error, EventEnvelope};
+    /// use thalo_postgres::PgProjection;
+    /// # #[derive(Clone, Debug)] pub enum AccountEvent { Deposited { amount: i64 } }
+    /// # impl thalo::Event for AccountEvent {
+    /// #     fn event_type(&self) -> &'static str { "Deposited" }
+    /// #     fn encode(&self) -> Result<String, Error> { unimplemented!() }
+    /// #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> { unimplemented!() }
+    /// #     fn event_types() -> &'static [&'static str] { &["Deposited"] }
+    /// # }
+    ///
+    /// struct Balances;
+    ///
+    /// impl PgProjection<AccountEvent> for Balances {
+    ///     fn name(&self) -> &str {
+    ///         "balances"
+    ///     }
+    ///
+    ///     async fn handle(
+    ///         &self,
+    ///         tx: &mut PgConnection,
+    ///         envelope: &EventEnvelope<AccountEvent>,
+    ///     ) -> Result<(), Error> {
+    ///         self.handle_batch(tx, &[envelope]).await
+    ///     }
+    ///
+    ///     async fn handle_batch(
+    ///         &self,
+    ///         tx: &mut PgConnection,
+    ///         envelopes: &[&EventEnvelope<AccountEvent>],
+    ///     ) -> Result<(), Error> {
+    ///         // One row per account, whatever the number of events.
+    ///         let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+    ///         for envelope in envelopes {
+    ///             let AccountEvent::Deposited { amount } = envelope.event;
+    ///             *sums.entry(envelope.aggregate_id.as_str()).or_default() += amount;
+    ///         }
+    ///         let (accounts, amounts): (Vec<&str>, Vec<i64>) = sums.into_iter().unzip();
+    ///         sqlx::query(
+    ///             "INSERT INTO balances (account, cents)
+    ///              SELECT * FROM UNNEST($1::text[], $2::int8[])
+    ///              ON CONFLICT (account) DO UPDATE SET cents = balances.cents + EXCLUDED.cents",
+    ///         )
+    ///         .bind(&accounts)
+    ///         .bind(&amounts)
+    ///         .execute(tx)
+    ///         .await
+    ///         .map_err(|e| Error::store("updating balances", e))?;
+    ///         Ok(())
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Any error rolls back the whole batch, read model and checkpoints alike.
+    fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        envelopes: &[&EventEnvelope<E>],
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        async move {
+            for envelope in envelopes {
+                self.handle(&mut *tx, envelope).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
@@ -103,6 +184,14 @@ impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
         envelope: &EventEnvelope<E>,
     ) -> impl Future<Output = Result<(), Error>> + Send {
         (**self).handle(tx, envelope)
+    }
+
+    fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        envelopes: &[&EventEnvelope<E>],
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).handle_batch(tx, envelopes)
     }
 }
 
@@ -219,6 +308,8 @@ impl PgEventStore {
             }
         }
 
+        // The envelopes not applied before, in delivery order.
+        let mut fresh: Vec<&EventEnvelope<E>> = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             let key = (
                 envelope.aggregate_type.as_str(),
@@ -239,15 +330,18 @@ impl PgEventStore {
                     "gap in a stream's sequences (the projection started after its first event?)"
                 );
             }
+            fresh.push(envelope);
+            *checkpoint = (envelope.sequence, true);
+            outcome.applied += 1;
+        }
+        if !fresh.is_empty() {
             projection
-                .handle(&mut *conn, envelope)
+                .handle_batch(&mut *conn, &fresh)
                 .await
                 .map_err(|err| match err {
                     err @ Error::Handler { .. } => err,
                     err => Error::handler(name, err),
                 })?;
-            *checkpoint = (envelope.sequence, true);
-            outcome.applied += 1;
         }
 
         let mut types = Vec::new();

@@ -110,6 +110,17 @@ async fn seed(db: &common::TestDb) -> Vec<(String, i64, i64)> {
             .await
             .unwrap();
     }
+    // Tests run in parallel on one cluster, and an open transaction of another test holds
+    // the read horizon back for a moment: wait until all 11 events are readable, so that
+    // a catch-up sees them in one go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.store.read_all(0, 100).await.unwrap().len() < 11 {
+        assert!(
+            Instant::now() < deadline,
+            "the seeded events never became readable"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     expected
 }
 
@@ -373,4 +384,154 @@ async fn the_core_subscription_runs_on_the_postgres_store_too() {
     assert_eq!(subscription.catch_up().await.unwrap(), 8);
     assert!(db.store.load_checkpoint("count").await.unwrap().is_some());
     assert_eq!(db.store.read_all(0, 100).await.unwrap().len(), 11);
+}
+
+/// Sums deposits per account with one multi-row upsert per batch, and records the
+/// sequences of every batch it is handed.
+struct BatchBalances {
+    upsert: String,
+    batches: std::sync::Mutex<Vec<Vec<u64>>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl PgProjection<AccountEvent> for BatchBalances {
+    fn name(&self) -> &str {
+        "batch_balances"
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &EventEnvelope<AccountEvent>,
+    ) -> Result<(), Error> {
+        self.handle_batch(tx, &[envelope]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        envelopes: &[&EventEnvelope<AccountEvent>],
+    ) -> Result<(), Error> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(envelopes.iter().map(|e| e.sequence).collect());
+        let mut sums: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+        for envelope in envelopes {
+            let AccountEvent::Deposited(deposit) = &envelope.event;
+            let sum = sums.entry(envelope.aggregate_id.as_str()).or_default();
+            sum.0 += deposit.amount;
+            sum.1 += 1;
+        }
+        let accounts: Vec<&str> = sums.keys().copied().collect();
+        let cents: Vec<i64> = sums.values().map(|s| s.0).collect();
+        let events: Vec<i64> = sums.values().map(|s| s.1).collect();
+        sqlx::query(&self.upsert)
+            .bind(&accounts)
+            .bind(&cents)
+            .bind(&events)
+            .execute(tx)
+            .await
+            .map_err(|e| Error::store("updating balances", e))?;
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::handler("batch_balances", Crash));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_batch_projection_gets_only_new_events_in_one_call() {
+    let db = common::store().await;
+    let table = db.table("batch_balances");
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (account TEXT PRIMARY KEY, cents BIGINT NOT NULL, events BIGINT NOT NULL)"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let projection = BatchBalances {
+        upsert: format!(
+            "INSERT INTO {table} AS b (account, cents, events)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[])
+             ON CONFLICT (account) DO UPDATE
+             SET cents = b.cents + EXCLUDED.cents, events = b.events + EXCLUDED.events"
+        ),
+        batches: Default::default(),
+        fail: Default::default(),
+    };
+    let (a, b) = (new_id(), new_id());
+    let stored_a = db
+        .store
+        .append::<Account>(&a, 0, deposits(1..=6), &Metadata::default())
+        .await
+        .unwrap();
+    let stored_b = db
+        .store
+        .append::<Account>(&b, 0, deposits([100, 200]), &Metadata::default())
+        .await
+        .unwrap();
+
+    let first: Vec<_> = stored_a[..3]
+        .iter()
+        .chain(&stored_b[..1])
+        .cloned()
+        .collect();
+    let applied = db
+        .store
+        .apply_exactly_once(&projection, &first)
+        .await
+        .unwrap();
+    assert_eq!(applied.applied, 4);
+
+    // Overlapping redelivery with a duplicate inside: only the new events, in order, in
+    // one call.
+    let second: Vec<_> = stored_a[2..]
+        .iter()
+        .chain(&stored_b)
+        .chain(&stored_a[5..])
+        .cloned()
+        .collect();
+    let applied = db
+        .store
+        .apply_exactly_once(&projection, &second)
+        .await
+        .unwrap();
+    assert_eq!((applied.applied, applied.skipped), (4, 3));
+    assert_eq!(
+        *projection.batches.lock().unwrap(),
+        [vec![1, 2, 3, 1], vec![4, 5, 6, 2]]
+    );
+
+    // A failing batch rolls back its upsert and its checkpoints.
+    let c = new_id();
+    let stored_c = db
+        .store
+        .append::<Account>(&c, 0, deposits([5]), &Metadata::default())
+        .await
+        .unwrap();
+    projection.fail.store(true, Ordering::SeqCst);
+    let err = db
+        .store
+        .apply_exactly_once(&projection, &stored_c)
+        .await
+        .expect_err("the batch fails");
+    assert!(matches!(err, Error::Handler { .. }), "{err}");
+    projection.fail.store(false, Ordering::SeqCst);
+    let applied = db
+        .store
+        .apply_exactly_once(&projection, &stored_c)
+        .await
+        .unwrap();
+    assert_eq!(applied.applied, 1, "nothing of the failed batch was kept");
+
+    let mut expected = vec![(a, 21, 6), (b, 300, 2), (c, 5, 1)];
+    expected.sort();
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT account, cents, events FROM {table} ORDER BY account"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, expected);
 }
