@@ -77,7 +77,9 @@
 //!   correlation and causation.
 //! - [`EventStore`]: load, append with an expected version, read a stream, read all.
 //!   [`InMemoryEventStore`] here; `thalo-postgres` for production.
-//! - [`Repository`]: load -> handle -> append, retrying on conflicts.
+//! - [`Repository`]: load -> handle -> append, retrying on conflicts; with
+//!   [`Repository::with_cache`], aggregates it has seen stay in memory and a command
+//!   costs one append (the store's version check still guards every command).
 //! - [`EventHandler`], [`Projection`] and [`Subscription`]: the read side, in process;
 //!   `thalo-kafka` runs the same handlers from Kafka.
 //!
