@@ -315,13 +315,10 @@ enum BatchFailure {
 impl Inner {
     /// Writes one batch and replies to each of its callers.
     async fn commit_batch(&self, batch: Vec<AppendRequest>) {
-        if let [request] = batch.as_slice() {
+        if batch.len() == 1 {
             // Nothing to share the commit with: the plain append statement is cheaper
             // for the server than the batch statement over arrays of one.
-            let result = self.append_encoded(&self.pool, &request.batch).await;
-            if let Some(request) = batch.into_iter().next() {
-                let _ = request.reply.send(result);
-            }
+            self.append_each(batch).await;
             return;
         }
         match self.write_batch(&batch).await {
@@ -336,16 +333,7 @@ impl Inner {
                     requests = batch.len(),
                     "group commit raced a writer outside the batch: appending one by one"
                 );
-                // Distinct streams: the single appends do not race each other.
-                let results = join_all(
-                    batch
-                        .iter()
-                        .map(|r| self.append_encoded(&self.pool, &r.batch)),
-                )
-                .await;
-                for (request, result) in batch.into_iter().zip(results) {
-                    let _ = request.reply.send(result);
-                }
+                self.append_each(batch).await;
             }
             Err(BatchFailure::Failed(err, context)) => {
                 for request in batch {
@@ -354,6 +342,22 @@ impl Inner {
                         .send(Err(Error::store(context, Arc::clone(&err))));
                 }
             }
+        }
+    }
+
+    /// Appends each request of `batch` with the plain append statement, concurrently
+    /// (a batch's streams are distinct, so they do not race each other), and replies to
+    /// each caller with its own result.
+    async fn append_each(&self, batch: Vec<AppendRequest>) {
+        let results = join_all(
+            batch
+                .iter()
+                .map(|r| self.append_encoded(&self.pool, &r.batch)),
+        )
+        .await;
+        for (request, result) in batch.into_iter().zip(results) {
+            // A caller that gave up waiting is no reason to stop.
+            let _ = request.reply.send(result);
         }
     }
 

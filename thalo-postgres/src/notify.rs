@@ -40,9 +40,9 @@ use crate::store::Inner;
 /// (Postgres' own WAL group commit works again) and costs appends little: a background
 /// task sends the notification after the commit, at most one per
 /// [`notify_interval`](crate::PgEventStoreBuilder::notify_interval) (5 ms by default),
-/// for all the appends that committed meanwhile. A notification is lost if the process dies between the commit and the
-/// `NOTIFY`; listeners then find the events at their next poll. The benchmark measures
-/// all three.
+/// for all the appends that committed meanwhile. A notification is lost if the process
+/// dies between the commit and the `NOTIFY`; listeners then find the events at their
+/// next poll. The benchmark measures all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum NotifyMode {

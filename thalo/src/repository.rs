@@ -239,7 +239,7 @@ impl<S: EventStore> Repository<S> {
                     .await
                     .map(|(_, stored)| stored),
                 Some(cache) => {
-                    self.attempt_cached::<A>(cache, id, command.clone(), metadata)
+                    self.attempt_cached::<A>(cache, id, &command, metadata)
                         .await
                 }
             };
@@ -270,7 +270,7 @@ impl<S: EventStore> Repository<S> {
         &self,
         cache: &AggregateCache,
         id: &A::Id,
-        command: A::Command,
+        command: &A::Command,
         metadata: &Metadata,
     ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
     where
@@ -302,7 +302,7 @@ impl<S: EventStore> Repository<S> {
         cache.record_miss();
         let (loaded, stored) = self
             .store
-            .load_decide_append::<A, _>(id, metadata, decide(command))
+            .load_decide_append::<A, _>(id, metadata, decide(command.clone()))
             .await?;
         cache_applied(cache, id, loaded.aggregate, loaded.version, &stored);
         Ok(stored)
