@@ -95,8 +95,6 @@
 pub mod consumer;
 pub mod message;
 #[cfg(feature = "postgres")]
-pub mod outbox;
-#[cfg(feature = "postgres")]
 pub mod projection;
 #[cfg(feature = "postgres")]
 pub mod relay;
@@ -109,9 +107,7 @@ pub use backoff::RetryPolicy;
 pub use consumer::{ConsumerStats, KafkaConsumer};
 pub use message::{decode_message, decode_raw_message, encode_headers};
 #[cfg(feature = "postgres")]
-pub use outbox::RelayLag;
-#[cfg(feature = "postgres")]
-pub use relay::{KafkaRelay, RelayStatus};
+pub use relay::{KafkaRelay, RelayLag, RelayStatus};
 pub use shutdown::shutdown_signal;
 pub use topic::{ensure_topics, TopicNaming, TopicSettings};
 

@@ -53,6 +53,9 @@ pub mod header {
     pub const SEQUENCE: &str = "thalo_sequence";
     /// The event's global position in the event store.
     pub const POSITION: &str = "thalo_position";
+    /// The relay leader's epoch (fencing token) that published the message: consumers
+    /// drop a message from an older epoch for an aggregate they saw a newer epoch of.
+    pub const EPOCH: &str = "thalo_epoch";
     /// The schema version of the payload.
     pub const EVENT_VERSION: &str = "thalo_event_version";
     /// The correlation id (UUID), when the event has one.

@@ -20,11 +20,11 @@
 //! Postgres is the truth. Two consumers that briefly both hold a partition during a
 //! rebalance are serialised by the checkpoint row locks.
 
-use thalo::{Error, Event, EventEnvelope};
+use thalo::{Error, Event, EventEnvelope, RawEvent};
 use thalo_postgres::{PgEventStore, PgProjection};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::Apply;
+use crate::consumer::{Apply, Counts};
 use crate::{ConsumerStats, KafkaConsumer};
 
 impl KafkaConsumer {
@@ -89,17 +89,43 @@ struct ProjectionApply<P> {
 
 impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
     const BATCHES: bool = true;
+    const PARKS_IN_STORE: bool = true;
 
-    async fn apply(&self, envelope: &EventEnvelope<E>) -> Result<u64, Error> {
+    async fn apply(&self, envelope: &EventEnvelope<E>) -> Result<Counts, Error> {
         self.apply_batch(std::slice::from_ref(envelope)).await
     }
 
-    async fn apply_batch(&self, envelopes: &[EventEnvelope<E>]) -> Result<u64, Error> {
+    async fn apply_batch(&self, envelopes: &[EventEnvelope<E>]) -> Result<Counts, Error> {
         let applied = self
             .store
             .apply_exactly_once(&self.projection, envelopes)
             .await?;
-        Ok(applied.skipped as u64)
+        Ok(Counts {
+            skipped: applied.skipped as u64,
+            held: applied.held as u64,
+        })
+    }
+
+    /// Parks the stream under the projection's name, next to its checkpoints: the
+    /// projection's later events of the stream are held from now on (see
+    /// `PgEventStore::redrive_projection`).
+    async fn park(
+        &self,
+        _group: &str,
+        raw: &EventEnvelope<RawEvent>,
+        sequence: u64,
+        error: &str,
+    ) -> Result<bool, Error> {
+        self.store
+            .park_stream(
+                self.projection.name(),
+                &raw.aggregate_type,
+                &raw.aggregate_id,
+                sequence,
+                error,
+            )
+            .await?;
+        Ok(true)
     }
 }
 

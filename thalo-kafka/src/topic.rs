@@ -114,11 +114,27 @@ pub async fn ensure_topics(
     topics: &[String],
     settings: &TopicSettings,
 ) -> Result<(), Error> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    ensure_topics_with(brokers, &config, topics, settings).await
+}
+
+/// [`ensure_topics`] with an admin client made from `config` (security settings and
+/// the like); `brokers` is used when `config` has no `bootstrap.servers`.
+pub(crate) async fn ensure_topics_with(
+    brokers: &str,
+    config: &ClientConfig,
+    topics: &[String],
+    settings: &TopicSettings,
+) -> Result<(), Error> {
     if !settings.create || topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut config = config.clone();
+    if config.get("bootstrap.servers").is_none() {
+        config.set("bootstrap.servers", brokers);
+    }
+    let admin: AdminClient<DefaultClientContext> = config
         .create()
         .map_err(|e| Error::broker("creating the Kafka admin client", e))?;
     create_with(&admin, topics, settings).await

@@ -71,6 +71,26 @@ impl AppendBatch {
         Ok(batch)
     }
 
+    /// Refuses the append when one of its events, with the metadata every event
+    /// carries, is larger than `limit` bytes: such an event could be stored but never
+    /// published (Kafka refuses messages above its size limit), and it would hold back
+    /// every later event of its aggregate in the outbox.
+    pub(crate) fn check_size(&self, limit: usize) -> Result<(), Error> {
+        for (payload, event_type) in self.payloads.iter().zip(&self.types) {
+            let size = payload.len() + self.metadata.len();
+            if size > limit {
+                return Err(Error::EventTooLarge {
+                    aggregate_type: self.aggregate_type.into(),
+                    aggregate_id: self.aggregate_id.clone(),
+                    event_type: (*event_type).to_owned(),
+                    size,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Decodes the append statement's result row into the new positions, or a conflict
     /// when the stream was not at the expected version.
     fn positions(&self, row: &PgRow) -> Result<Vec<i64>, Error> {
@@ -198,6 +218,7 @@ impl Inner {
             return Ok(Vec::new());
         }
         let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        batch.check_size(self.max_event_bytes)?;
         let positions = self.append_encoded(executor, &batch).await?;
         batch.envelopes::<A>(events, positions)
     }
@@ -252,6 +273,7 @@ impl Inner {
             return Ok(Vec::new());
         }
         let batch = AppendBatch::new::<A>(id, expected_version, &events, metadata)?;
+        batch.check_size(self.max_event_bytes)?;
         let mut savepoint = conn
             .begin()
             .await

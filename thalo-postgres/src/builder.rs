@@ -39,12 +39,40 @@ pub struct PgEventStoreBuilder {
     notify_interval: Duration,
     horizon_wait: Duration,
     poll_interval: Duration,
+    max_event_bytes: usize,
     group_commit: Option<GroupCommit>,
 }
 
 impl PgEventStoreBuilder {
     /// The default of [`notify_interval`](PgEventStoreBuilder::notify_interval).
     pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
+
+    /// The default of [`max_event_bytes`](PgEventStoreBuilder::max_event_bytes): 900 kB,
+    /// below Kafka's default message size limit (1 MB for the producer's
+    /// `message.max.bytes`, about as much for the broker), with room for the key and the
+    /// headers the relay adds.
+    pub const DEFAULT_MAX_EVENT_BYTES: usize = 900_000;
+
+    /// The largest event an append accepts, in bytes of its JSON payload plus its
+    /// metadata (default [`DEFAULT_MAX_EVENT_BYTES`](Self::DEFAULT_MAX_EVENT_BYTES)).
+    /// An append with a larger event fails with [`Error::EventTooLarge`] and stores
+    /// nothing, instead of storing an event that Kafka will refuse to carry (the relay
+    /// would park its aggregate). Raise it together with the topic's `max.message.bytes`
+    /// and the relay's `message.max.bytes`; `usize::MAX` turns the check off.
+    ///
+    /// ```
+    /// # fn example(pool: sqlx::PgPool) -> Result<(), thalo::Error> {
+    /// let store = thalo_postgres::PgEventStore::builder(pool)
+    ///     .max_event_bytes(4 * 1024 * 1024)
+    ///     .build()?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_event_bytes(mut self, limit: usize) -> Self {
+        self.max_event_bytes = limit;
+        self
+    }
 
     pub(crate) fn new(pool: PgPool) -> Self {
         PgEventStoreBuilder {
@@ -55,6 +83,7 @@ impl PgEventStoreBuilder {
             notify_interval: Self::DEFAULT_NOTIFY_INTERVAL,
             horizon_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
+            max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
             group_commit: None,
         }
     }
@@ -204,12 +233,14 @@ impl PgEventStoreBuilder {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 sql,
+                parking: crate::parking::ParkingSql::new(&schema),
                 schema,
                 channel,
                 snapshots: self.snapshots,
                 notify: self.notify,
                 horizon_wait: self.horizon_wait,
                 poll_interval: self.poll_interval,
+                max_event_bytes: self.max_event_bytes,
                 notifier: Notifier::default(),
                 announcer: Announcer::new(self.notify_interval),
                 group: self.group_commit.map(GroupState::new),

@@ -5,8 +5,17 @@
 //! - **Nothing is acknowledged before it is durable.** A batch is one statement, which
 //!   commits on its own (an implicit transaction: no `BEGIN`/`COMMIT` round trips); the
 //!   committer replies to the callers of a batch only after the statement returned, that
-//!   is after its commit; if it fails, every caller of the batch gets the error. A batch
-//!   of one request is written with the plain append statement.
+//!   is after its commit. A batch of one request is written with the plain append
+//!   statement.
+//! - **One bad append fails alone.** When the server rejects the batch statement with an
+//!   error (say one payload holds `\u0000`, which `jsonb` refuses), the statement rolled
+//!   back and stored nothing, so every request is appended on its own and each caller
+//!   gets its own result: the bad one its error, the others their envelopes.
+//! - **An unknown outcome is never guessed.** When the outcome is unknown (the connection
+//!   was lost, or the session ended with a `FATAL` error, while the statement may have
+//!   committed), every caller of the batch gets the error. Retrying those requests
+//!   one by one could answer a conflict for events that are in fact stored, and a
+//!   caller that then decides again would append twice.
 //! - **Per-aggregate optimistic concurrency.** A batch holds at most one request per
 //!   stream (later ones wait for the next batch), and the statement checks each request's
 //!   head against its expected version on its own: a stale request inserts nothing and
@@ -23,6 +32,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::Row;
 use thalo::{Aggregate, Error, EventEnvelope, Metadata};
 use tokio::sync::{mpsc, oneshot};
@@ -181,6 +191,7 @@ pub(crate) async fn append<A: Aggregate>(
         &events,
         metadata,
     )?);
+    batch.check_size(inner.max_event_bytes)?;
     let (reply, answer) = oneshot::channel();
     group
         .queue(inner)?
@@ -308,8 +319,26 @@ async fn next_batch(
 enum BatchFailure {
     /// A writer outside the batch won a race on one of its streams.
     Raced,
-    /// Anything else: every caller of the batch gets it.
+    /// The server rejected the statement (for one request's sake, or for all of them),
+    /// which rolled back: nothing of the batch is stored.
+    Rejected(sqlx::Error),
+    /// The outcome is unknown (the batch may have committed): every caller of the batch
+    /// gets the error.
     Failed(Arc<sqlx::Error>, &'static str),
+}
+
+/// Whether `err` proves that the statement that failed with it stored nothing.
+///
+/// An error the server reports at `ERROR` severity aborts the statement's transaction,
+/// and a single statement outside `BEGIN` is its own transaction: it rolled back. A
+/// `FATAL` or `PANIC` error ends the session, and an I/O or protocol error leaves us
+/// without the server's answer; in those cases the commit may have happened.
+fn rolled_back(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    db.try_downcast_ref::<PgDatabaseError>()
+        .is_some_and(|pg| pg.severity() == PgSeverity::Error)
 }
 
 impl Inner {
@@ -332,6 +361,16 @@ impl Inner {
                 debug!(
                     requests = batch.len(),
                     "group commit raced a writer outside the batch: appending one by one"
+                );
+                self.append_each(batch).await;
+            }
+            Err(BatchFailure::Rejected(err)) => {
+                // Nothing was stored: appending each request on its own gives the
+                // request at fault its error and stores the others.
+                debug!(
+                    requests = batch.len(),
+                    error = %err,
+                    "group-commit batch rejected by the server: appending one by one"
                 );
                 self.append_each(batch).await;
             }
@@ -400,6 +439,7 @@ impl Inner {
         let rows = match query.fetch_all(&self.pool).await {
             Ok(rows) => rows,
             Err(err) if is_stream_conflict(&err) => return Err(BatchFailure::Raced),
+            Err(err) if rolled_back(&err) => return Err(BatchFailure::Rejected(err)),
             Err(err) => return Err(failed("appending a group-commit batch")(err)),
         };
         // The batch is committed. A reply that cannot be decoded (which would take a

@@ -171,7 +171,10 @@ mod global;
 mod group;
 mod load;
 mod notify;
+mod outbox;
+mod parking;
 mod projection;
+mod rebase;
 mod row;
 mod schema;
 mod snapshot;
@@ -182,6 +185,11 @@ mod subscription;
 pub use builder::PgEventStoreBuilder;
 pub use group::GroupCommit;
 pub use notify::NotifyMode;
+pub use outbox::{
+    OutboxEntry, OutboxLag, OutboxLeader, OutboxLeaderInfo, OutboxWaiter, ParkedAggregate,
+    PgOutbox, SkippedEvent,
+};
+pub use parking::{ParkedStream, Redriven};
 pub use projection::{Applied, PgProjection};
 pub use schema::{SchemaName, SchemaNameError};
 pub use snapshot::SnapshotPolicy;

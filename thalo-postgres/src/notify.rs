@@ -52,8 +52,9 @@ pub enum NotifyMode {
     /// the events commit, and serialises the commits of concurrent appends.
     InTransaction,
     /// `NOTIFY` from a background task of the store once the append has committed,
-    /// one notification (the latest position) for however many appends committed
-    /// meanwhile. The default.
+    /// one notification (the highest position so far) for however many appends
+    /// committed meanwhile; every commit is announced, also one that commits after a
+    /// higher position was. The default.
     /// [`append_in`](crate::PgEventStore::append_in) cannot know when the caller commits
     /// and notifies in the caller's transaction instead.
     #[default]
@@ -71,10 +72,25 @@ impl NotifyMode {
 /// that no append waits for its `NOTIFY` and concurrent appends share one.
 #[derive(Debug)]
 pub(crate) struct Announcer {
-    /// The latest committed position to announce; the task holds the receiver.
-    latest: Mutex<Option<watch::Sender<i64>>>,
+    /// What is left to announce; the task holds the receiver.
+    latest: Mutex<Option<watch::Sender<Announced>>>,
     /// The shortest time between the starts of two `NOTIFY`s.
     interval: Duration,
+}
+
+/// The commits announced so far, as the background task sees them.
+///
+/// Counting commits, not only remembering the highest position, is what makes a late
+/// commit heard: positions are taken when rows are inserted but transactions commit in
+/// any order, so an append that commits after a higher position was announced still
+/// has news for listeners (its events just became visible) although its position is
+/// lower.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Announced {
+    /// Commits announced since the task started; moves with every commit.
+    commits: u64,
+    /// The highest position among them: the notification's payload.
+    position: i64,
 }
 
 impl Announcer {
@@ -85,8 +101,9 @@ impl Announcer {
         }
     }
 
-    /// Records `last` for the background task, spawning it on the current runtime when
-    /// it is not running (first use, or its runtime has shut down since).
+    /// Records a commit whose last position is `last` for the background task, spawning
+    /// it on the current runtime when it is not running (first use, or its runtime has
+    /// shut down since).
     pub(crate) fn announce(&self, pool: &PgPool, channel: &str, last: i64) {
         let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
         let running = latest.as_ref().filter(|sender| !sender.is_closed());
@@ -100,7 +117,7 @@ impl Announcer {
                     );
                     return;
                 };
-                let (sender, receiver) = watch::channel(0);
+                let (sender, receiver) = watch::channel(Announced::default());
                 runtime.spawn(announce(
                     pool.clone(),
                     channel.to_owned(),
@@ -110,39 +127,46 @@ impl Announcer {
                 latest.insert(sender)
             }
         };
-        sender.send_modify(|latest| *latest = (*latest).max(last));
+        sender.send_modify(|announced| {
+            announced.commits = announced.commits.wrapping_add(1);
+            announced.position = announced.position.max(last);
+        });
     }
 }
 
-/// Notifies `channel` with the latest announced position until the store (the sender)
-/// is dropped. Appends that commit while a `NOTIFY` is on its way, or within `interval`
-/// of the previous one, share the next one: an append after a quiet spell is announced
-/// at once, and under a steady stream of appends there is one `NOTIFY` per `interval`
-/// (each is a transaction of its own, which costs the server as much as a small append).
+/// Notifies `channel` with the highest announced position until the store (the sender)
+/// is dropped. Every commit is announced, including one whose position is below that of
+/// an earlier notification. Commits announced while a `NOTIFY` is on its way, or within
+/// `interval` of the previous one, share the next one: an append after a quiet spell is
+/// announced at once, and under a steady stream of appends there is one `NOTIFY` per
+/// `interval` (each is a transaction of its own, which costs the server as much as a
+/// small append).
 async fn announce(
     pool: PgPool,
     channel: String,
-    mut latest: watch::Receiver<i64>,
+    mut latest: watch::Receiver<Announced>,
     interval: Duration,
 ) {
+    // The commits covered by the last `NOTIFY` that went out.
     let mut sent = 0;
     let mut sent_at: Option<Instant> = None;
     while latest.changed().await.is_ok() {
         if let Some(at) = sent_at {
             tokio::time::sleep_until(at + interval).await;
         }
-        let last = *latest.borrow_and_update();
-        if last <= sent {
+        let announced = *latest.borrow_and_update();
+        if announced.commits == sent {
             continue;
         }
         sent_at = Some(Instant::now());
         let notified = sqlx::query(sql::NOTIFY)
             .bind(&channel)
-            .bind(last.to_string())
+            .bind(announced.position.to_string())
             .execute(&pool)
             .await;
         match notified {
-            Ok(_) => sent = last,
+            Ok(_) => sent = announced.commits,
+            // `sent` stays behind, so the next commit's `NOTIFY` covers these too.
             Err(err) => {
                 warn!(channel, error = %err, "notifying new events failed; listeners will poll")
             }

@@ -17,6 +17,14 @@
 //!    the transaction's connection.
 //! 3. Store the new sequences, then commit.
 //!
+//! A stream is never applied past a hole. An envelope whose sequence is not the next one
+//! (the checkpoint says 4, the envelope is 6) parks the stream with an error naming the
+//! missing sequence, and so does a consumer that gives up on an event: the stream's
+//! later events are *held* (counted, not applied) until a re-drive applies them from the
+//! store in order ([`PgEventStore::redrive_projection`]), or an operator skips the
+//! missing one ([`PgEventStore::skip_parked`]). Other streams go on. See
+//! [`ParkedStream`](crate::ParkedStream).
+//!
 //! If anything fails, the transaction rolls back: neither the read-model change nor the
 //! checkpoint is stored, and the batch is applied again on retry. If the commit succeeded,
 //! the sequences say so, and a redelivered event is skipped.
@@ -26,7 +34,6 @@ use std::future::Future;
 
 use sqlx::{PgConnection, Row};
 use thalo::{Error, Event, EventEnvelope};
-use tracing::debug;
 
 use crate::error::{store, to_i64, to_u64};
 use crate::PgEventStore;
@@ -202,12 +209,16 @@ pub struct Applied {
     pub applied: usize,
     /// Envelopes skipped because their stream's checkpoint was already at or past them.
     pub skipped: usize,
+    /// Envelopes held, not applied, because their stream is parked (see
+    /// [`PgEventStore::redrive_projection`]).
+    pub held: usize,
 }
 
 impl std::ops::AddAssign for Applied {
     fn add_assign(&mut self, other: Applied) {
         self.applied += other.applied;
         self.skipped += other.skipped;
+        self.held += other.held;
     }
 }
 
@@ -293,6 +304,10 @@ impl PgEventStore {
             .await
             .map_err(store("locking stream checkpoints"))?;
         let mut stored: HashMap<(&str, &str), (u64, bool)> = HashMap::with_capacity(rows.len());
+        // Streams parked before this batch, and those this batch parks (with the missing
+        // sequence), each with how many of its envelopes were held.
+        let mut parked: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut gaps: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for row in &rows {
             let aggregate_type: &str = row
                 .try_get(0)
@@ -303,8 +318,14 @@ impl PgEventStore {
             let sequence: i64 = row
                 .try_get(2)
                 .map_err(store("decoding a stream checkpoint"))?;
+            let is_parked: bool = row
+                .try_get(3)
+                .map_err(store("decoding a stream checkpoint"))?;
             if let Some(&key) = keys.get(&(aggregate_type, aggregate_id)) {
                 stored.insert(key, (to_u64(sequence, "stream checkpoint")?, false));
+                if is_parked {
+                    parked.insert(key, 0);
+                }
             }
         }
 
@@ -320,15 +341,22 @@ impl PgEventStore {
                 outcome.skipped += 1;
                 continue;
             }
+            if let Some(held) = parked.get_mut(&key) {
+                *held += 1;
+                outcome.held += 1;
+                continue;
+            }
+            if let Some((_, held)) = gaps.get_mut(&key) {
+                *held += 1;
+                outcome.held += 1;
+                continue;
+            }
             if envelope.sequence != checkpoint.0 + 1 {
-                debug!(
-                    projection = name,
-                    aggregate_type = key.0,
-                    aggregate_id = key.1,
-                    expected = checkpoint.0 + 1,
-                    sequence = envelope.sequence,
-                    "gap in a stream's sequences (the projection started after its first event?)"
-                );
+                // A hole: never apply past it. The stream is parked until a re-drive
+                // fills it from the store (or an operator skips it).
+                gaps.insert(key, (checkpoint.0 + 1, 1));
+                outcome.held += 1;
+                continue;
             }
             fresh.push(envelope);
             *checkpoint = (envelope.sequence, true);
@@ -363,6 +391,27 @@ impl PgEventStore {
                 .execute(&mut *conn)
                 .await
                 .map_err(store("saving stream checkpoints"))?;
+        }
+        // Rare paths: only batches that meet a parked stream or a hole pay for them.
+        let held: Vec<((&str, &str), u64)> = parked.into_iter().filter(|(_, n)| *n > 0).collect();
+        crate::parking::hold_in(conn, &self.inner.parking, name, &held).await?;
+        for (stream, (missing, held)) in gaps {
+            let error = format!(
+                "event {missing} of {} `{}` never arrived: the next one did first (a gap in \
+                 the stream: an event the relay skipped, or one older than the topic's \
+                 retention); re-drive the stream from the store",
+                stream.0, stream.1
+            );
+            crate::parking::park_in(
+                conn,
+                &self.inner.parking,
+                name,
+                stream,
+                missing,
+                &error,
+                held,
+            )
+            .await?;
         }
         Ok(outcome)
     }

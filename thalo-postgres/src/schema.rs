@@ -182,6 +182,10 @@ async fn run_migrations(conn: &mut PgConnection, schema: &SchemaName) -> Result<
         .run_direct(&mut *conn)
         .await
         .map_err(|e| Error::store(format!("migrating schema {schema}"), e))?;
+    // Stored transaction ids ahead of this cluster's (a restore from another cluster)
+    // would hide new events from every reader without an error anywhere: refuse to
+    // start on them instead.
+    crate::rebase::check(conn, schema).await?;
     info!(schema = %schema, "event store schema is up to date");
     Ok(())
 }

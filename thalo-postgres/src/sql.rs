@@ -258,7 +258,7 @@ SELECT $1, k.aggregate_type, k.aggregate_id, 0
 FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS k(aggregate_type, aggregate_id, ord)
 ORDER BY k.ord
 ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = c.sequence
-RETURNING aggregate_type, aggregate_id, sequence"
+RETURNING aggregate_type, aggregate_id, sequence, parked"
         );
         let save_stream_checkpoints = format!(
             "UPDATE {stream_checkpoints} AS c SET sequence = k.sequence

@@ -39,12 +39,15 @@ pub struct PgEventStore {
 pub(crate) struct Inner {
     pub(crate) pool: PgPool,
     pub(crate) sql: Sql,
+    pub(crate) parking: crate::parking::ParkingSql,
     pub(crate) schema: SchemaName,
     pub(crate) channel: String,
     pub(crate) snapshots: SnapshotPolicy,
     pub(crate) notify: NotifyMode,
     pub(crate) horizon_wait: Duration,
     pub(crate) poll_interval: Duration,
+    /// The largest event (payload and metadata, in bytes) an append accepts.
+    pub(crate) max_event_bytes: usize,
     pub(crate) notifier: Notifier,
     /// Sends the notifications of [`NotifyMode::AfterCommit`].
     pub(crate) announcer: Announcer,

@@ -193,7 +193,13 @@ where
     /// projection. A batch in flight at shutdown is rolled back (and applied by the next
     /// run).
     ///
-    /// Store errors are logged and retried after the idle timeout.
+    /// Store errors are logged and retried with exponential backoff: after 100 ms, then
+    /// twice as long after each failed retry, up to 30 s (or the idle timeout, if that
+    /// is longer), and from 100 ms again once a catch-up succeeds. A persistent failure
+    /// (a database that is down or refuses connections, a store table that went
+    /// missing) thus costs a retry now and then, not a busy loop against the database.
+    /// Errors of the projection itself, store errors included, come back as
+    /// [`Error::Handler`] and stop the subscription instead.
     ///
     /// # Errors
     ///
@@ -201,15 +207,15 @@ where
     /// stopped it; the checkpoint stays before the failing batch.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<P, Error> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut position = 0;
+        let mut backoff = Backoff::new(self.idle_timeout);
         loop {
             let caught_up = tokio::select! {
                 () = &mut shutdown => return Ok(self.projection),
                 caught_up = self.catch_up_from() => caught_up,
             };
-            match caught_up {
-                Ok((applied, at)) => {
-                    position = at;
+            let position = match caught_up {
+                Ok((applied, position)) => {
+                    backoff.reset();
                     if applied != Applied::default() {
                         debug!(
                             projection = self.projection.name(),
@@ -219,16 +225,87 @@ where
                             "caught up"
                         );
                     }
+                    position
                 }
                 Err(err @ Error::Store { .. }) => {
-                    warn!(projection = self.projection.name(), error = %err, "subscription failed, retrying");
+                    // Not `wait_for_events`: it returns at once when there are events to
+                    // read, which is exactly when a failing catch-up would fail again.
+                    let delay = backoff.next_delay();
+                    warn!(
+                        projection = self.projection.name(),
+                        error = %err,
+                        retry_in = ?delay,
+                        "subscription failed, retrying"
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(self.projection),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
                 }
                 Err(err) => return Err(err),
-            }
+            };
             tokio::select! {
                 () = &mut shutdown => return Ok(self.projection),
                 () = self.store.wait_for_events(position, self.idle_timeout) => {}
             }
         }
+    }
+}
+
+/// The delays between retries after store errors: exponential, capped.
+#[derive(Debug)]
+struct Backoff {
+    /// The delay before the next retry.
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The first retry's delay.
+    const FIRST: Duration = Duration::from_millis(100);
+    /// The longest delay, unless the idle timeout is longer: a subscription that polls
+    /// that rarely anyway need not retry more often.
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new(idle_timeout: Duration) -> Self {
+        Backoff {
+            next: Self::FIRST,
+            max: Self::MAX.max(idle_timeout),
+        }
+    }
+
+    /// The delay to wait now; the next one is twice as long, up to the cap.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = delay.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    /// After a success: the next failure is retried quickly again.
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..11).map(|_| backoff.next_delay()).collect();
+        let millis = [
+            100, 200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000,
+        ];
+        assert_eq!(delays, millis.map(Duration::from_millis).to_vec());
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+
+        // A long idle timeout raises the cap.
+        let mut backoff = Backoff::new(Duration::from_secs(60));
+        let last = (0..20).map(|_| backoff.next_delay()).last();
+        assert_eq!(last, Some(Duration::from_secs(60)));
     }
 }

@@ -136,7 +136,8 @@ async fn a_subscription_applies_every_event_once_and_checkpoints_with_it() {
         applied,
         Applied {
             applied: 8,
-            skipped: 0
+            skipped: 0,
+            held: 0,
         }
     );
     assert_eq!(balances(&db).await, expected);
@@ -229,7 +230,8 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         first,
         Applied {
             applied: 5,
-            skipped: 0
+            skipped: 0,
+            held: 0,
         }
     );
     // Redelivery of the same batch.
@@ -242,7 +244,8 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         again,
         Applied {
             applied: 0,
-            skipped: 5
+            skipped: 5,
+            held: 0,
         }
     );
     // A batch overlapping what was applied, with a duplicate inside it.
@@ -256,7 +259,8 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         rest,
         Applied {
             applied: 3,
-            skipped: 3
+            skipped: 3,
+            held: 0,
         }
     );
     assert_eq!(balances(&db).await, [(id.clone(), 36, 8)]);
@@ -305,7 +309,8 @@ async fn concurrent_appliers_of_one_batch_apply_it_once() {
         total,
         Applied {
             applied: 15,
-            skipped: 45
+            skipped: 45,
+            held: 0,
         }
     );
     let rows = balances(&db).await;

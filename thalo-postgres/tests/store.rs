@@ -527,7 +527,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
     )
@@ -540,8 +540,12 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
         [
             "_sqlx_migrations",
             "checkpoints",
+            "consumer_parked",
             "events",
             "outbox",
+            "outbox_leader",
+            "outbox_parked",
+            "parking_log",
             "snapshots",
             "stream_checkpoints"
         ]

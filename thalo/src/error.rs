@@ -118,6 +118,25 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// An event is larger than the store accepts (see the Postgres store's
+    /// `max_event_bytes`): nothing of the append was stored. Kafka refuses messages
+    /// above its size limit, so such an event could be stored but never published.
+    #[error(
+        "event `{event_type}` of {aggregate_type} `{aggregate_id}` is {size} bytes, more than the limit of {limit} bytes"
+    )]
+    EventTooLarge {
+        /// Type name of the aggregate.
+        aggregate_type: Cow<'static, str>,
+        /// Identity of the aggregate.
+        aggregate_id: String,
+        /// The event's type name.
+        event_type: String,
+        /// Encoded size of the event (payload and metadata), in bytes.
+        size: usize,
+        /// The store's limit, in bytes.
+        limit: usize,
+    },
+
     /// Invalid configuration or arguments.
     #[error("invalid configuration: {message}")]
     Config {

@@ -121,8 +121,11 @@ where
     ///
     /// # Errors
     ///
-    /// Returns the first error of the store or the projection; events before it stay
-    /// handled and checkpointed.
+    /// Returns the first error of the store, of the projection ([`Error::Handler`]), or
+    /// of decoding an event of the aggregate type ([`Error::UnknownEventType`],
+    /// [`Error::Serialization`]). Events handled before it stay handled: the checkpoint
+    /// is saved at the last of them before the error is returned, so the next catch-up
+    /// starts at the failing event and hands no event to the projection twice.
     pub async fn catch_up(&mut self) -> Result<u64, Error> {
         let name = self.projection.name().to_owned();
         let mut position = self.store.load_checkpoint(&name).await?.unwrap_or(0);
@@ -138,31 +141,55 @@ where
                 .iter()
                 .filter(|e| e.aggregate_type == self.aggregate_type)
             {
-                let envelope = raw.decode::<E>()?;
-                if let Err(err) = self.projection.handle(&envelope).await {
-                    result = Err(match err {
-                        err @ Error::Handler { .. } => err,
-                        err => Error::handler(name.clone(), err),
-                    });
+                // A payload that does not decode stops the batch like a failing handler:
+                // the events before it were handled and must be checkpointed, or they
+                // would all be handled again by the next catch-up.
+                let outcome = match raw.decode::<E>() {
+                    Ok(envelope) => {
+                        self.projection
+                            .handle(&envelope)
+                            .await
+                            .map_err(|err| match err {
+                                err @ Error::Handler { .. } => err,
+                                err => Error::handler(name.clone(), err),
+                            })
+                    }
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = outcome {
+                    result = Err(err);
                     break;
                 }
-                position = envelope.position;
+                position = raw.position;
                 handled += 1;
             }
-            if result.is_ok() {
+            let Err(err) = result else {
                 position = last;
+                self.store.save_checkpoint(&name, position).await?;
+                if !full {
+                    return Ok(handled);
+                }
+                continue;
+            };
+            if let Err(save) = self.store.save_checkpoint(&name, position).await {
+                // The event's error is the one to report: it is what stops the
+                // subscription. The handled events are handled again on the next run.
+                warn!(
+                    projection = %name,
+                    position,
+                    error = %save,
+                    "saving the checkpoint before a failing event failed"
+                );
             }
-            self.store.save_checkpoint(&name, position).await?;
-            result?;
-            if !full {
-                return Ok(handled);
-            }
+            return Err(err);
         }
     }
 
     /// Catches up, then follows new events until `shutdown` resolves.
     ///
-    /// Store errors are logged and retried after the idle timeout. A projection error or
+    /// Store errors are logged and retried with exponential backoff: after 100 ms, then
+    /// twice as long after each failed retry, up to 30 s (or the idle timeout, if that
+    /// is longer), and from 100 ms again once a catch-up succeeds. A projection error or
     /// an event that cannot be decoded stops the subscription and is returned; the
     /// checkpoint stays before that event.
     ///
@@ -171,30 +198,382 @@ where
     /// Returns the projection's error ([`Error::Handler`]) or the decoding error.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<P, Error> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Backoff::new(self.idle_timeout);
         loop {
             match self.catch_up().await {
-                Ok(n) if n > 0 => debug!(
-                    projection = self.projection.name(),
-                    handled = n,
-                    "caught up"
-                ),
-                Ok(_) => {}
+                Ok(n) => {
+                    backoff.reset();
+                    if n > 0 {
+                        debug!(
+                            projection = self.projection.name(),
+                            handled = n,
+                            "caught up"
+                        );
+                    }
+                }
                 Err(err @ Error::Store { .. }) => {
-                    warn!(projection = self.projection.name(), error = %err, "subscription failed, retrying")
+                    // Not `wait_for_events`: it returns at once when there are events to
+                    // read, which is exactly when a failing catch-up would fail again.
+                    let delay = backoff.next_delay();
+                    warn!(
+                        projection = self.projection.name(),
+                        error = %err,
+                        retry_in = ?delay,
+                        "subscription failed, retrying"
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(self.projection),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
                 }
                 Err(err) => return Err(err),
             }
-            let position = self
-                .store
-                .load_checkpoint(self.projection.name())
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(0);
+            let position = match self.store.load_checkpoint(self.projection.name()).await {
+                Ok(position) => position.unwrap_or(0),
+                // Waiting from the start returns at once, and the catch-up that follows
+                // meets the store error and backs off.
+                Err(err) => {
+                    debug!(projection = self.projection.name(), error = %err, "loading the checkpoint failed");
+                    0
+                }
+            };
             tokio::select! {
                 () = &mut shutdown => return Ok(self.projection),
                 () = self.store.wait_for_events(position, self.idle_timeout) => {}
             }
         }
+    }
+}
+
+/// The delays between retries after store errors: exponential, capped.
+#[derive(Debug)]
+struct Backoff {
+    /// The delay before the next retry.
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The first retry's delay.
+    const FIRST: Duration = Duration::from_millis(100);
+    /// The longest delay, unless the idle timeout is longer: a subscription that polls
+    /// that rarely anyway need not retry more often.
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new(idle_timeout: Duration) -> Self {
+        Backoff {
+            next: Self::FIRST,
+            max: Self::MAX.max(idle_timeout),
+        }
+    }
+
+    /// The delay to wait now; the next one is twice as long, up to the cap.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = delay.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    /// After a success: the next failure is retried quickly again.
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use super::*;
+    use crate::{
+        AggregateType, EventEnvelope, EventHandler, InMemoryEventStore, Loaded, Metadata, RawEvent,
+    };
+
+    /// A tick, or an event type that the reading side does not know (as after a rename):
+    /// `decode` rejects `Mystery`, which `encode` writes.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Tick {
+        Ticked(u64),
+        Mystery,
+    }
+
+    impl Event for Tick {
+        fn event_type(&self) -> &'static str {
+            match self {
+                Tick::Ticked(_) => "Ticked",
+                Tick::Mystery => "Mystery",
+            }
+        }
+        fn encode(&self) -> Result<String, Error> {
+            Ok(match self {
+                Tick::Ticked(n) => n.to_string(),
+                Tick::Mystery => "null".to_owned(),
+            })
+        }
+        fn decode(event_type: &str, version: u16, payload: &str) -> Result<Self, Error> {
+            match event_type {
+                "Ticked" => payload
+                    .parse()
+                    .map(Tick::Ticked)
+                    .map_err(|e| Error::serialization(event_type, e)),
+                other => Err(Error::UnknownEventType {
+                    event_type: other.to_owned(),
+                    version,
+                    target: "Tick",
+                }),
+            }
+        }
+        fn event_types() -> &'static [&'static str] {
+            &["Ticked"]
+        }
+    }
+
+    #[derive(Debug)]
+    struct Ticker {
+        id: u64,
+    }
+
+    impl AggregateType for Ticker {
+        const TYPE: &'static str = "ticker";
+    }
+
+    impl Aggregate for Ticker {
+        type Id = u64;
+        type Command = ();
+        type Event = Tick;
+        type Error = Error;
+        fn new(id: u64) -> Self {
+            Ticker { id }
+        }
+        fn id(&self) -> &u64 {
+            &self.id
+        }
+        fn handle(&self, (): ()) -> Result<Vec<Tick>, Error> {
+            Ok(Vec::new())
+        }
+        fn apply(&mut self, _: Tick) {}
+    }
+
+    /// Records the ticks it handled, in order.
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<u64>>);
+
+    impl Seen {
+        fn ticks(&self) -> Vec<u64> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    impl EventHandler<Tick> for Seen {
+        async fn handle(&self, envelope: &EventEnvelope<Tick>) -> Result<(), Error> {
+            if let Tick::Ticked(n) = envelope.event {
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(n);
+            }
+            Ok(())
+        }
+    }
+
+    impl Projection<Tick> for Seen {
+        fn name(&self) -> &str {
+            "seen"
+        }
+    }
+
+    async fn append(store: &impl EventStore, id: u64, version: u64, events: Vec<Tick>) -> u64 {
+        let stored = store
+            .append::<Ticker>(&id, version, events, &Metadata::default())
+            .await
+            .unwrap();
+        stored.last().map(|e| e.position).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_decode_error_checkpoints_the_events_handled_before_it() {
+        let store = InMemoryEventStore::new();
+        append(&store, 1, 0, vec![Tick::Ticked(1)]).await;
+        let last_good = append(&store, 2, 0, vec![Tick::Ticked(2)]).await;
+        append(&store, 1, 1, vec![Tick::Mystery, Tick::Ticked(3)]).await;
+
+        let mut subscription = Subscription::new::<Ticker>(store.clone(), Seen::default());
+        let err = subscription.catch_up().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::UnknownEventType { event_type, .. } if event_type == "Mystery"),
+            "{err:?}"
+        );
+        assert_eq!(subscription.projection().ticks(), [1, 2]);
+        assert_eq!(
+            store.load_checkpoint("seen").await.unwrap(),
+            Some(last_good)
+        );
+
+        // The next catch-up starts at the undecodable event: nothing is handled twice.
+        let again = subscription.catch_up().await.unwrap_err();
+        assert!(matches!(again, Error::UnknownEventType { .. }), "{again:?}");
+        assert_eq!(subscription.projection().ticks(), [1, 2]);
+        assert_eq!(
+            store.load_checkpoint("seen").await.unwrap(),
+            Some(last_good)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_decode_error_in_a_later_batch_keeps_the_earlier_batches() {
+        let store = InMemoryEventStore::new();
+        append(&store, 1, 0, vec![Tick::Ticked(1), Tick::Ticked(2)]).await;
+        let last_good = append(&store, 1, 2, vec![Tick::Ticked(3)]).await;
+        append(&store, 1, 3, vec![Tick::Mystery]).await;
+
+        let mut subscription =
+            Subscription::new::<Ticker>(store.clone(), Seen::default()).with_batch_size(3);
+        let err = subscription.catch_up().await.unwrap_err();
+        assert!(matches!(err, Error::UnknownEventType { .. }), "{err:?}");
+        assert_eq!(subscription.projection().ticks(), [1, 2, 3]);
+        assert_eq!(
+            store.load_checkpoint("seen").await.unwrap(),
+            Some(last_good)
+        );
+    }
+
+    /// An in-memory store whose `read_all` fails while `failing` is set, and counts its
+    /// calls.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        store: InMemoryEventStore,
+        failing: Arc<AtomicBool>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection refused")]
+    struct Down;
+
+    impl EventStore for Flaky {
+        async fn load<A: Aggregate>(&self, id: &A::Id) -> Result<Loaded<A>, Error> {
+            self.store.load(id).await
+        }
+
+        async fn append<A: Aggregate>(
+            &self,
+            id: &A::Id,
+            expected_version: u64,
+            events: Vec<A::Event>,
+            metadata: &Metadata,
+        ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+            self.store
+                .append::<A>(id, expected_version, events, metadata)
+                .await
+        }
+
+        async fn read_stream<A: Aggregate>(
+            &self,
+            id: &A::Id,
+            after_sequence: u64,
+        ) -> Result<Vec<EventEnvelope<A::Event>>, Error> {
+            self.store.read_stream::<A>(id, after_sequence).await
+        }
+
+        async fn read_all(
+            &self,
+            after_position: u64,
+            limit: usize,
+        ) -> Result<Vec<EventEnvelope<RawEvent>>, Error> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Error::store("reading the global log", Down));
+            }
+            self.store.read_all(after_position, limit).await
+        }
+
+        async fn wait_for_events(&self, after_position: u64, timeout: Duration) {
+            self.store.wait_for_events(after_position, timeout).await;
+        }
+    }
+
+    impl CheckpointStore for Flaky {
+        async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>, Error> {
+            self.store.load_checkpoint(name).await
+        }
+
+        async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), Error> {
+            self.store.save_checkpoint(name, position).await
+        }
+    }
+
+    #[tokio::test]
+    async fn run_backs_off_on_store_errors_and_recovers() {
+        let store = Flaky::default();
+        append(&store, 1, 0, vec![Tick::Ticked(1), Tick::Ticked(2)]).await;
+        store.failing.store(true, Ordering::SeqCst);
+
+        let seen = Arc::new(Seen::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // A long idle timeout: only the backoff decides how often a failing store is
+        // asked again.
+        let subscription = Subscription::new::<Ticker>(store.clone(), Arc::clone(&seen))
+            .with_idle_timeout(Duration::from_secs(60));
+        let running = tokio::spawn(subscription.run(async {
+            let _ = stopped.await;
+        }));
+
+        // Reads at about 0, 0.1, 0.3 and 0.7 s (the next at 1.5 s): 4 in 1.2 s, where an
+        // immediate retry would read thousands of times.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let reads = store.reads.load(Ordering::SeqCst);
+        assert!((3..=5).contains(&reads), "{reads} reads in 1.2 s");
+        assert!(seen.ticks().is_empty());
+
+        store.failing.store(false, Ordering::SeqCst);
+        let caught_up = tokio::time::timeout(Duration::from_secs(10), async {
+            while seen.ticks().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(caught_up.is_ok(), "the subscription never recovered");
+        assert_eq!(seen.ticks(), [1, 2]);
+        assert_eq!(store.load_checkpoint("seen").await.unwrap(), Some(2));
+
+        // Recovered: a new event is handled as it comes (the wait is back on wake-ups).
+        append(&store, 1, 2, vec![Tick::Ticked(3)]).await;
+        let followed = tokio::time::timeout(Duration::from_secs(5), async {
+            while seen.ticks().len() < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(followed.is_ok(), "the new event was not handled");
+
+        let _ = stop.send(());
+        let projection = running.await.unwrap().unwrap();
+        assert_eq!(projection.ticks(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..11).map(|_| backoff.next_delay()).collect();
+        let millis = [
+            100, 200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000,
+        ];
+        assert_eq!(
+            delays,
+            millis.map(Duration::from_millis).to_vec(),
+            "{delays:?}"
+        );
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+
+        // A longer idle timeout raises the cap.
+        let mut backoff = Backoff::new(Duration::from_secs(60));
+        let last = (0..20).map(|_| backoff.next_delay()).last();
+        assert_eq!(last, Some(Duration::from_secs(60)));
     }
 }

@@ -19,35 +19,68 @@
 //! `examples/at_least_once.rs`.) Partitions are independent and are handled
 //! concurrently; since an aggregate's events share a partition, every handler sees
 //! each aggregate's events in sequence order.
+//!
+//! # Nothing is skipped: sequenced dead letters
+//!
+//! When a handler gives up on event `n` of an aggregate (it keeps failing, or the event
+//! cannot be decoded), the consumer *parks* the aggregate's stream: event `n` and every
+//! later event of that aggregate are held, never handled past the hole, while other
+//! aggregates keep flowing. A sequence gap (event `n + 1` arrives and `n` never did)
+//! parks the stream too, with an error naming the missing sequence. Parked and held
+//! messages are still written to the dead-letter topic, as the record. Projections run
+//! with [`KafkaConsumer::run_projection`] park in Postgres, next to their checkpoints,
+//! and `thalo_postgres::PgEventStore::redrive_projection` applies the stream from the
+//! store, in order and exactly once, when the cause is fixed. Plain handlers park in
+//! memory, or durably with `KafkaConsumer::with_store` (re-driven with
+//! `thalo_postgres::PgEventStore::redrive_handler`).
+//!
+//! # One publisher: fencing
+//!
+//! Every message the relay publishes carries its leader's epoch and the event's
+//! sequence. A worker drops a message from an older epoch than one it has seen for the
+//! same aggregate (a deposed relay's late publish), and a message whose sequence it has
+//! seen (a relay duplicate), so a handler never sees an aggregate's sequence go
+//! backwards.
+//!
+//! # Slow partitions and crashed members
+//!
+//! Each partition has a bounded queue. When one is full, the consumer pauses that
+//! partition (rdkafka `pause`) and resumes it when the queue drains, so a slow
+//! partition never stops the others, and the poll loop keeps serving rebalances and
+//! commits. A member that crashes keeps its partitions until the broker expires its
+//! session; with [`KafkaConsumer::with_instance_id`] (static membership) a restarted
+//! member takes its partitions back as soon as it rejoins.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, ClientContext, Message};
-use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler, RawEvent};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::sleep_or_cancel;
-use crate::message::{decode_message, error_chain, header, header_pairs};
-use crate::topic::{ensure_topics, TopicNaming, TopicSettings};
+use crate::message::error_chain;
+use crate::topic::{ensure_topics_with, TopicNaming, TopicSettings};
 use crate::RetryPolicy;
+
+mod dead_letter;
+mod rebalance;
+mod worker;
+
+use rebalance::{AbandonGuard, GroupContext};
+use worker::partition_worker;
 
 /// Runs an [`EventHandler`] (or, with [`run_projection`](KafkaConsumer::run_projection),
 /// a Postgres projection) on the events of one or more topics, as a member of a
@@ -119,6 +152,9 @@ pub struct KafkaConsumer {
     queue_capacity: usize,
     max_batch: usize,
     client_config: Vec<(String, String)>,
+    instance_id: Option<String>,
+    #[cfg(feature = "postgres")]
+    store: Option<thalo_postgres::PgEventStore>,
 }
 
 #[derive(Clone, Debug)]
@@ -143,9 +179,13 @@ pub struct ConsumerStats {
     pub dead_lettered: u64,
     /// Failed attempts that were retried.
     pub retries: u64,
-    /// Events a Postgres projection skipped because it had applied them already
-    /// (redeliveries and relay duplicates).
+    /// Events skipped because they were applied already (redeliveries, relay
+    /// duplicates, a deposed relay leader's late messages).
     pub duplicates: u64,
+    /// Streams parked (a handler gave up on an event, or a sequence was missing).
+    pub parked: u64,
+    /// Events held behind a parked event of their aggregate.
+    pub held: u64,
 }
 
 impl KafkaConsumer {
@@ -167,7 +207,35 @@ impl KafkaConsumer {
             queue_capacity: 1000,
             max_batch: 200,
             client_config: Vec::new(),
+            instance_id: None,
+            #[cfg(feature = "postgres")]
+            store: None,
         }
+    }
+
+    /// Static group membership (`group.instance.id`): a stable name for this member,
+    /// unique within the group and the same across restarts (e.g. the host or pod
+    /// name). A member that crashed and restarts under the same id takes its partitions
+    /// back as soon as it rejoins, without waiting for the broker to expire the dead
+    /// session and without a rebalance of the other members. Without it, a SIGKILLed
+    /// member keeps its partitions until its session times out (`session.timeout.ms`,
+    /// 45 s by default), and on some brokers (tansu 0.6) forever.
+    #[must_use]
+    pub fn with_instance_id(mut self, instance_id: impl Into<String>) -> Self {
+        self.instance_id = Some(instance_id.into());
+        self
+    }
+
+    /// Parks the streams of a plain [`EventHandler`] durably in `store`'s database
+    /// (table `consumer_parked`, under the group id), so a restart keeps them parked
+    /// and `thalo_postgres::PgEventStore::redrive_handler` can re-drive them. Without a
+    /// store, a handler's parked streams live in memory (and in the dead-letter topic's
+    /// record) until the consumer stops. Projections always park in their own store.
+    #[cfg(feature = "postgres")]
+    #[must_use]
+    pub fn with_store(mut self, store: thalo_postgres::PgEventStore) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Subscribes to the topic of aggregate `A` (named by the
@@ -295,8 +363,13 @@ impl KafkaConsumer {
         E: Event,
         H: EventHandler<E> + 'static,
     {
-        self.run_with(HandlerApply(handler, PhantomData), shutdown)
-            .await
+        let apply = HandlerApply {
+            handler,
+            #[cfg(feature = "postgres")]
+            store: self.store.clone(),
+            _event: PhantomData,
+        };
+        self.run_with(apply, shutdown).await
     }
 
     pub(crate) async fn run_with<E, A>(
@@ -325,7 +398,14 @@ impl KafkaConsumer {
         // without partitions until its next metadata refresh, minutes later.
         let mut failures = 0;
         loop {
-            match ensure_topics(&self.brokers, &needed, &self.topic_settings).await {
+            match ensure_topics_with(
+                &self.brokers,
+                &self.admin_config(),
+                &needed,
+                &self.topic_settings,
+            )
+            .await
+            {
                 Ok(()) => break,
                 Err(err) => {
                     failures += 1;
@@ -338,11 +418,7 @@ impl KafkaConsumer {
             }
         }
 
-        let context = GroupContext {
-            group_id: self.group_id.clone(),
-            partitions: Mutex::default(),
-            commit_on_revoke: AtomicBool::new(true),
-        };
+        let context = GroupContext::new(self.group_id.clone());
         let consumer: StreamConsumer<GroupContext> = self
             .consumer_config()
             .create_with_context(context)
@@ -352,8 +428,8 @@ impl KafkaConsumer {
         consumer
             .subscribe(&topic_refs)
             .map_err(|e| Error::broker("subscribing", e))?;
-        let dlq_producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let dlq_producer: FutureProducer = self
+            .admin_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()
@@ -380,6 +456,10 @@ impl KafkaConsumer {
         let mut tasks = JoinSet::new();
         let mut commit_tick = tokio::time::interval(shared.config.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Messages of paused partitions (their worker's queue was full), in order.
+        let mut overflow: HashMap<(String, i32), VecDeque<OwnedMessage>> = HashMap::new();
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
@@ -391,6 +471,9 @@ impl KafkaConsumer {
                     }
                 }
                 _ = commit_tick.tick() => commit(&consumer, CommitMode::Async, &shared.config.group_id),
+                _ = drain_tick.tick(), if !overflow.is_empty() => {
+                    drain(&consumer, &workers, &mut overflow, &shared.config.group_id);
+                }
                 received = consumer.recv() => {
                     let message = match received {
                         Ok(message) => message.detach(),
@@ -406,7 +489,12 @@ impl KafkaConsumer {
                         .get(&key)
                         .is_some_and(|w| !w.token.is_cancelled() && !w.tx.is_closed());
                     if !alive {
-                        // First message of a newly assigned partition.
+                        // First message of a newly assigned partition. Messages kept from
+                        // an earlier assignment of it were never handled: the new
+                        // assignment fetches them again from the committed offset.
+                        if overflow.remove(&key).is_some() {
+                            resume(&consumer, &key, &shared.config.group_id);
+                        }
                         let token = stop.child_token();
                         consumer
                             .context()
@@ -417,17 +505,26 @@ impl KafkaConsumer {
                         tasks.spawn(partition_worker(Arc::clone(&shared), turn, token.clone(), rx));
                         workers.insert(key.clone(), Worker { tx, token });
                     }
+                    if let Some(queue) = overflow.get_mut(&key) {
+                        // Paused, but fetched before the pause took effect: keep the order.
+                        queue.push_back(message);
+                        continue;
+                    }
                     let Some(worker) = workers.get(&key) else { continue };
-                    tokio::select! {
-                        // A full queue stops fetching: backpressure.
-                        sent = worker.tx.send(message) => {
-                            if sent.is_err() {
-                                // The partition was revoked meanwhile; its new owner
-                                // (maybe us again) starts from the committed offset.
-                                debug!(topic = key.0, partition = key.1, "dropped a message of a revoked partition");
-                            }
+                    match worker.tx.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(message)) => {
+                            // Backpressure for this partition only: pause its fetching and
+                            // keep polling, so the other partitions, rebalances and
+                            // commits go on.
+                            pause(&consumer, &key, &shared.config.group_id);
+                            overflow.entry(key).or_default().push_back(message);
                         }
-                        () = shutdown.cancelled() => break,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            // The partition was revoked meanwhile; its new owner (maybe
+                            // us again) starts from the committed offset.
+                            debug!(topic = key.0, partition = key.1, "dropped a message of a revoked partition");
+                        }
                     }
                 }
             }
@@ -478,6 +575,9 @@ impl KafkaConsumer {
             .set("group.id", &self.group_id)
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false");
+        if let Some(instance_id) = &self.instance_id {
+            config.set("group.instance.id", instance_id);
+        }
         for (key, value) in &self.client_config {
             config.set(key, value);
         }
@@ -486,6 +586,101 @@ impl KafkaConsumer {
             .set("enable.auto.offset.store", "false");
         config
     }
+
+    /// The connection settings for the admin client and the dead-letter producer: the
+    /// brokers and the user's properties that are not consumer-only (security settings
+    /// in particular must reach every client).
+    fn admin_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.client_config {
+            if !is_consumer_only(key) {
+                config.set(key, value);
+            }
+        }
+        config
+    }
+}
+
+/// Consumer properties a producer or admin client does not know.
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("group.")
+        || key.starts_with("auto.")
+        || key.starts_with("fetch.")
+        || key.starts_with("enable.auto.")
+        || matches!(
+            key,
+            "session.timeout.ms"
+                | "heartbeat.interval.ms"
+                | "max.poll.interval.ms"
+                | "partition.assignment.strategy"
+                | "enable.partition.eof"
+                | "isolation.level"
+                | "queued.min.messages"
+                | "queued.max.messages.kbytes"
+                | "check.crcs"
+        )
+}
+
+fn partition_list(key: &(String, i32)) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&key.0, key.1);
+    list
+}
+
+fn pause(consumer: &StreamConsumer<GroupContext>, key: &(String, i32), group: &str) {
+    match consumer.pause(&partition_list(key)) {
+        Ok(()) => debug!(
+            group,
+            topic = key.0,
+            partition = key.1,
+            "partition paused: its handler is behind"
+        ),
+        Err(err) => {
+            warn!(group, topic = key.0, partition = key.1, error = %err, "cannot pause a partition")
+        }
+    }
+}
+
+fn resume(consumer: &StreamConsumer<GroupContext>, key: &(String, i32), group: &str) {
+    match consumer.resume(&partition_list(key)) {
+        Ok(()) => debug!(group, topic = key.0, partition = key.1, "partition resumed"),
+        // Revoked meanwhile: nothing to resume.
+        Err(err) => {
+            debug!(group, topic = key.0, partition = key.1, error = %err, "cannot resume a partition")
+        }
+    }
+}
+
+/// Moves the messages of paused partitions into their workers' queues as room frees
+/// up, and resumes a partition once all of its messages are queued.
+fn drain(
+    consumer: &StreamConsumer<GroupContext>,
+    workers: &HashMap<(String, i32), Worker>,
+    overflow: &mut HashMap<(String, i32), VecDeque<OwnedMessage>>,
+    group: &str,
+) {
+    overflow.retain(|key, queue| {
+        let Some(worker) = workers
+            .get(key)
+            .filter(|w| !w.token.is_cancelled() && !w.tx.is_closed())
+        else {
+            // Revoked: the next owner fetches these again from the committed offset.
+            return false;
+        };
+        while let Some(message) = queue.pop_front() {
+            match worker.tx.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    queue.push_front(message);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        resume(consumer, key, group);
+        false
+    });
 }
 
 /// Commits the stored offsets. "No offset" means nothing was stored since the last
@@ -499,41 +694,124 @@ fn commit(consumer: &StreamConsumer<GroupContext>, mode: CommitMode, group: &str
     }
 }
 
+/// How many events of an [`Apply`] call were not applied, and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Already applied (duplicates and redeliveries).
+    pub(crate) skipped: u64,
+    /// Held behind a parked event of their stream.
+    pub(crate) held: u64,
+}
+
 /// What the consumer does with decoded events: call a handler, or apply a projection.
 pub(crate) trait Apply<E: Event>: Send + Sync + 'static {
     /// Whether [`apply_batch`](Apply::apply_batch) is worth using: then a worker hands
     /// over everything its partition has queued at once.
     const BATCHES: bool = false;
 
-    /// Applies one event. Returns how many events were skipped as already applied.
-    fn apply(&self, envelope: &EventEnvelope<E>)
-        -> impl Future<Output = Result<u64, Error>> + Send;
+    /// Whether `apply` itself holds the events of parked streams and parks on gaps
+    /// (exactly-once projections, whose parking lives with their checkpoints).
+    const PARKS_IN_STORE: bool = false;
+
+    /// Applies one event.
+    fn apply(
+        &self,
+        envelope: &EventEnvelope<E>,
+    ) -> impl Future<Output = Result<Counts, Error>> + Send;
 
     /// Applies events of one partition, in order, all or nothing.
     fn apply_batch(
         &self,
         envelopes: &[EventEnvelope<E>],
-    ) -> impl Future<Output = Result<u64, Error>> + Send {
+    ) -> impl Future<Output = Result<Counts, Error>> + Send {
         async move {
-            let mut skipped = 0;
+            let mut counts = Counts::default();
             for envelope in envelopes {
-                skipped += self.apply(envelope).await?;
+                let one = self.apply(envelope).await?;
+                counts.skipped += one.skipped;
+                counts.held += one.held;
             }
-            Ok(skipped)
+            Ok(counts)
         }
+    }
+
+    /// Parks `raw`'s stream at `sequence` for the consumer `group`. `Ok(true)` when the
+    /// park is durable (in a store), `Ok(false)` when the worker keeps it in memory.
+    fn park(
+        &self,
+        group: &str,
+        raw: &EventEnvelope<RawEvent>,
+        sequence: u64,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (group, raw, sequence, error);
+        async { Ok(false) }
+    }
+
+    /// Whether a durably parked stream is still parked (an operator may have re-driven
+    /// it). Waits while a re-drive of the stream is in progress.
+    fn still_parked(
+        &self,
+        group: &str,
+        stream: &(String, String),
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (group, stream);
+        async { Ok(true) }
     }
 }
 
-struct HandlerApply<H, E>(H, PhantomData<fn(E)>);
+struct HandlerApply<H, E> {
+    handler: H,
+    #[cfg(feature = "postgres")]
+    store: Option<thalo_postgres::PgEventStore>,
+    _event: PhantomData<fn(E)>,
+}
 
 impl<E: Event, H: EventHandler<E> + 'static> Apply<E> for HandlerApply<H, E> {
-    async fn apply(&self, envelope: &EventEnvelope<E>) -> Result<u64, Error> {
-        self.0.handle(envelope).await.map(|()| 0)
+    async fn apply(&self, envelope: &EventEnvelope<E>) -> Result<Counts, Error> {
+        self.handler
+            .handle(envelope)
+            .await
+            .map(|()| Counts::default())
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn park(
+        &self,
+        group: &str,
+        raw: &EventEnvelope<RawEvent>,
+        sequence: u64,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        store
+            .park_stream(
+                group,
+                &raw.aggregate_type,
+                &raw.aggregate_id,
+                sequence,
+                error,
+            )
+            .await?;
+        Ok(true)
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn still_parked(&self, group: &str, stream: &(String, String)) -> Result<bool, Error> {
+        let Some(store) = &self.store else {
+            return Ok(true);
+        };
+        Ok(store
+            .parked_stream(group, &stream.0, &stream.1)
+            .await?
+            .is_some())
     }
 }
 
 /// Whether an error is an outage (retried without limit) rather than a problem with the
-/// message (retried a few times, then dead-lettered).
+/// message (retried a few times, then parked).
 ///
 /// With the `postgres` feature, a database error anywhere in the chain decides: lost
 /// connections, pool timeouts, server shutdowns, serialization failures and deadlocks
@@ -558,7 +836,7 @@ struct Worker {
     token: CancellationToken,
 }
 
-struct Shared<E, A> {
+pub(crate) struct Shared<E, A> {
     consumer: Arc<StreamConsumer<GroupContext>>,
     apply: A,
     dlq_producer: FutureProducer,
@@ -573,6 +851,8 @@ struct StatsCounters {
     dead_lettered: AtomicU64,
     retries: AtomicU64,
     duplicates: AtomicU64,
+    parked: AtomicU64,
+    held: AtomicU64,
 }
 
 impl StatsCounters {
@@ -582,395 +862,8 @@ impl StatsCounters {
             dead_lettered: self.dead_lettered.load(Ordering::SeqCst),
             retries: self.retries.load(Ordering::SeqCst),
             duplicates: self.duplicates.load(Ordering::SeqCst),
-        }
-    }
-}
-
-/// Whether the message was dealt with (its offset may be stored) or the worker was
-/// stopped first (it will be delivered again).
-enum Outcome {
-    Done,
-    Interrupted,
-}
-
-/// Why a message goes to the dead-letter topic.
-#[derive(Clone, Copy)]
-enum DeadLetterReason {
-    Decode,
-    Handler,
-}
-
-impl DeadLetterReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::Decode => "decode",
-            DeadLetterReason::Handler => "handler",
-        }
-    }
-}
-
-/// Handles one partition's messages in order. `turn` makes a worker for a partition
-/// that was revoked and assigned again wait until the previous worker has finished its
-/// message in hand, so one partition never has two messages in progress at once.
-async fn partition_worker<E: Event, A: Apply<E>>(
-    shared: Arc<Shared<E, A>>,
-    turn: Arc<tokio::sync::Mutex<()>>,
-    token: CancellationToken,
-    mut rx: mpsc::Receiver<OwnedMessage>,
-) {
-    let _turn = turn.lock_owned().await;
-    let mut batch = Vec::new();
-    loop {
-        let message = tokio::select! {
-            biased;
-            () = token.cancelled() => break,
-            message = rx.recv() => match message {
-                Some(message) => message,
-                None => break,
-            },
-        };
-        batch.clear();
-        batch.push(message);
-        if A::BATCHES {
-            // Take what is already queued, without waiting for more: batching adds no
-            // latency, it only catches up faster when the partition is behind.
-            while batch.len() < shared.config.max_batch {
-                match rx.try_recv() {
-                    Ok(message) => batch.push(message),
-                    Err(_) => break,
-                }
-            }
-        }
-        if batch.len() > 1 && shared.process_batch(&batch).await {
-            if let Some(last) = batch.last() {
-                shared.store_offset(last);
-            }
-            continue;
-        }
-        // One at a time: the batch had an undecodable message or a failing event, which
-        // must be found, retried and maybe dead-lettered on its own. Events of the batch
-        // that were applied already are skipped by the projection's checkpoint.
-        for message in &batch {
-            if token.is_cancelled() {
-                return;
-            }
-            match shared.process(message, &token).await {
-                // The guarantee: the offset is stored only now, after the handler
-                // succeeded (or the message was dead-lettered).
-                Outcome::Done => shared.store_offset(message),
-                Outcome::Interrupted => return,
-            }
-        }
-    }
-}
-
-impl<E: Event, A: Apply<E>> Shared<E, A> {
-    /// Stores the offset after `message`. Fails when the partition was revoked
-    /// meanwhile; its next owner gets the message again.
-    fn store_offset(&self, message: &OwnedMessage) {
-        if let Err(err) =
-            self.consumer
-                .store_offset(message.topic(), message.partition(), message.offset())
-        {
-            debug!(topic = message.topic(), partition = message.partition(), error = %err, "offset not stored (partition revoked)");
-        }
-    }
-
-    /// Applies a batch in one go. `false` when any message cannot be decoded or the
-    /// batch fails; the caller then goes one message at a time.
-    async fn process_batch(&self, batch: &[OwnedMessage]) -> bool {
-        let Ok(envelopes) = batch
-            .iter()
-            .map(decode_message::<E, _>)
-            .collect::<Result<Vec<_>, _>>()
-        else {
-            return false;
-        };
-        match AssertUnwindSafe(self.apply.apply_batch(&envelopes))
-            .catch_unwind()
-            .await
-        {
-            Ok(Ok(skipped)) => {
-                self.stats
-                    .handled
-                    .fetch_add(envelopes.len() as u64 - skipped, Ordering::Relaxed);
-                self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
-                true
-            }
-            Ok(Err(err)) => {
-                debug!(group = self.config.group_id, error = %error_chain(&err), "batch failed; handling its messages one by one");
-                false
-            }
-            Err(_panic) => false,
-        }
-    }
-
-    async fn process(&self, message: &OwnedMessage, token: &CancellationToken) -> Outcome {
-        let envelope = match decode_message::<E, _>(message) {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                error!(
-                    group = self.config.group_id,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    error = %error_chain(&err),
-                    "cannot decode message; sending it to the dead-letter topic"
-                );
-                return self
-                    .dead_letter(message, &err, DeadLetterReason::Decode, 0, token)
-                    .await;
-            }
-        };
-        let mut attempts = 0;
-        let mut outages = 0;
-        loop {
-            let result = AssertUnwindSafe(self.apply.apply(&envelope))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    let text = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panic".to_owned());
-                    Err(Error::handler(
-                        self.config.group_id.clone(),
-                        format!("handler panicked: {text}"),
-                    ))
-                });
-            let err = match result {
-                Ok(skipped) => {
-                    if skipped > 0 {
-                        self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
-                        debug!(
-                            group = self.config.group_id,
-                            aggregate_id = envelope.aggregate_id,
-                            sequence = envelope.sequence,
-                            "already applied; skipped"
-                        );
-                    } else {
-                        self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Outcome::Done;
-                }
-                Err(err) => err,
-            };
-            let delay = if is_outage(&err) {
-                outages += 1;
-                let delay = self.config.retry.backoff(outages);
-                warn!(
-                    group = self.config.group_id,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    aggregate_id = envelope.aggregate_id,
-                    sequence = envelope.sequence,
-                    error = %error_chain(&err),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "infrastructure error; retrying until it recovers"
-                );
-                delay
-            } else {
-                outages = 0;
-                attempts += 1;
-                if attempts >= self.config.retry.max_attempts {
-                    error!(
-                        group = self.config.group_id,
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        aggregate_id = envelope.aggregate_id,
-                        sequence = envelope.sequence,
-                        attempts,
-                        error = %error_chain(&err),
-                        "handler keeps failing; sending the message to the dead-letter topic"
-                    );
-                    return self
-                        .dead_letter(message, &err, DeadLetterReason::Handler, attempts, token)
-                        .await;
-                }
-                let delay = self.config.retry.backoff(attempts);
-                warn!(
-                    group = self.config.group_id,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    aggregate_id = envelope.aggregate_id,
-                    sequence = envelope.sequence,
-                    attempt = attempts,
-                    error = %error_chain(&err),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "handler failed; retrying"
-                );
-                delay
-            };
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            if !sleep_or_cancel(delay, token).await {
-                return Outcome::Interrupted;
-            }
-        }
-    }
-
-    /// Writes `message` to the dead-letter topic with the reason in its headers, retrying
-    /// until the broker accepts it: the offset must not move past a message that is
-    /// neither handled nor dead-lettered.
-    async fn dead_letter(
-        &self,
-        message: &OwnedMessage,
-        err: &Error,
-        reason: DeadLetterReason,
-        attempts: u32,
-        token: &CancellationToken,
-    ) -> Outcome {
-        let topic = self.config.dead_letter_topic(message.topic());
-        let error_text = error_chain(err);
-        let original = header_pairs(message);
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
-        let attempts_text = attempts.to_string();
-        let mut failures = 0;
-        loop {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let mut headers = OwnedHeaders::new_with_capacity(original.len() + 8);
-            for (key, value) in &original {
-                headers = headers.insert(Header {
-                    key,
-                    value: value.as_deref(),
-                });
-            }
-            for (key, value) in [
-                (header::DLQ_ERROR, error_text.as_str()),
-                (header::DLQ_REASON, reason.as_str()),
-                (header::DLQ_ATTEMPTS, &attempts_text),
-                (header::DLQ_TOPIC, message.topic()),
-                (header::DLQ_PARTITION, &partition),
-                (header::DLQ_OFFSET, &offset),
-                (header::DLQ_GROUP, &self.config.group_id),
-                (header::DLQ_TIME, &now),
-            ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&topic).headers(headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(payload) = message.payload() {
-                record = record.payload(payload);
-            }
-            match self
-                .dlq_producer
-                .send(record, Timeout::After(Duration::from_secs(5)))
-                .await
-            {
-                Ok(delivery) => {
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    warn!(
-                        group = self.config.group_id,
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        dead_letter_topic = topic,
-                        dead_letter_partition = delivery.partition,
-                        dead_letter_offset = delivery.offset,
-                        reason = reason.as_str(),
-                        "message dead-lettered; moving on"
-                    );
-                    return Outcome::Done;
-                }
-                Err((send_err, _)) => {
-                    failures += 1;
-                    let delay = self.config.retry.backoff(failures);
-                    warn!(dead_letter_topic = topic, error = %send_err, retry_in_ms = delay.as_millis() as u64, "cannot write to the dead-letter topic; retrying");
-                    if !sleep_or_cancel(delay, token).await {
-                        return Outcome::Interrupted;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Consumer callbacks: tracks which partitions have a worker, so a revocation can stop
-/// them, and commits on revocation so the next owner starts where this one stopped.
-struct GroupContext {
-    group_id: String,
-    partitions: Mutex<HashMap<(String, i32), CancellationToken>>,
-    commit_on_revoke: AtomicBool,
-}
-
-impl GroupContext {
-    fn lock_partitions(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, i32), CancellationToken>> {
-        self.partitions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(list) => {
-                let revoked: Vec<(String, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                info!(group = self.group_id, partitions = ?revoked, "partitions revoked");
-                {
-                    // Workers of revoked partitions drop their queued messages and stop
-                    // after the message in hand.
-                    let mut partitions = self.lock_partitions();
-                    for key in &revoked {
-                        if let Some(token) = partitions.remove(key) {
-                            token.cancel();
-                        }
-                    }
-                }
-                // Commit what was handled, so the next owner does not redo it. (The
-                // message in hand is not stored yet: its next owner handles it again.)
-                if self.commit_on_revoke.load(Ordering::SeqCst) {
-                    match consumer.commit_consumer_state(CommitMode::Sync) {
-                        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                        Err(err) => {
-                            warn!(group = self.group_id, error = %err, "commit on revocation failed")
-                        }
-                    }
-                }
-            }
-            Rebalance::Assign(list) => {
-                let assigned: Vec<(String, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                info!(group = self.group_id, partitions = ?assigned, "partitions assigned");
-            }
-            Rebalance::Error(err) => warn!(group = self.group_id, error = %err, "rebalance error"),
-        }
-    }
-}
-
-/// Disarms the commit-on-revoke when `run` is dropped before its graceful shutdown.
-struct AbandonGuard {
-    consumer: Option<Arc<StreamConsumer<GroupContext>>>,
-}
-
-impl Drop for AbandonGuard {
-    fn drop(&mut self) {
-        if let Some(consumer) = self.consumer.take() {
-            consumer
-                .context()
-                .commit_on_revoke
-                .store(false, Ordering::SeqCst);
+            parked: self.parked.load(Ordering::SeqCst),
+            held: self.held.load(Ordering::SeqCst),
         }
     }
 }

@@ -1,0 +1,103 @@
+//! Group membership callbacks: stopping the workers of revoked partitions and committing
+//! what they handled, so the next owner starts where this one stopped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Consumer callbacks: tracks which partitions have a worker, so a revocation can stop
+/// them, and commits on revocation.
+pub(crate) struct GroupContext {
+    pub(crate) group_id: String,
+    pub(crate) partitions: Mutex<HashMap<(String, i32), CancellationToken>>,
+    pub(crate) commit_on_revoke: AtomicBool,
+}
+
+impl GroupContext {
+    pub(crate) fn new(group_id: String) -> Self {
+        GroupContext {
+            group_id,
+            partitions: Mutex::default(),
+            commit_on_revoke: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn lock_partitions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, i32), CancellationToken>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let revoked: Vec<(String, i32)> = list
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                info!(group = self.group_id, partitions = ?revoked, "partitions revoked");
+                {
+                    // Workers of revoked partitions drop their queued messages and stop
+                    // after the message in hand.
+                    let mut partitions = self.lock_partitions();
+                    for key in &revoked {
+                        if let Some(token) = partitions.remove(key) {
+                            token.cancel();
+                        }
+                    }
+                }
+                // Commit what was handled, so the next owner does not redo it. (The
+                // message in hand is not stored yet: its next owner handles it again.)
+                if self.commit_on_revoke.load(Ordering::SeqCst) {
+                    match consumer.commit_consumer_state(CommitMode::Sync) {
+                        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                        Err(err) => {
+                            warn!(group = self.group_id, error = %err, "commit on revocation failed")
+                        }
+                    }
+                }
+            }
+            Rebalance::Assign(list) => {
+                let assigned: Vec<(String, i32)> = list
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                info!(group = self.group_id, partitions = ?assigned, "partitions assigned");
+            }
+            Rebalance::Error(err) => warn!(group = self.group_id, error = %err, "rebalance error"),
+        }
+    }
+}
+
+/// Disarms the commit-on-revoke when `run` is dropped before its graceful shutdown.
+pub(crate) struct AbandonGuard {
+    pub(crate) consumer: Option<Arc<StreamConsumer<GroupContext>>>,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            consumer
+                .context()
+                .commit_on_revoke
+                .store(false, Ordering::SeqCst);
+        }
+    }
+}
