@@ -142,10 +142,42 @@
 //! - **Guarantees:** expected versions are checked per aggregate (at most one append per
 //!   stream in a batch; a stale one fails alone with [`thalo::Error::Conflict`] and its
 //!   actual version, the rest of the batch is stored); each caller gets its own
-//!   envelopes or error; nothing is acknowledged before the commit, and a failed batch
-//!   fails each of its callers. A writer outside the batch that races one of its streams
-//!   (another process, [`PgEventStore::append_in`], which is never batched) makes the
-//!   batch fall back to one append per request. See `group.rs`.
+//!   envelopes or error; nothing is acknowledged before the commit. An append the
+//!   server rejects (a payload `jsonb` refuses, say) fails only its own caller, and the
+//!   rest of the batch is stored; only an unknown outcome, such as a connection lost
+//!   while the batch may have committed, fails every caller of the batch. A writer
+//!   outside the batch that races one of its streams (another process,
+//!   [`PgEventStore::append_in`], which is never batched) makes the batch fall back to
+//!   one append per request. See `group.rs`.
+//!
+//! ## Outbox, parking and re-drive
+//!
+//! A publisher (the Kafka relay, or any other) takes the outbox through [`PgOutbox`]
+//! ([`PgEventStore::outbox`]): one leader at a time, fenced by an epoch that grows with
+//! every claim; rows fetched in outbox order and deleted once acknowledged, only while
+//! the leader's epoch is current. An aggregate whose event the broker refuses for good
+//! is parked: its rows wait, in order, while every other aggregate goes on, until an
+//! operator retries or skips it ([`PgOutbox::retry`], [`PgOutbox::skip`]).
+//!
+//! Consumers have sequenced dead letters: a projection or handler that gives up on an
+//! event of a stream, or finds a gap in it, parks the stream ([`ParkedStream`]) and holds
+//! its later events instead of applying past it. [`PgEventStore::redrive_projection`]
+//! applies the stream's events from the store, in order and exactly once, and releases
+//! it; [`PgEventStore::redrive_handler`] does the same for a plain event handler, and
+//! [`PgEventStore::skip_parked`] skips an event on an operator's decision. Every park,
+//! retry, re-drive and skip is recorded in `parking_log` (tables in
+//! `migrations/0002_edges.sql`). [`PgEventStoreBuilder::max_event_bytes`] refuses, at
+//! append time, events too large for the broker to carry.
+//!
+//! ## Moving a store to another cluster
+//!
+//! Each event row records the id of the transaction that wrote it, which orders
+//! [`read_all`](thalo::EventStore::read_all). A dump restored into another cluster keeps
+//! the old cluster's ids; when they are ahead of the new cluster's counter, readers go
+//! quiet. [`PgEventStore::migrate`] detects this and fails with
+//! [`thalo::Error::Config`]; stop the writers and call
+//! [`PgEventStore::rebase_transaction_ids`] once, before anything appends in the new
+//! cluster.
 //!
 //! ## Performance
 //!

@@ -96,7 +96,10 @@ impl PgEventStore {
     /// # Errors
     ///
     /// Returns [`Error::Store`] when a migration fails, or when the database has
-    /// migrations this version of the crate does not know.
+    /// migrations this version of the crate does not know, and [`Error::Config`] when
+    /// stored transaction ids are ahead of the cluster's (a store restored from another
+    /// cluster, see [`check_transaction_ids`](PgEventStore::check_transaction_ids) and
+    /// [`rebase_transaction_ids`](PgEventStore::rebase_transaction_ids)).
     pub async fn migrate(&self) -> Result<(), Error> {
         crate::schema::migrate(&self.inner.pool, &self.inner.schema).await
     }

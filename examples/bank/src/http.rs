@@ -114,7 +114,8 @@ pub struct ApiError(Error);
 /// The JSON body of an error.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct ErrorBody {
-    /// Stable code: an invariant code, `CONFLICT`, `NOT_FOUND` or `INTERNAL`.
+    /// Stable code: an invariant code, `CONFLICT`, `NOT_FOUND`, `EVENT_TOO_LARGE` or
+    /// `INTERNAL`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -126,6 +127,9 @@ impl IntoResponse for ApiError {
             Error::Invariant { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.to_string()),
             Error::Conflict { .. } => (StatusCode::CONFLICT, "CONFLICT".to_owned()),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "NOT_FOUND".to_owned()),
+            Error::EventTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "EVENT_TOO_LARGE".to_owned())
+            }
             _ => {
                 tracing::error!(error = %self.0, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL".to_owned())

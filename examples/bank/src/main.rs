@@ -81,6 +81,16 @@ enum Command {
         /// Address of the HTTP API.
         #[arg(long, env = "BANK_LISTEN", default_value = "127.0.0.1:3000")]
         listen: std::net::SocketAddr,
+        /// Prefix of the Kafka topics (the topic is `<prefix>bank_account`).
+        #[arg(long, env = "BANK_TOPIC_PREFIX", default_value = "")]
+        topic_prefix: String,
+        /// Consumer group of the balances projection.
+        #[arg(long, env = "BANK_GROUP_ID", default_value = "bank-balances")]
+        group_id: String,
+        /// Static group membership id of this instance, stable across restarts and
+        /// unique per instance (default `bank-<host name>`).
+        #[arg(long, env = "BANK_INSTANCE_ID")]
+        instance_id: Option<String>,
     },
 }
 
@@ -108,6 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Serve {
         kafka_brokers,
         listen,
+        topic_prefix,
+        group_id,
+        instance_id,
     } = command
     {
         let Some(database_url) = cli.database_url else {
@@ -118,6 +131,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kafka_brokers,
             listen,
             schema: cli.schema,
+            topic_prefix,
+            group_id,
+            instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
             ..ServiceConfig::default()
         };
         let running = bank::service::start(config, thalo_kafka::shutdown_signal()).await?;

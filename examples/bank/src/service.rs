@@ -32,6 +32,11 @@ pub struct ServiceConfig {
     pub topic_prefix: String,
     /// Consumer group of the balances projection.
     pub group_id: String,
+    /// This instance's static group membership id (`group.instance.id`): stable across
+    /// restarts, unique per running instance. A restarted instance (even after SIGKILL)
+    /// takes its partitions back as soon as it rejoins, instead of waiting for the
+    /// broker to expire its dead session.
+    pub instance_id: String,
 }
 
 impl Default for ServiceConfig {
@@ -43,8 +48,24 @@ impl Default for ServiceConfig {
             schema: "bank".to_owned(),
             topic_prefix: String::new(),
             group_id: "bank-balances".to_owned(),
+            instance_id: default_instance_id(),
         }
     }
+}
+
+/// `bank-<host name>`: one instance per host keeps its partitions across restarts.
+pub fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("bank-{host}")
 }
 
 /// A started service: its address, and a handle that waits for it to stop.
@@ -95,7 +116,13 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
         .with_topic_naming(naming.clone());
     let consumer = KafkaConsumer::new(config.kafka_brokers.clone(), config.group_id.clone())
         .with_topic_naming(naming)
-        .subscribe::<BankAccount>();
+        .subscribe::<BankAccount>()
+        .with_instance_id(config.instance_id.clone())
+        // With static membership a restarted member rejoins under its old identity at
+        // once; the session timeout only bounds how long the partitions of an instance
+        // that never comes back wait for a rebalance.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
 
     let listener = TcpListener::bind(config.listen)
         .await

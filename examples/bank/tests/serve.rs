@@ -28,6 +28,7 @@ async fn commands_over_http_reach_the_read_model_through_kafka() {
         schema: format!("bank_{id}"),
         topic_prefix: format!("test-{id}-"),
         group_id: format!("bank-balances-{id}"),
+        instance_id: format!("bank-test-{id}"),
     };
     let shutdown = CancellationToken::new();
     let running = start(config, shutdown.clone()).await.expect(

@@ -41,6 +41,15 @@ struct Args {
     #[arg(long, env = "THALO_RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
     poll_interval_ms: u64,
 
+    /// Milliseconds the broker has to acknowledge a message before it counts as a
+    /// retriable failure of its aggregate (librdkafka `message.timeout.ms`).
+    #[arg(
+        long,
+        env = "THALO_RELAY_DELIVERY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    delivery_timeout_ms: u64,
+
     /// Partitions of topics the relay creates.
     #[arg(long, env = "THALO_TOPIC_PARTITIONS", default_value_t = 6)]
     partitions: i32,
@@ -95,6 +104,7 @@ async fn run(args: Args) -> Result<(), thalo::Error> {
         .with_schema(schema)
         .with_batch_size(args.batch_size)
         .with_poll_interval(Duration::from_millis(args.poll_interval_ms))
+        .with_delivery_timeout(Duration::from_millis(args.delivery_timeout_ms))
         .with_topic_naming(TopicNaming::prefixed(args.topic_prefix))
         .with_topic_settings(TopicSettings {
             create: !args.no_create_topics,
