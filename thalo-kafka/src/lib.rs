@@ -70,9 +70,23 @@
 //! deleted yet; a consumer re-handles messages since its last offset commit). Handlers
 //! should be idempotent; Postgres projections are, by construction.
 //!
-//! A message that cannot be decoded, or whose handler keeps failing, goes to a
-//! dead-letter topic (`<topic>.dlq`) with the error in its headers, and the consumer
-//! moves on. Outages (broker or database unreachable) are retried until they end.
+//! Duplicates never reach a handler out of order: every message carries its
+//! aggregate's sequence and the relay leader's epoch, and consumers drop a sequence
+//! they have seen or a message from a deposed leader.
+//!
+//! ## Nothing stalls, nothing is skipped
+//!
+//! - An event the broker refuses for good parks its *aggregate* in the outbox (see
+//!   [`relay`]); the others keep flowing. [`KafkaRelay::parked`], [`KafkaRelay::retry`]
+//!   and [`KafkaRelay::skip`] are the operator's tools.
+//! - A message that cannot be decoded, or whose handler keeps failing, parks its
+//!   aggregate's *stream* for that consumer: its later events are held, not handled
+//!   past the hole (sequenced dead letters), and a sequence gap parks it too. Each such
+//!   message is also written to a dead-letter topic (`<topic>.dlq`) with the reason in
+//!   its headers, and the consumer moves on with the other aggregates. Projections are
+//!   re-driven from the store, exactly once (`PgEventStore::redrive_projection`); see
+//!   [`consumer`].
+//! - Outages (broker or database unreachable) are retried until they end.
 //!
 //! ## Running the relay
 //!

@@ -446,7 +446,7 @@ async fn parking_is_recorded_once_and_listed_with_its_waiting_rows() {
         Some(refused.envelope.position as i64),
         "MessageSizeTooLarge: 1.2 MB > 1 MB".to_owned(),
     );
-    assert_eq!(parking_log(&db).await, [parked_log.clone()]);
+    assert_eq!(parking_log(&db).await, std::slice::from_ref(&parked_log));
 
     // Parking again (the same event, or a later one of the same aggregate) is a no-op:
     // the aggregate stays parked at the first refused event, logged once.

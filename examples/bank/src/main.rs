@@ -134,7 +134,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topic_prefix,
             group_id,
             instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
-            ..ServiceConfig::default()
         };
         let running = bank::service::start(config, thalo_kafka::shutdown_signal()).await?;
         println!(
