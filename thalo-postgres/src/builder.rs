@@ -181,8 +181,10 @@ impl PgEventStoreBuilder {
     ///   [`Error::Conflict`] (with the actual version) while the rest of the batch is
     ///   stored;
     /// - each caller gets its own envelopes or its own error;
-    /// - nothing is acknowledged before the batch committed; when the statement or the
-    ///   commit fails, every caller of the batch gets the error;
+    /// - nothing is acknowledged before the batch committed; an append the server
+    ///   rejects (a payload `jsonb` refuses, say) fails only its own caller, the others
+    ///   are appended on their own; only when the outcome is unknown (the connection was
+    ///   lost) does every caller of the batch get the error;
     /// - a writer outside the batch (another process, `append_in`) that races one of its
     ///   streams makes the batch fall back to appending each request on its own, so the
     ///   conflict still reaches only that stream's caller;

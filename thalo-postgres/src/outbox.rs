@@ -36,7 +36,10 @@ use crate::error::{store, to_u64};
 use crate::{row, PgEventStore, SchemaName};
 
 /// The publisher's view of a [`PgEventStore`]'s outbox: leadership, publishable rows,
-/// acknowledgements, parking and lag. See the [module docs](self).
+/// acknowledgements, parking and lag: leadership (a session-level advisory lock and an
+/// epoch that grows on every takeover), fetches in outbox order that leave out parked
+/// and held-back aggregates, fenced acknowledgements and parking. See the crate docs'
+/// [outbox section](crate#outbox-parking-and-re-drive).
 ///
 /// ```no_run
 /// # async fn example(store: thalo_postgres::PgEventStore) -> Result<(), thalo::Error> {
@@ -501,7 +504,8 @@ impl OutboxLeader {
 
     /// Parks `entry`'s aggregate: its rows leave the fetch until an operator retries or
     /// skips it. The error and the time are recorded, in `outbox_parked` and
-    /// `parking_log`. Parking an aggregate that is parked already changes nothing.
+    /// `parking_log`. Parking an aggregate that is parked already changes nothing, and
+    /// so does parking by a leader whose epoch was superseded.
     ///
     /// # Errors
     ///
@@ -515,6 +519,7 @@ impl OutboxLeader {
             .bind(i64::try_from(envelope.position).unwrap_or(i64::MAX))
             .bind(i64::try_from(envelope.sequence).unwrap_or(i64::MAX))
             .bind(error)
+            .bind(i64::try_from(self.epoch).unwrap_or(i64::MAX))
             .execute(&mut self.conn)
             .await
             .map_err(store("parking an aggregate"))?;
@@ -673,7 +678,8 @@ impl OutboxSql {
             park: format!(
                 "WITH parked AS ( \
                      INSERT INTO {parked} (aggregate_type, aggregate_id, outbox_id, position, sequence, error) \
-                     VALUES ($1::text, $2::text, $3::int8, $4::int8, $5::int8, $6::text) \
+                     SELECT $1::text, $2::text, $3::int8, $4::int8, $5::int8, $6::text \
+                     WHERE EXISTS (SELECT 1 FROM {leader} WHERE id = 1 AND epoch = $7::int8) \
                      ON CONFLICT DO NOTHING RETURNING 1) \
                  INSERT INTO {log} (consumer, aggregate_type, aggregate_id, action, sequence, position, detail) \
                  SELECT NULL, $1::text, $2::text, 'parked', $5::int8, $4::int8, $6::text FROM parked"

@@ -237,7 +237,7 @@ impl PgEventStore {
 
     /// Re-drives a stream `projection` parked: applies the stream's events after its
     /// checkpoint, read from the store, in order, and releases the stream, all in one
-    /// transaction with the checkpoint (see the [module docs](self)). Run it once the
+    /// transaction with the checkpoint (see [`ParkedStream`]). Run it once the
     /// cause is fixed (e.g. a new version of the projection is deployed); events the
     /// consumer held meanwhile are among those applied, and later ones flow normally.
     /// `None` when the stream is not parked.
@@ -394,7 +394,16 @@ impl PgEventStore {
                 Err(err) => Err(err),
             };
             if let Err(err) = outcome {
-                // Keep the progress: the stream stays parked at the failing event.
+                // Keep the progress: the stream stays parked at the failing event, and
+                // its checkpoint row says so too.
+                sqlx::query(&sql.skip_checkpoint)
+                    .bind(consumer)
+                    .bind(aggregate_type)
+                    .bind(aggregate_id)
+                    .bind(to_i64(raw.sequence, "sequence")? - 1)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store("updating a parked stream"))?;
                 sqlx::query(&sql.update_parked)
                     .bind(consumer)
                     .bind(aggregate_type)
@@ -413,6 +422,14 @@ impl PgEventStore {
             applied: last + 1 - parked.sequence,
             sequence: last,
         };
+        sqlx::query(&sql.release_checkpoint)
+            .bind(consumer)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(to_i64(last, "sequence")?)
+            .execute(&mut *tx)
+            .await
+            .map_err(store("releasing a parked stream"))?;
         self.finish_redrive(&mut tx, consumer, (aggregate_type, aggregate_id), &redriven)
             .await?;
         tx.commit().await.map_err(store("committing a re-drive"))?;
@@ -466,11 +483,12 @@ impl PgEventStore {
         let Some(parked) = row.as_ref().map(parked_stream).transpose()? else {
             return Ok(None);
         };
-        // For a projection the first unapplied event is the one after its checkpoint.
+        // For a projection the first unapplied event is the one after its checkpoint; a
+        // handler's re-drive may have moved the parked sequence past it.
         let skipped = match checkpoint {
             Some(row) => {
                 let sequence: i64 = row.try_get(0).map_err(store("decoding a checkpoint"))?;
-                to_u64(sequence, "sequence")? + 1
+                (to_u64(sequence, "sequence")? + 1).max(parked.sequence)
             }
             None => parked.sequence,
         };

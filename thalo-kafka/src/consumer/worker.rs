@@ -85,30 +85,38 @@ impl PartitionState {
             self.seen.clear();
         }
         let key = (raw.aggregate_type.clone(), raw.aggregate_id.clone());
-        match self.seen.get_mut(&key) {
-            None => {
-                self.seen.insert(key, (epoch.unwrap_or(0), raw.sequence));
-                Admit::Fresh
-            }
-            Some((seen_epoch, seen_sequence)) => {
-                let epoch = epoch.unwrap_or(*seen_epoch);
-                if epoch < *seen_epoch {
-                    return Admit::Stale;
-                }
-                if raw.sequence <= *seen_sequence {
-                    return Admit::Duplicate;
-                }
-                let expected = *seen_sequence + 1;
-                *seen_epoch = epoch;
-                *seen_sequence = raw.sequence;
-                if raw.sequence > expected {
-                    Admit::Gap { expected }
-                } else {
-                    Admit::Fresh
-                }
-            }
+        let (admit, next) = verdict(self.seen.get(&key).copied(), raw.sequence, epoch);
+        if let Some(next) = next {
+            self.seen.insert(key, next);
         }
+        admit
     }
+}
+
+/// The fencing verdict on a message of an aggregate last seen at `seen` (epoch,
+/// sequence), and what to remember of the aggregate when the message is admitted.
+fn verdict(
+    seen: Option<(u64, u64)>,
+    sequence: u64,
+    epoch: Option<u64>,
+) -> (Admit, Option<(u64, u64)>) {
+    let Some((seen_epoch, seen_sequence)) = seen else {
+        return (Admit::Fresh, Some((epoch.unwrap_or(0), sequence)));
+    };
+    let epoch = epoch.unwrap_or(seen_epoch);
+    if epoch < seen_epoch {
+        return (Admit::Stale, None);
+    }
+    if sequence <= seen_sequence {
+        return (Admit::Duplicate, None);
+    }
+    let expected = seen_sequence + 1;
+    let admit = if sequence > expected {
+        Admit::Gap { expected }
+    } else {
+        Admit::Fresh
+    };
+    (admit, Some((epoch, sequence)))
 }
 
 /// The relay epoch in a message's headers.
@@ -200,14 +208,19 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
         else {
             return false;
         };
-        let mut trial = PartitionState {
-            seen: state.seen.clone(),
-            parked: HashMap::new(),
-        };
+        // Fencing against the partition's state plus what this batch changes: the state
+        // itself only changes when the batch succeeds.
+        let mut changes: HashMap<(String, String), (u64, u64)> = HashMap::new();
         let mut envelopes = Vec::with_capacity(raws.len());
         let mut dropped = 0;
         for (raw, message) in raws.into_iter().zip(batch) {
-            match trial.admit(&raw, epoch_of(message)) {
+            let key = (raw.aggregate_type.clone(), raw.aggregate_id.clone());
+            let seen = changes.get(&key).or_else(|| state.seen.get(&key)).copied();
+            let (admit, next) = verdict(seen, raw.sequence, epoch_of(message));
+            if let Some(next) = next {
+                changes.insert(key, next);
+            }
+            match admit {
                 Admit::Stale | Admit::Duplicate => dropped += 1,
                 Admit::Fresh | Admit::Gap { .. } => match raw.decode::<E>() {
                     Ok(envelope) => envelopes.push(envelope),
@@ -220,7 +233,10 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
             .await;
         match result {
             Ok(Ok(counts)) => {
-                state.seen = trial.seen;
+                if state.seen.len() + changes.len() > FENCE_CAPACITY {
+                    state.seen.clear();
+                }
+                state.seen.extend(changes);
                 let applied = envelopes.len() as u64 - counts.skipped - counts.held;
                 self.stats.handled.fetch_add(applied, Ordering::Relaxed);
                 self.stats
