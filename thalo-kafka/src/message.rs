@@ -69,8 +69,10 @@ pub mod header {
     /// Dead-letter messages: the error that sent the message there (its whole chain of
     /// causes, `: `-separated).
     pub const DLQ_ERROR: &str = "thalo_dlq_error";
-    /// Dead-letter messages: `decode` (the message could not be decoded) or `handler`
-    /// (the handler kept failing).
+    /// Dead-letter messages: `decode` (the message could not be decoded), `handler`
+    /// (the handler kept failing), `gap` (an earlier event of the aggregate never
+    /// arrived) or `held` (an earlier event of the aggregate is parked; this one waits
+    /// behind it).
     pub const DLQ_REASON: &str = "thalo_dlq_reason";
     /// Dead-letter messages: how many times the handler was tried (0 for `decode`).
     pub const DLQ_ATTEMPTS: &str = "thalo_dlq_attempts";

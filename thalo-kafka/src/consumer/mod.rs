@@ -101,10 +101,15 @@ use worker::partition_worker;
 ///   `postgres` feature), or else an [`Error::Store`] or [`Error::Broker`] returned
 ///   directly. A handler error that wraps an SQL error such as a constraint violation
 ///   counts as a failure of the message.
-/// - **Dead letters**: a message that cannot be decoded (not JSON, unknown event type,
-///   missing headers) or whose handler keeps failing is written to the dead-letter
-///   topic (`<topic>.dlq` by default) with its key, value and headers, plus headers that
-///   say why ([`header::DLQ_ERROR`] and friends). Then the consumer goes on.
+/// - **Sequenced dead letters**: a message that cannot be decoded (not JSON, unknown
+///   event type) or whose handler keeps failing parks its aggregate's stream: its later
+///   events are held, not handled past it, until a re-drive (see the
+///   [module docs](self)); a sequence gap parks the stream too. Every message not
+///   handled is written to the dead-letter topic (`<topic>.dlq` by default) with its
+///   key, value and headers, plus headers that say why
+///   ([`header::DLQ_ERROR`](crate::message::header::DLQ_ERROR), `thalo_dlq_reason`:
+///   `decode`, `handler`, `gap` or `held`). Then the consumer goes on with the other
+///   aggregates.
 /// - **Shutdown**: when the token is cancelled, the message in hand is finished, the
 ///   offsets are committed, and the consumer leaves the group. If instead the future
 ///   is dropped (the task is aborted), nothing more is committed, as after a crash.
