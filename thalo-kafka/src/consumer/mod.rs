@@ -51,7 +51,7 @@
 //! session; with [`KafkaConsumer::with_instance_id`] (static membership) a restarted
 //! member takes its partitions back as soon as it rejoins.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,7 +63,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler, RawEvent};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -76,9 +77,11 @@ use crate::topic::{ensure_topics_with, TopicNaming, TopicSettings};
 use crate::RetryPolicy;
 
 mod dead_letter;
+mod offsets;
 mod rebalance;
 mod worker;
 
+use offsets::{Continuity, Verdict};
 use rebalance::{AbandonGuard, GroupContext};
 use worker::partition_worker;
 
@@ -303,7 +306,8 @@ impl KafkaConsumer {
     }
 
     /// How many received messages may wait per partition (default 1000). When a
-    /// partition's queue is full, the consumer stops fetching until it drains.
+    /// partition falls a second queue's worth behind, the consumer pauses that
+    /// partition (and only it) until it drains, and keeps polling the others.
     #[must_use]
     pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
@@ -461,8 +465,14 @@ impl KafkaConsumer {
         let mut tasks = JoinSet::new();
         let mut commit_tick = tokio::time::interval(shared.config.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The next offset of each partition, so that a broker that skips offsets is
+        // caught (see `offsets.rs`).
+        let mut continuity = Continuity::default();
         // Messages of paused partitions (their worker's queue was full), in order.
         let mut overflow: HashMap<(String, i32), VecDeque<OwnedMessage>> = HashMap::new();
+        let mut paused: HashSet<(String, i32)> = HashSet::new();
+        let mut stall_tick = tokio::time::interval(offsets::STALL / 2);
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
         drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -476,8 +486,24 @@ impl KafkaConsumer {
                     }
                 }
                 _ = commit_tick.tick() => commit(&consumer, CommitMode::Async, &shared.config.group_id),
+                _ = stall_tick.tick() => {
+                    continuity.retain(|key| workers.get(key).is_some_and(|w| !w.token.is_cancelled() && !w.tx.is_closed()));
+                    let now = tokio::time::Instant::now().into_std();
+                    for key in continuity.keys() {
+                        if paused.contains(&key) {
+                            continue; // paused on purpose
+                        }
+                        let Some(high) = consumer.context().high_watermark(&key) else { continue };
+                        if let Some(from) = continuity.stalled(&key, high, now) {
+                            debug!(group = shared.config.group_id, topic = key.0, partition = key.1, high, refetch_from = from, "a partition with messages left delivers nothing (the broker skipped offsets?); fetching again from further back");
+                            if let Err(err) = consumer.seek(&key.0, key.1, Offset::Offset(from), Timeout::After(Duration::ZERO)) {
+                                warn!(group = shared.config.group_id, topic = key.0, partition = key.1, error = %err, "cannot seek to fetch skipped offsets again");
+                            }
+                        }
+                    }
+                }
                 _ = drain_tick.tick(), if !overflow.is_empty() => {
-                    drain(&consumer, &workers, &mut overflow, &shared.config.group_id);
+                    drain(&consumer, &workers, &mut overflow, &mut paused, &shared.config.group_id);
                 }
                 received = consumer.recv() => {
                     let message = match received {
@@ -497,9 +523,11 @@ impl KafkaConsumer {
                         // First message of a newly assigned partition. Messages kept from
                         // an earlier assignment of it were never handled: the new
                         // assignment fetches them again from the committed offset.
-                        if overflow.remove(&key).is_some() {
+                        overflow.remove(&key);
+                        if paused.remove(&key) {
                             resume(&consumer, &key, &shared.config.group_id);
                         }
+                        continuity.start(key.clone(), committed_offset(&consumer, &key).await);
                         let token = stop.child_token();
                         consumer
                             .context()
@@ -510,19 +538,38 @@ impl KafkaConsumer {
                         tasks.spawn(partition_worker(Arc::clone(&shared), turn, token.clone(), rx));
                         workers.insert(key.clone(), Worker { tx, token });
                     }
+                    match continuity.check(&key, message.offset()) {
+                        Verdict::Deliver => {}
+                        Verdict::Drop => continue,
+                        Verdict::Refetch { from } => {
+                            debug!(
+                                group = shared.config.group_id,
+                                topic = key.0,
+                                partition = key.1,
+                                offset = message.offset(),
+                                refetch_from = from,
+                                "the broker skipped offsets (a fetch from the middle of a record batch); fetching again from further back"
+                            );
+                            if let Err(err) = consumer.seek(&key.0, key.1, Offset::Offset(from), Timeout::After(Duration::ZERO)) {
+                                warn!(group = shared.config.group_id, topic = key.0, partition = key.1, error = %err, "cannot seek to fetch skipped offsets again");
+                            }
+                            continue;
+                        }
+                    }
                     if let Some(queue) = overflow.get_mut(&key) {
-                        // Paused, but fetched before the pause took effect: keep the order.
+                        // Behind: keep the order. Past a second queue's worth, pause the
+                        // partition (backpressure for it alone) and keep polling, so the
+                        // other partitions, rebalances and commits go on.
                         queue.push_back(message);
+                        if queue.len() >= shared.config.queue_capacity && paused.insert(key.clone()) {
+                            pause(&consumer, &key, &shared.config.group_id);
+                        }
                         continue;
                     }
                     let Some(worker) = workers.get(&key) else { continue };
                     match worker.tx.try_send(message) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(message)) => {
-                            // Backpressure for this partition only: pause its fetching and
-                            // keep polling, so the other partitions, rebalances and
-                            // commits go on.
-                            pause(&consumer, &key, &shared.config.group_id);
                             overflow.entry(key).or_default().push_back(message);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -579,7 +626,9 @@ impl KafkaConsumer {
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.group_id)
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // High watermarks for the stall check (see `offsets.rs`).
+            .set("statistics.interval.ms", "1000");
         if let Some(instance_id) = &self.instance_id {
             config.set("group.instance.id", instance_id);
         }
@@ -627,6 +676,28 @@ fn is_consumer_only(key: &str) -> bool {
         )
 }
 
+/// The group's committed offset of a partition, if there is one.
+async fn committed_offset(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    key: &(String, i32),
+) -> Option<i64> {
+    let consumer = Arc::clone(consumer);
+    let list = partition_list(key);
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || {
+        let committed = consumer
+            .committed_offsets(list, Timeout::After(Duration::from_secs(5)))
+            .ok()?;
+        match committed.find_partition(&key.0, key.1)?.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 fn partition_list(key: &(String, i32)) -> TopicPartitionList {
     let mut list = TopicPartitionList::new();
     list.add_partition(&key.0, key.1);
@@ -663,6 +734,7 @@ fn drain(
     consumer: &StreamConsumer<GroupContext>,
     workers: &HashMap<(String, i32), Worker>,
     overflow: &mut HashMap<(String, i32), VecDeque<OwnedMessage>>,
+    paused: &mut HashSet<(String, i32)>,
     group: &str,
 ) {
     overflow.retain(|key, queue| {
@@ -671,6 +743,7 @@ fn drain(
             .filter(|w| !w.token.is_cancelled() && !w.tx.is_closed())
         else {
             // Revoked: the next owner fetches these again from the committed offset.
+            paused.remove(key);
             return false;
         };
         while let Some(message) = queue.pop_front() {
@@ -680,10 +753,15 @@ fn drain(
                     queue.push_front(message);
                     return true;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    paused.remove(key);
+                    return false;
+                }
             }
         }
-        resume(consumer, key, group);
+        if paused.remove(key) {
+            resume(consumer, key, group);
+        }
         false
     });
 }

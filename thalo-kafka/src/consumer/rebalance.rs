@@ -9,6 +9,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,9 @@ pub(crate) struct GroupContext {
     pub(crate) group_id: String,
     pub(crate) partitions: Mutex<HashMap<(String, i32), CancellationToken>>,
     pub(crate) commit_on_revoke: AtomicBool,
+    /// Each partition's high watermark, from librdkafka's statistics (no extra
+    /// requests): how the consumer tells a quiet partition from a stalled one.
+    high_watermarks: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl GroupContext {
@@ -28,7 +32,17 @@ impl GroupContext {
             group_id,
             partitions: Mutex::default(),
             commit_on_revoke: AtomicBool::new(true),
+            high_watermarks: Mutex::default(),
         }
+    }
+
+    /// The last known high watermark of a partition.
+    pub(crate) fn high_watermark(&self, key: &(String, i32)) -> Option<i64> {
+        self.high_watermarks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
     }
 
     pub(crate) fn lock_partitions(
@@ -40,7 +54,21 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut high = self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (topic, stats) in statistics.topics {
+            for (partition, stats) in stats.partitions {
+                if partition >= 0 && stats.hi_offset >= 0 {
+                    high.insert((topic.clone(), partition), stats.hi_offset);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
