@@ -56,6 +56,58 @@ impl BankAccount {
     }
 }
 
+/// The longest account number.
+pub const MAX_ACCOUNT_NUMBER_LEN: usize = 64;
+
+/// The longest owner name, in characters.
+pub const MAX_OWNER_LEN: usize = 200;
+
+/// Checks an account number: 1 to 64 ASCII letters, digits, `-` or `_`. The account
+/// number is the aggregate's identity, so it is checked before any command runs.
+///
+/// # Errors
+///
+/// [`Error::Invariant`] with code `INVALID_ACCOUNT_NUMBER`.
+pub fn validate_account_number(account_number: &str) -> Result<(), Error> {
+    let valid = !account_number.is_empty()
+        && account_number.len() <= MAX_ACCOUNT_NUMBER_LEN
+        && account_number
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invariant(
+            "INVALID_ACCOUNT_NUMBER",
+            format!(
+                "an account number is 1 to {MAX_ACCOUNT_NUMBER_LEN} ASCII letters, digits, `-` or `_`"
+            ),
+        ))
+    }
+}
+
+fn validate_owner(owner: &str) -> Result<(), Error> {
+    if owner.trim().is_empty() {
+        return Err(Error::invariant(
+            "INVALID_OWNER",
+            "the owner's name is empty",
+        ));
+    }
+    if owner.chars().count() > MAX_OWNER_LEN {
+        return Err(Error::invariant(
+            "INVALID_OWNER",
+            format!("the owner's name is longer than {MAX_OWNER_LEN} characters"),
+        ));
+    }
+    if owner.chars().any(char::is_control) {
+        return Err(Error::invariant(
+            "INVALID_OWNER",
+            "the owner's name contains control characters",
+        ));
+    }
+    Ok(())
+}
+
 fn ensure_positive(amount: i64) -> Result<(), Error> {
     if amount <= 0 {
         return Err(Error::invariant(
@@ -83,6 +135,7 @@ impl BankAccount {
                 "the initial deposit cannot be negative",
             ));
         }
+        validate_owner(&owner)?;
         Ok(AccountOpenedEvent {
             owner,
             initial_deposit,
@@ -93,6 +146,17 @@ impl BankAccount {
     pub fn deposit(&self, amount: i64) -> Result<FundsDepositedEvent, Error> {
         self.ensure_open()?;
         ensure_positive(amount)?;
+        // Decided here, so that `apply` never has to: a balance that would not fit is
+        // a rejected command, never a stored event.
+        if self.balance.checked_add(amount).is_none() {
+            return Err(Error::invariant(
+                "BALANCE_OVERFLOW",
+                format!(
+                    "a deposit of {amount} cents would take the balance past {} cents",
+                    i64::MAX
+                ),
+            ));
+        }
         Ok(FundsDepositedEvent { amount })
     }
 
@@ -138,14 +202,16 @@ impl BankAccount {
         self.status = Status::Open;
     }
 
-    /// Money was paid in.
+    /// Money was paid in. `apply` must be total (it runs on every load, for every
+    /// stored event): the command refuses deposits that would overflow, and saturating
+    /// arithmetic keeps even a hand-made event stream from panicking here.
     pub fn funds_deposited(&mut self, amount: i64) {
-        self.balance += amount;
+        self.balance = self.balance.saturating_add(amount);
     }
 
     /// Money was paid out.
     pub fn funds_withdrawn(&mut self, amount: i64) {
-        self.balance -= amount;
+        self.balance = self.balance.saturating_sub(amount);
     }
 
     /// The account was closed.
@@ -184,6 +250,58 @@ mod tests {
                 assert_eq!(a.balance(), 100);
                 assert_eq!(a.owner(), "Ada");
             });
+    }
+
+    #[test]
+    fn rejects_bad_owners() {
+        for owner in ["", "   ", "Ada\u{0}", "Ada\nLovelace", &"x".repeat(201)] {
+            account()
+                .when(BankAccountCommand::OpenAccount {
+                    owner: owner.to_owned(),
+                    initial_deposit: 0,
+                })
+                .then_error_code("INVALID_OWNER");
+        }
+    }
+
+    #[test]
+    fn account_numbers_are_checked() {
+        for good in ["ACC-1", "a_b-9", &"7".repeat(64)] {
+            assert!(validate_account_number(good).is_ok(), "{good}");
+        }
+        for bad in ["", "ACC 1", "ACC/1", "Ä", &"7".repeat(65)] {
+            assert_eq!(
+                validate_account_number(bad).unwrap_err().code(),
+                Some("INVALID_ACCOUNT_NUMBER"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deposit_that_would_overflow_is_rejected() {
+        account()
+            .given([opened(i64::MAX)])
+            .when(BankAccountCommand::Deposit { amount: 1 })
+            .then_error_code("BALANCE_OVERFLOW");
+    }
+
+    #[test]
+    fn apply_is_total() {
+        // Any stored sequence, even one no command would produce, applies without a panic.
+        let mut account = BankAccount::default();
+        for event in [
+            BankAccountEvent::from(opened(i64::MAX)),
+            FundsDepositedEvent { amount: i64::MAX }.into(),
+            FundsWithdrawnEvent { amount: i64::MAX }.into(),
+            FundsWithdrawnEvent { amount: i64::MAX }.into(),
+            FundsWithdrawnEvent { amount: i64::MAX }.into(),
+            AccountClosedEvent {}.into(),
+            FundsDepositedEvent { amount: -1 }.into(),
+        ] {
+            thalo::Aggregate::apply(&mut account, event);
+        }
+        assert_eq!(account.status(), Status::Closed);
     }
 
     #[test]

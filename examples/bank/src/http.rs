@@ -9,12 +9,23 @@
 //! | `GET /accounts`                 | every balance, from the read model               |
 //! | `GET /accounts/{id}`            | one balance, from the read model                 |
 //!
-//! Amounts are integer cents. Commands answer with the stored events; a rejected command
-//! answers `422` with `{"code", "message"}`; a concurrency conflict that outlasted the
-//! retries answers `409`. Reads come from the `bank_balances` table, which the Kafka
-//! consumer keeps; they are eventually consistent with the commands.
+//! Amounts are integer cents. Commands answer with the stored events. Errors answer with
+//! `{"code", "message"}` and store nothing:
+//!
+//! | status | code                                                                     |
+//! |--------|--------------------------------------------------------------------------|
+//! | 400    | `INVALID_BODY`: not JSON, or not the fields above                        |
+//! | 404    | `NOT_FOUND`                                                              |
+//! | 409    | `CONFLICT`: a concurrency conflict that outlasted the retries             |
+//! | 413    | `BODY_TOO_LARGE` (over 16 KiB), `EVENT_TOO_LARGE` (over the store's limit) |
+//! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`; `REJECTED` for a domain error of another type |
+//! | 500    | `INTERNAL`                                                               |
+//!
+//! Reads come from the `bank_balances` table, which the Kafka consumer keeps; they are
+//! eventually consistent with the commands.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,6 +48,9 @@ pub struct AppState {
     pub balances: PgBalances,
 }
 
+/// The largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -45,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/accounts/{id}/deposit", post(deposit))
         .route("/accounts/{id}/withdraw", post(withdraw))
         .route("/accounts/{id}/close", post(close))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -111,6 +126,20 @@ impl From<AccountBalance> for BalanceView {
 #[derive(Debug)]
 pub struct ApiError(Error);
 
+/// A body that could not be read: too large, not JSON, or not the expected fields.
+fn bad_body(rejection: JsonRejection) -> Response {
+    let (status, code) = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        (StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE")
+    } else {
+        (StatusCode::BAD_REQUEST, "INVALID_BODY")
+    };
+    let body = ErrorBody {
+        code: code.to_owned(),
+        message: rejection.body_text(),
+    };
+    (status, Json(body)).into_response()
+}
+
 /// The JSON body of an error.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct ErrorBody {
@@ -130,6 +159,7 @@ impl IntoResponse for ApiError {
             Error::EventTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "EVENT_TOO_LARGE".to_owned())
             }
+            Error::Domain { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "REJECTED".to_owned()),
             _ => {
                 tracing::error!(error = %self.0, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL".to_owned())
@@ -154,6 +184,7 @@ async fn execute(
     id: String,
     command: BankAccountCommand,
 ) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    crate::account::validate_account_number(&id)?;
     let metadata = Metadata::new()
         .with_correlation_id(Uuid::new_v4())
         .with_header("source", "bank-http");
@@ -178,44 +209,50 @@ fn view(envelope: &EventEnvelope<BankAccountEvent>) -> Result<StoredEvent, Error
 
 async fn open(
     State(state): State<AppState>,
-    Json(body): Json<OpenAccount>,
-) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    body: Result<Json<OpenAccount>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
     let command = BankAccountCommand::OpenAccount {
         owner: body.owner,
         initial_deposit: body.initial_deposit,
     };
-    let (_, events) = execute(&state, body.account_number, command).await?;
-    Ok((StatusCode::CREATED, events))
+    match execute(&state, body.account_number, command).await {
+        Ok((_, events)) => (StatusCode::CREATED, events).into_response(),
+        Err(err) => err.into_response(),
+    }
 }
 
 async fn deposit(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Json(body): Json<Amount>,
-) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
-    execute(
-        &state,
-        id,
-        BankAccountCommand::Deposit {
-            amount: body.amount,
-        },
-    )
-    .await
+    body: Result<Json<Amount>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
+    let command = BankAccountCommand::Deposit {
+        amount: body.amount,
+    };
+    execute(&state, id, command).await.into_response()
 }
 
 async fn withdraw(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Json(body): Json<Amount>,
-) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
-    execute(
-        &state,
-        id,
-        BankAccountCommand::Withdraw {
-            amount: body.amount,
-        },
-    )
-    .await
+    body: Result<Json<Amount>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
+    let command = BankAccountCommand::Withdraw {
+        amount: body.amount,
+    };
+    execute(&state, id, command).await.into_response()
 }
 
 async fn close(

@@ -150,3 +150,99 @@ async fn commands_over_http_reach_the_read_model_through_kafka() {
         .expect("the service stops on shutdown")
         .expect("clean stop");
 }
+
+/// Bad input gets a clear 4xx and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_rejected_and_stores_nothing() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = ServiceConfig {
+        database_url: env_or(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/thalo_test",
+        ),
+        kafka_brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        schema: format!("bank_{id}"),
+        topic_prefix: format!("test-{id}-"),
+        group_id: format!("bank-balances-{id}"),
+        instance_id: format!("bank-test-{id}"),
+    };
+    let shutdown = CancellationToken::new();
+    let running = start(config, shutdown.clone())
+        .await
+        .expect("the service starts");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+
+    let open = |body: serde_json::Value| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.post(format!("{base}/accounts"))
+                .json(&body)
+                .send()
+                .await
+                .expect("open")
+        }
+    };
+    let rejected = |res: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(res.status(), status, "{code}");
+        let body: ErrorBody = res.json().await.expect("error body");
+        assert_eq!(body.code, code, "{}", body.message);
+    };
+
+    // The largest balance there is, then a deposit that would overflow it.
+    let res =
+        open(json!({"account_number": "RICH", "owner": "Ada", "initial_deposit": i64::MAX})).await;
+    assert_eq!(res.status(), 201);
+    let res = http
+        .post(format!("{base}/accounts/RICH/deposit"))
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .expect("deposit");
+    rejected(res, 422, "BALANCE_OVERFLOW").await;
+
+    rejected(
+        open(json!({"account_number": "NUL", "owner": "Ada\u{0}", "initial_deposit": 1})).await,
+        422,
+        "INVALID_OWNER",
+    )
+    .await;
+    rejected(
+        open(json!({"account_number": "", "owner": "Ada"})).await,
+        422,
+        "INVALID_ACCOUNT_NUMBER",
+    )
+    .await;
+    rejected(
+        open(json!({"account_number": "HUGE", "owner": "x".repeat(1_500_000)})).await,
+        413,
+        "BODY_TOO_LARGE",
+    )
+    .await;
+    let res = http
+        .post(format!("{base}/accounts"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("open");
+    rejected(res, 400, "INVALID_BODY").await;
+    let res = http
+        .post(format!("{base}/accounts/RICH/withdraw"))
+        .json(&json!({"amount": "a lot"}))
+        .send()
+        .await
+        .expect("withdraw");
+    rejected(res, 400, "INVALID_BODY").await;
+
+    // Only the one good command is stored.
+    let stored = thalo::EventStore::read_all(&running.store, 0, 100)
+        .await
+        .expect("read");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].aggregate_id, "RICH");
+
+    shutdown.cancel();
+    running.stopped().await.expect("stopped");
+}
