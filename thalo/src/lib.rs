@@ -93,6 +93,17 @@
 //! Sequences start at 1 for each aggregate and have no gaps; an aggregate's version is
 //! the sequence of its last event (0 before the first).
 //!
+//! ## Commands validate, `apply` never fails
+//!
+//! A command method is where input is checked: amounts, lengths, character sets,
+//! arithmetic that could overflow (`checked_add`, then an [`Error::invariant`] with its
+//! own code). An event that was stored is a fact, and `apply` runs for every stored
+//! event on every load, so an `#[events]` method must be *total*: it must accept any
+//! event the aggregate has ever stored without panicking (use saturating arithmetic
+//! where a hand-made stream could overflow). A panic in `apply` makes the aggregate
+//! unloadable for good; a rejected command stores nothing. Check it in a test by
+//! applying the extreme events (see the bank example's `apply_is_total`).
+//!
 //! ## Delivery
 //!
 //! Handlers see each aggregate's events in order, at least once. Projections that keep
