@@ -65,8 +65,13 @@
 //! [`SchemaName`]): `events` (one row per event, unique
 //! `(aggregate_type, aggregate_id, sequence)`), `outbox` (one row per event, for the
 //! Kafka relay), `snapshots`, `checkpoints` (a position per named reader) and
-//! `stream_checkpoints` (a sequence per projection and stream). The SQL is in
-//! `migrations/0001_init.sql`; sqlx's `_sqlx_migrations` lives in the same schema.
+//! `stream_checkpoints` (a sequence per projection and stream, and whether the stream is
+//! parked), and for the pipeline's edges `outbox_leader` (the relay leader's epoch),
+//! `outbox_parked` (aggregates the relay holds back), `consumer_parked` (streams a
+//! consumer holds back) and `parking_log` (every park, retry, re-drive and skip). Parking
+//! is two tables rather than one because the relay parks an aggregate for everyone and
+//! a consumer parks a stream for itself. The SQL is in `migrations/`; sqlx's
+//! `_sqlx_migrations` lives in the same schema.
 //!
 //! ## Consistency
 //!

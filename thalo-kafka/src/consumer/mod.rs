@@ -305,9 +305,10 @@ impl KafkaConsumer {
         self
     }
 
-    /// How many received messages may wait per partition (default 1000). When a
-    /// partition falls a second queue's worth behind, the consumer pauses that
-    /// partition (and only it) until it drains, and keeps polling the others.
+    /// How many received messages may wait per partition (default 1000). A partition
+    /// whose handler takes nothing from its queue for half a second, or that falls eight
+    /// queues' worth behind, is paused (it alone) until it drains; the consumer keeps
+    /// polling the others.
     #[must_use]
     pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
@@ -468,8 +469,10 @@ impl KafkaConsumer {
         // The next offset of each partition, so that a broker that skips offsets is
         // caught (see `offsets.rs`).
         let mut continuity = Continuity::default();
-        // Messages of paused partitions (their worker's queue was full), in order.
+        // Messages of partitions whose worker's queue was full, in order; since when each
+        // worker has taken nothing from its queue; the partitions paused.
         let mut overflow: HashMap<(String, i32), VecDeque<OwnedMessage>> = HashMap::new();
+        let mut stuck_since: HashMap<(String, i32), std::time::Instant> = HashMap::new();
         let mut paused: HashSet<(String, i32)> = HashSet::new();
         let mut stall_tick = tokio::time::interval(offsets::STALL / 2);
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -503,7 +506,7 @@ impl KafkaConsumer {
                     }
                 }
                 _ = drain_tick.tick(), if !overflow.is_empty() => {
-                    drain(&consumer, &workers, &mut overflow, &mut paused, &shared.config.group_id);
+                    drain(&consumer, &workers, &mut overflow, &mut stuck_since, &mut paused, &shared.config);
                 }
                 received = consumer.recv() => {
                     let message = match received {
@@ -524,6 +527,7 @@ impl KafkaConsumer {
                         // an earlier assignment of it were never handled: the new
                         // assignment fetches them again from the committed offset.
                         overflow.remove(&key);
+                        stuck_since.remove(&key);
                         if paused.remove(&key) {
                             resume(&consumer, &key, &shared.config.group_id);
                         }
@@ -557,11 +561,13 @@ impl KafkaConsumer {
                         }
                     }
                     if let Some(queue) = overflow.get_mut(&key) {
-                        // Behind: keep the order. Past a second queue's worth, pause the
-                        // partition (backpressure for it alone) and keep polling, so the
-                        // other partitions, rebalances and commits go on.
+                        // Behind: keep the order. Far behind, pause the partition
+                        // (backpressure for it alone) and keep polling, so the other
+                        // partitions, rebalances and commits go on.
                         queue.push_back(message);
-                        if queue.len() >= shared.config.queue_capacity && paused.insert(key.clone()) {
+                        if queue.len() >= OVERFLOW_FACTOR * shared.config.queue_capacity
+                            && paused.insert(key.clone())
+                        {
                             pause(&consumer, &key, &shared.config.group_id);
                         }
                         continue;
@@ -570,6 +576,7 @@ impl KafkaConsumer {
                     match worker.tx.try_send(message) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(message)) => {
+                            stuck_since.entry(key.clone()).or_insert_with(std::time::Instant::now);
                             overflow.entry(key).or_default().push_back(message);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -728,15 +735,29 @@ fn resume(consumer: &StreamConsumer<GroupContext>, key: &(String, i32), group: &
     }
 }
 
-/// Moves the messages of paused partitions into their workers' queues as room frees
-/// up, and resumes a partition once all of its messages are queued.
+/// A partition falls behind by up to this many queues' worth before it is paused.
+const OVERFLOW_FACTOR: usize = 8;
+
+/// A partition whose worker takes nothing from its queue for this long is paused.
+const STUCK: Duration = Duration::from_millis(500);
+
+/// Moves the messages of partitions that fell behind into their workers' queues as room
+/// frees up, resumes a paused partition once all of its messages are queued, and pauses
+/// a partition whose worker is stuck.
+///
+/// A partition whose handler is merely slower than the fetch is not paused until it is
+/// [`OVERFLOW_FACTOR`] queues behind, which keeps resumes rare: a resume costs a fetch,
+/// and on a broker that cannot fetch from the middle of a record batch a re-fetch of
+/// that batch (see `offsets.rs`).
 fn drain(
     consumer: &StreamConsumer<GroupContext>,
     workers: &HashMap<(String, i32), Worker>,
     overflow: &mut HashMap<(String, i32), VecDeque<OwnedMessage>>,
+    stuck_since: &mut HashMap<(String, i32), std::time::Instant>,
     paused: &mut HashSet<(String, i32)>,
-    group: &str,
+    config: &KafkaConsumer,
 ) {
+    let group = config.group_id.as_str();
     overflow.retain(|key, queue| {
         let Some(worker) = workers
             .get(key)
@@ -744,25 +765,42 @@ fn drain(
         else {
             // Revoked: the next owner fetches these again from the committed offset.
             paused.remove(key);
+            stuck_since.remove(key);
             return false;
         };
+        let mut moved = false;
         while let Some(message) = queue.pop_front() {
             match worker.tx.try_send(message) {
-                Ok(()) => {}
+                Ok(()) => moved = true,
                 Err(mpsc::error::TrySendError::Full(message)) => {
                     queue.push_front(message);
-                    return true;
+                    break;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     paused.remove(key);
+                    stuck_since.remove(key);
                     return false;
                 }
             }
         }
-        if paused.remove(key) {
-            resume(consumer, key, group);
+        if queue.is_empty() {
+            stuck_since.remove(key);
+            if paused.remove(key) {
+                resume(consumer, key, group);
+            }
+            return false;
         }
-        false
+        let now = std::time::Instant::now();
+        if moved {
+            stuck_since.insert(key.clone(), now);
+        }
+        let stuck = stuck_since
+            .get(key)
+            .is_some_and(|since| now.duration_since(*since) >= STUCK);
+        if stuck && paused.insert(key.clone()) {
+            pause(consumer, key, group);
+        }
+        true
     });
 }
 

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 /// How many batch starts a partition remembers.
 const KNOWN_STARTS: usize = 32;
 
+/// How far below the expected offset a remembered batch start may be to be tried.
+const NEAR_START: i64 = 2048;
+
 /// How long a partition with messages left (below its high watermark) may deliver
 /// nothing before the consumer fetches it again from further back: a broker that skips
 /// to the next batch returns nothing at all when the skipped batch was the last one.
@@ -157,7 +160,14 @@ impl Partition {
         self.refetching = true;
         self.saw_below = false;
         self.fresh_fetch = true;
-        let known = self.starts.iter().copied().filter(|s| *s < expected).max();
+        // Only a start close below the expected offset: the batch around it is the one
+        // to fetch again, and a far older start would re-read a long stretch.
+        let known = self
+            .starts
+            .iter()
+            .copied()
+            .filter(|s| *s < expected && expected - *s <= NEAR_START)
+            .max();
         if let (Some(start), false) = (known, self.tried_start) {
             self.tried_start = true;
             return start;
