@@ -499,3 +499,101 @@ async fn a_blocked_partition_does_not_stop_the_others() {
     relay_task.await.expect("relay task").expect("relay");
     db.drop_schema().await;
 }
+
+/// Fails on one chosen event of one account while `broken` is set; records the rest.
+#[derive(Clone)]
+struct FlakyHandler {
+    recorder: Recorder,
+    broken: Arc<AtomicBool>,
+    fails_on: (&'static str, u64),
+}
+
+impl EventHandler<AccountEvent> for FlakyHandler {
+    async fn handle(&self, envelope: &EventEnvelope<AccountEvent>) -> Result<(), Error> {
+        if self.broken.load(Ordering::SeqCst)
+            && envelope.aggregate_id == self.fails_on.0
+            && envelope.sequence == self.fails_on.1
+        {
+            return Err(Error::handler("mailer", "the mail server said no"));
+        }
+        self.recorder.handle(envelope).await
+    }
+}
+
+/// A plain handler with a store parks durably: its later events are held; a re-drive
+/// from the store hands them over in order, and later events flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_handler_parks_durably_and_is_redriven() {
+    require_kafka().await;
+    let db = TestDb::new().await;
+    let (naming, _topic) = naming();
+    for round in 0..4 {
+        for id in ["acc-a", "acc-b"] {
+            deposit(&db.store, id, round, &Metadata::default()).await;
+        }
+    }
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = FlakyHandler {
+        recorder: Recorder::default(),
+        broken: Arc::clone(&broken),
+        fails_on: ("acc-a", 2),
+    };
+    let group = random_name("mailer");
+    let (relay_stop, relay_task) = spawn_relay(db.relay(&naming));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        consumer_in_group(&naming, &group)
+            .with_store(db.store.clone())
+            .run(handler.clone(), stop.clone()),
+    );
+    eventually(
+        Duration::from_secs(60),
+        "acc-b and the held events",
+        || async {
+            handler.recorder.of("acc-b").len() == 4
+                && db
+                    .store
+                    .parked_stream(&group, "account", "acc-a")
+                    .await
+                    .expect("parked")
+                    .is_some_and(|p| p.sequence == 2)
+        },
+    )
+    .await;
+    assert_eq!(
+        handler.recorder.of("acc-a"),
+        vec![1],
+        "acc-a stopped at its event 2"
+    );
+
+    // Fixed: the re-drive hands over 2..4 from the store, in order.
+    broken.store(false, Ordering::SeqCst);
+    let redriven = db
+        .store
+        .redrive_handler(&group, &handler, "account", "acc-a")
+        .await
+        .expect("redrive")
+        .expect("it was parked");
+    assert_eq!((redriven.applied, redriven.sequence), (3, 4));
+    assert_eq!(handler.recorder.of("acc-a"), vec![1, 2, 3, 4]);
+
+    // The running consumer sees the stream released: the next event flows.
+    deposit(&db.store, "acc-a", 4, &Metadata::default()).await;
+    eventually(Duration::from_secs(30), "acc-a's next event", || async {
+        handler.recorder.of("acc-a") == vec![1, 2, 3, 4, 5]
+    })
+    .await;
+    assert!(db
+        .store
+        .parked_streams(None)
+        .await
+        .expect("parked")
+        .is_empty());
+
+    stop.cancel();
+    relay_stop.cancel();
+    let stats = task.await.expect("consumer task").expect("consumer");
+    relay_task.await.expect("relay task").expect("relay");
+    assert_eq!((stats.parked, stats.held), (1, 2));
+    db.drop_schema().await;
+}
