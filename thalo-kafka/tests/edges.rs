@@ -526,7 +526,7 @@ impl EventHandler<AccountEvent> for FlakyHandler {
 async fn a_plain_handler_parks_durably_and_is_redriven() {
     require_kafka().await;
     let db = TestDb::new().await;
-    let (naming, _topic) = naming();
+    let (naming, topic) = naming();
     for round in 0..4 {
         for id in ["acc-a", "acc-b"] {
             deposit(&db.store, id, round, &Metadata::default()).await;
@@ -565,6 +565,19 @@ async fn a_plain_handler_parks_durably_and_is_redriven() {
         vec![1],
         "acc-a stopped at its event 2"
     );
+    // The record: event 2 (handler) and the two events held behind it.
+    let dead = read_topic(&format!("{topic}.dlq"), 3, Duration::from_secs(30)).await;
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|m| (header(m, "thalo_sequence"), header(m, "thalo_dlq_reason")))
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    for (sequence, reason) in [("2", "handler"), ("3", "held"), ("4", "held")] {
+        assert!(
+            reasons.contains(&(Some(sequence.to_owned()), Some(reason.to_owned()))),
+            "{reasons:?}"
+        );
+    }
 
     // Fixed: the re-drive hands over 2..4 from the store, in order.
     broken.store(false, Ordering::SeqCst);
