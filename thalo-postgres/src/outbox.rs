@@ -568,24 +568,38 @@ impl OutboxWaiter {
         }
     }
 
+    /// Starts listening now (it starts on first use otherwise). Call it before the first
+    /// fetch, so that a notification sent between that fetch and the first wait is not
+    /// lost. `false` when listening failed (the waiter polls and tries again later).
+    pub async fn connect(&mut self) -> bool {
+        if self.listener.is_none() {
+            self.listener = self.listen().await;
+        }
+        self.listener.is_some()
+    }
+
     /// Waits for a notification or the poll interval. Listening starts on first use and
     /// restarts after a lost connection; until then the poll interval keeps the caller
     /// going.
     pub async fn wait(&mut self) {
-        if self.listener.is_none() {
-            self.listener = self.listen().await;
-            if self.listener.is_none() {
-                tokio::time::sleep(self.poll_interval).await;
-                return;
-            }
+        self.wait_up_to(self.poll_interval).await;
+    }
+
+    /// [`wait`](OutboxWaiter::wait), for at most `max` (if shorter than the poll
+    /// interval). One timeout, so a notification is never lost to a cancelled receive.
+    pub async fn wait_up_to(&mut self, max: Duration) {
+        let timeout = max.min(self.poll_interval);
+        if !self.connect().await {
+            tokio::time::sleep(timeout).await;
+            return;
         }
         let Some(listener) = self.listener.as_mut() else {
             return;
         };
-        if let Ok(Err(err)) = tokio::time::timeout(self.poll_interval, listener.recv()).await {
+        if let Ok(Err(err)) = tokio::time::timeout(timeout, listener.recv()).await {
             warn!(error = %err, channel = self.channel, "LISTEN connection failed; polling");
             self.listener = None;
-            tokio::time::sleep(self.poll_interval).await;
+            tokio::time::sleep(timeout).await;
         }
     }
 

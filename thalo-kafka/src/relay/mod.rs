@@ -438,6 +438,9 @@ impl KafkaRelay {
         shutdown: &CancellationToken,
     ) -> Result<(), Error> {
         let mut waiter = outbox.waiter(self.config.poll_interval);
+        // Listen before the first fetch: an append between the fetch and the first wait
+        // still wakes the relay.
+        waiter.connect().await;
         let mut backoff = Backoff::default();
         let mut last_lag_log = Instant::now();
         loop {
@@ -545,7 +548,7 @@ impl KafkaRelay {
             });
         tokio::select! {
             () = shutdown.cancelled() => {}
-            _ = tokio::time::timeout(until_retry.min(self.config.poll_interval), waiter.wait()) => {}
+            () = waiter.wait_up_to(until_retry) => {}
         }
     }
 }
