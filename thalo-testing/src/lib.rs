@@ -48,8 +48,16 @@
 //!     .when(LightCommand::BreakBulb)
 //!     .then_error_code("UNBREAKABLE");
 //! ```
+//!
+//! With the `proptest` feature, [`assert_apply_is_total`] replays generated event
+//! sequences to check that `apply` never panics: validation belongs in commands, and an
+//! `apply` that panics on a stored event makes the aggregate unloadable.
 
 mod aggregate_test;
 pub mod conformance;
+#[cfg(feature = "proptest")]
+mod total;
 
 pub use aggregate_test::{AggregateTest, Outcome};
+#[cfg(feature = "proptest")]
+pub use total::assert_apply_is_total;

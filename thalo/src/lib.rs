@@ -101,8 +101,9 @@
 //! event on every load, so an `#[events]` method must be *total*: it must accept any
 //! event the aggregate has ever stored without panicking (use saturating arithmetic
 //! where a hand-made stream could overflow). A panic in `apply` makes the aggregate
-//! unloadable for good; a rejected command stores nothing. Check it in a test by
-//! applying the extreme events (see the bank example's `apply_is_total`).
+//! unloadable for good; a rejected command stores nothing. Check it with
+//! `thalo_testing::assert_apply_is_total` (feature `proptest`), which replays generated
+//! event sequences.
 //!
 //! ## Delivery
 //!

@@ -305,6 +305,23 @@ mod tests {
     }
 
     #[test]
+    fn apply_is_total_for_generated_event_sequences() {
+        use proptest::prelude::*;
+        let event = prop_oneof![
+            (any::<String>(), any::<i64>()).prop_map(|(owner, initial_deposit)| {
+                BankAccountEvent::from(AccountOpenedEvent {
+                    owner,
+                    initial_deposit,
+                })
+            }),
+            any::<i64>().prop_map(|amount| FundsDepositedEvent { amount }.into()),
+            any::<i64>().prop_map(|amount| FundsWithdrawnEvent { amount }.into()),
+            Just(AccountClosedEvent {}.into()),
+        ];
+        thalo_testing::assert_apply_is_total::<BankAccount>("ACC-1".to_owned(), event, 32);
+    }
+
+    #[test]
     fn cannot_open_twice() {
         account()
             .given([opened(0)])
