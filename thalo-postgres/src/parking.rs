@@ -265,10 +265,7 @@ impl PgEventStore {
             .begin()
             .await
             .map_err(store("beginning a re-drive"))?;
-        let row = sqlx::query(&sql.lock_checkpoint)
-            .bind(name)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        let row = stream_query(&sql.lock_checkpoint, name, aggregate_type, aggregate_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(store("locking a stream checkpoint"))?;
@@ -314,10 +311,7 @@ impl PgEventStore {
                     applied: last + 1 - from,
                     sequence: last,
                 };
-                sqlx::query(&sql.release_checkpoint)
-                    .bind(name)
-                    .bind(aggregate_type)
-                    .bind(aggregate_id)
+                stream_query(&sql.release_checkpoint, name, aggregate_type, aggregate_id)
                     .bind(to_i64(last, "sequence")?)
                     .execute(&mut *tx)
                     .await
@@ -371,10 +365,7 @@ impl PgEventStore {
             .begin()
             .await
             .map_err(store("beginning a re-drive"))?;
-        let row = sqlx::query(&sql.lock_parked)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        let row = stream_query(&sql.lock_parked, consumer, aggregate_type, aggregate_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(store("locking a parked stream"))?;
@@ -396,18 +387,12 @@ impl PgEventStore {
             if let Err(err) = outcome {
                 // Keep the progress: the stream stays parked at the failing event, and
                 // its checkpoint row says so too.
-                sqlx::query(&sql.skip_checkpoint)
-                    .bind(consumer)
-                    .bind(aggregate_type)
-                    .bind(aggregate_id)
+                stream_query(&sql.skip_checkpoint, consumer, aggregate_type, aggregate_id)
                     .bind(to_i64(raw.sequence, "sequence")? - 1)
                     .execute(&mut *tx)
                     .await
                     .map_err(store("updating a parked stream"))?;
-                sqlx::query(&sql.update_parked)
-                    .bind(consumer)
-                    .bind(aggregate_type)
-                    .bind(aggregate_id)
+                stream_query(&sql.update_parked, consumer, aggregate_type, aggregate_id)
                     .bind(to_i64(raw.sequence, "sequence")?)
                     .bind(error_text(&err))
                     .execute(&mut *tx)
@@ -422,14 +407,16 @@ impl PgEventStore {
             applied: last + 1 - parked.sequence,
             sequence: last,
         };
-        sqlx::query(&sql.release_checkpoint)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(to_i64(last, "sequence")?)
-            .execute(&mut *tx)
-            .await
-            .map_err(store("releasing a parked stream"))?;
+        stream_query(
+            &sql.release_checkpoint,
+            consumer,
+            aggregate_type,
+            aggregate_id,
+        )
+        .bind(to_i64(last, "sequence")?)
+        .execute(&mut *tx)
+        .await
+        .map_err(store("releasing a parked stream"))?;
         self.finish_redrive(&mut tx, consumer, (aggregate_type, aggregate_id), &redriven)
             .await?;
         tx.commit().await.map_err(store("committing a re-drive"))?;
@@ -466,17 +453,11 @@ impl PgEventStore {
             .await
             .map_err(store("beginning a skip"))?;
         // The checkpoint row first, as every applier locks it first.
-        let checkpoint = sqlx::query(&sql.lock_checkpoint)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        let checkpoint = stream_query(&sql.lock_checkpoint, consumer, aggregate_type, aggregate_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(store("locking a stream checkpoint"))?;
-        let row = sqlx::query(&sql.lock_parked)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        let row = stream_query(&sql.lock_parked, consumer, aggregate_type, aggregate_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(store("locking a parked stream"))?;
@@ -492,18 +473,12 @@ impl PgEventStore {
             }
             None => parked.sequence,
         };
-        sqlx::query(&sql.skip_checkpoint)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        stream_query(&sql.skip_checkpoint, consumer, aggregate_type, aggregate_id)
             .bind(to_i64(skipped, "sequence")?)
             .execute(&mut *tx)
             .await
             .map_err(store("skipping a parked event"))?;
-        sqlx::query(&sql.update_parked)
-            .bind(consumer)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
+        stream_query(&sql.update_parked, consumer, aggregate_type, aggregate_id)
             .bind(to_i64(skipped + 1, "sequence")?)
             .bind(format!("event {skipped} skipped: {reason}"))
             .execute(&mut *tx)
@@ -556,10 +531,7 @@ impl PgEventStore {
         redriven: &Redriven,
     ) -> Result<(), Error> {
         let sql = &self.inner.parking;
-        sqlx::query(&sql.unpark)
-            .bind(consumer)
-            .bind(stream.0)
-            .bind(stream.1)
+        stream_query(&sql.unpark, consumer, stream.0, stream.1)
             .execute(&mut *conn)
             .await
             .map_err(store("releasing a parked stream"))?;
@@ -585,18 +557,33 @@ impl PgEventStore {
         let Ok(from) = to_i64(from, "sequence") else {
             return;
         };
-        let recorded = sqlx::query(&self.inner.parking.update_parked)
-            .bind(consumer)
-            .bind(stream.0)
-            .bind(stream.1)
-            .bind(from)
-            .bind(error_text(err))
-            .execute(&self.inner.pool)
-            .await;
+        let recorded = stream_query(
+            &self.inner.parking.update_parked,
+            consumer,
+            stream.0,
+            stream.1,
+        )
+        .bind(from)
+        .bind(error_text(err))
+        .execute(&self.inner.pool)
+        .await;
         if let Err(db) = recorded {
             warn!(error = %db, "recording a failed re-drive failed");
         }
     }
+}
+
+/// A statement whose first three parameters are the consumer and the stream.
+fn stream_query<'q>(
+    sql: &'q str,
+    consumer: &'q str,
+    aggregate_type: &'q str,
+    aggregate_id: &'q str,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(consumer)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
 }
 
 /// Parks `stream` for `consumer` on `conn` (inside the caller's transaction, if any).
@@ -609,10 +596,7 @@ pub(crate) async fn park_in(
     error: &str,
     held: u64,
 ) -> Result<(), Error> {
-    sqlx::query(&sql.park)
-        .bind(consumer)
-        .bind(stream.0)
-        .bind(stream.1)
+    stream_query(&sql.park, consumer, stream.0, stream.1)
         .bind(to_i64(sequence, "sequence")?)
         .bind(error)
         .bind(to_i64(held, "count")?)
@@ -666,10 +650,7 @@ async fn log(
     sequence: u64,
     detail: &str,
 ) -> Result<(), Error> {
-    sqlx::query(&sql.log)
-        .bind(consumer)
-        .bind(stream.0)
-        .bind(stream.1)
+    stream_query(&sql.log, consumer, stream.0, stream.1)
         .bind(action)
         .bind(to_i64(sequence, "sequence")?)
         .bind(detail)

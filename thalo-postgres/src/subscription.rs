@@ -4,6 +4,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use thalo::__private::Backoff;
 use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore};
 use tracing::{debug, warn};
 
@@ -250,62 +251,5 @@ where
                 () = self.store.wait_for_events(position, self.idle_timeout) => {}
             }
         }
-    }
-}
-
-/// The delays between retries after store errors: exponential, capped.
-#[derive(Debug)]
-struct Backoff {
-    /// The delay before the next retry.
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// The first retry's delay.
-    const FIRST: Duration = Duration::from_millis(100);
-    /// The longest delay, unless the idle timeout is longer: a subscription that polls
-    /// that rarely anyway need not retry more often.
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new(idle_timeout: Duration) -> Self {
-        Backoff {
-            next: Self::FIRST,
-            max: Self::MAX.max(idle_timeout),
-        }
-    }
-
-    /// The delay to wait now; the next one is twice as long, up to the cap.
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = delay.saturating_mul(2).min(self.max);
-        delay
-    }
-
-    /// After a success: the next failure is retried quickly again.
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_secs(1));
-        let delays: Vec<Duration> = (0..11).map(|_| backoff.next_delay()).collect();
-        let millis = [
-            100, 200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000,
-        ];
-        assert_eq!(delays, millis.map(Duration::from_millis).to_vec());
-        backoff.reset();
-        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
-
-        // A long idle timeout raises the cap.
-        let mut backoff = Backoff::new(Duration::from_secs(60));
-        let last = (0..20).map(|_| backoff.next_delay()).last();
-        assert_eq!(last, Some(Duration::from_secs(60)));
     }
 }

@@ -4,6 +4,9 @@
 pub use serde;
 pub use serde_json;
 
+/// The subscriptions' retry delays, shared with `thalo-postgres`.
+pub use crate::subscription::Backoff;
+
 use crate::Error;
 
 /// Converts what a command method returns into the aggregate's list of events.

@@ -246,9 +246,11 @@ where
     }
 }
 
-/// The delays between retries after store errors: exponential, capped.
+/// The delays between retries after store errors: exponential, capped. Shared with
+/// `thalo_postgres::PgSubscription` through `__private`; not a public API.
+#[doc(hidden)]
 #[derive(Debug)]
-struct Backoff {
+pub struct Backoff {
     /// The delay before the next retry.
     next: Duration,
     max: Duration,
@@ -261,7 +263,7 @@ impl Backoff {
     /// that rarely anyway need not retry more often.
     const MAX: Duration = Duration::from_secs(30);
 
-    fn new(idle_timeout: Duration) -> Self {
+    pub fn new(idle_timeout: Duration) -> Self {
         Backoff {
             next: Self::FIRST,
             max: Self::MAX.max(idle_timeout),
@@ -269,14 +271,14 @@ impl Backoff {
     }
 
     /// The delay to wait now; the next one is twice as long, up to the cap.
-    fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = delay.saturating_mul(2).min(self.max);
         delay
     }
 
     /// After a success: the next failure is retried quickly again.
-    fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = Self::FIRST;
     }
 }
