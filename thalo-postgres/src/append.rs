@@ -93,7 +93,7 @@ impl AppendBatch {
 
     /// Decodes the append statement's result row into the new positions, or a conflict
     /// when the stream was not at the expected version.
-    fn positions(&self, row: &PgRow) -> Result<Vec<i64>, Error> {
+    pub(crate) fn positions(&self, row: &PgRow) -> Result<Vec<i64>, Error> {
         let version: i64 = row
             .try_get(0)
             .map_err(store("decoding the append result"))?;
@@ -243,7 +243,7 @@ impl Inner {
     }
 
     /// The positions of a committed append, announced when notifying after commit.
-    fn appended(&self, batch: &AppendBatch, row: &PgRow) -> Result<Vec<i64>, Error> {
+    pub(crate) fn appended(&self, batch: &AppendBatch, row: &PgRow) -> Result<Vec<i64>, Error> {
         let positions = batch.positions(row)?;
         if self.notify == NotifyMode::AfterCommit {
             if let Some(last) = positions.last() {

@@ -40,6 +40,7 @@ pub struct PgEventStoreBuilder {
     horizon_wait: Duration,
     poll_interval: Duration,
     max_event_bytes: usize,
+    command_retention: Duration,
     group_commit: Option<GroupCommit>,
 }
 
@@ -74,6 +75,30 @@ impl PgEventStoreBuilder {
         self
     }
 
+    /// How long the keys of idempotent commands
+    /// ([`Repository::execute_once`](thalo::Repository::execute_once)) are remembered
+    /// (default [`thalo::DEFAULT_COMMAND_RETENTION`], 7 days). A retry within it is
+    /// recognised; after it, the key is forgotten and a retry executes the command
+    /// again. Keep it longer than any client retries, and than any replay of events
+    /// that issue commands. Expired keys are ignored at once and deleted by
+    /// [`PgEventStore::prune_commands`](crate::PgEventStore::prune_commands).
+    ///
+    /// ```
+    /// # fn example(pool: sqlx::PgPool) -> Result<(), thalo::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let store = thalo_postgres::PgEventStore::builder(pool)
+    ///     .command_retention(Duration::from_secs(24 * 60 * 60))
+    ///     .build()?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn command_retention(mut self, retention: Duration) -> Self {
+        self.command_retention = retention;
+        self
+    }
+
     pub(crate) fn new(pool: PgPool) -> Self {
         PgEventStoreBuilder {
             pool,
@@ -84,6 +109,7 @@ impl PgEventStoreBuilder {
             horizon_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
+            command_retention: thalo::DEFAULT_COMMAND_RETENTION,
             group_commit: None,
         }
     }
@@ -243,6 +269,7 @@ impl PgEventStoreBuilder {
                 horizon_wait: self.horizon_wait,
                 poll_interval: self.poll_interval,
                 max_event_bytes: self.max_event_bytes,
+                command_retention: self.command_retention,
                 notifier: Notifier::default(),
                 announcer: Announcer::new(self.notify_interval),
                 group: self.group_commit.map(GroupState::new),

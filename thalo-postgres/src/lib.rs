@@ -203,6 +203,7 @@
 mod append;
 mod builder;
 mod checkpoint;
+mod command;
 mod error;
 mod global;
 mod group;

@@ -68,6 +68,22 @@ pub(crate) struct Sql {
     /// [`Sql::append`] that also notifies channel `$10` with the last position, in the
     /// append's transaction.
     pub append_notify: String,
+    /// [`Sql::append`] that records a command key: `$10` command id, `$11` fingerprint,
+    /// `$12` retention (seconds, float). The key row is inserted only when the head
+    /// matches, and the events only when the key row was inserted (it was not recorded,
+    /// or its record had expired and is overwritten), so events and key commit together
+    /// or not at all, and of two appends racing on one key the second waits for the
+    /// first and inserts nothing. Returns [`Sql::append`]'s columns, then `recorded`:
+    /// whether the key was recorded by this statement.
+    pub append_once: String,
+    /// [`Sql::append_once`] that also notifies channel `$13`.
+    pub append_once_notify: String,
+    /// The unexpired record of command `$1` (retention `$2` seconds).
+    pub find_command: String,
+    /// Whole envelopes of a stream with sequences `$3..=$4`.
+    pub read_range: String,
+    /// Deletes command records older than `$1` seconds.
+    pub prune_commands: String,
     /// Group commit: [`Sql::append`] for many streams at once, one request per stream.
     /// Requests: `$1` request index, `$2` aggregate type, `$3` aggregate id, `$4` expected
     /// version, `$5` metadata (text), `$6` timestamp. Events: `$7` request index, `$8`
@@ -115,14 +131,15 @@ impl Sql {
         let outbox = schema.qualify("outbox");
         let snapshots = schema.qualify("snapshots");
         let checkpoints = schema.qualify("checkpoints");
+        let commands = schema.qualify("commands");
         let stream_checkpoints = schema.qualify("stream_checkpoints");
 
-        let append_with = |notify_column: &str| {
+        let append_with = |recorded_cte: &str, gate: &str, extra_columns: &str| {
             format!(
                 "WITH head AS (
     SELECT COALESCE(max(sequence), 0) AS version
     FROM {events} WHERE aggregate_type = $1 AND aggregate_id = $2
-),
+),{recorded_cte}
 inserted AS (
     INSERT INTO {events} (event_id, aggregate_type, aggregate_id, sequence, event_type,
                           event_version, payload, metadata, created_at)
@@ -130,7 +147,7 @@ inserted AS (
            e.payload::jsonb, $8::jsonb, $9
     FROM UNNEST($4::uuid[], $5::text[], $6::int2[], $7::text[])
          WITH ORDINALITY AS e(event_id, event_type, event_version, payload, ord)
-    WHERE (SELECT version FROM head) = $3
+    WHERE (SELECT version FROM head) = $3{gate}
     ORDER BY e.ord
     RETURNING sequence, position
 ),
@@ -138,15 +155,54 @@ outboxed AS (
     INSERT INTO {outbox} (position) SELECT position FROM inserted ORDER BY position
 )
 SELECT (SELECT version FROM head) AS version,
-       (SELECT array_agg(position ORDER BY sequence) FROM inserted) AS positions{notify_column}"
+       (SELECT array_agg(position ORDER BY sequence) FROM inserted) AS positions{extra_columns}"
             )
         };
-        let append = append_with("");
         // `pg_notify` returns void; the cast gives the column a type every client decodes.
-        let append_notify = append_with(
-            ",\n       (SELECT pg_notify($10, max(position)::text) FROM inserted \
-             HAVING count(*) > 0)::text AS notified",
+        let notify_on = |channel: &str| {
+            format!(
+                ",\n       (SELECT pg_notify({channel}, max(position)::text) FROM inserted \
+                 HAVING count(*) > 0)::text AS notified"
+            )
+        };
+        let append = append_with("", "", "");
+        let append_notify = append_with("", "", &notify_on("$10"));
+        let recorded_cte = format!(
+            "
+recorded AS (
+    INSERT INTO {commands} AS c (command_id, aggregate_type, aggregate_id, fingerprint,
+                                 first_sequence, last_sequence, recorded_at)
+    SELECT $10, $1, $2, $11, $3 + 1, $3 + cardinality($4::uuid[]), now()
+    WHERE (SELECT version FROM head) = $3
+    ON CONFLICT (command_id) DO UPDATE
+    SET aggregate_type = EXCLUDED.aggregate_type, aggregate_id = EXCLUDED.aggregate_id,
+        fingerprint = EXCLUDED.fingerprint, first_sequence = EXCLUDED.first_sequence,
+        last_sequence = EXCLUDED.last_sequence, recorded_at = EXCLUDED.recorded_at
+    WHERE c.recorded_at < now() - make_interval(secs => $12)
+    RETURNING 1
+),"
         );
+        let gate = " AND EXISTS (SELECT 1 FROM recorded)";
+        let recorded_column = ",\n       EXISTS (SELECT 1 FROM recorded) AS recorded";
+        let append_once = append_with(&recorded_cte, gate, recorded_column);
+        let append_once_notify = append_with(
+            &recorded_cte,
+            gate,
+            &format!("{recorded_column}{}", notify_on("$13")),
+        );
+        let find_command = format!(
+            "SELECT aggregate_type, aggregate_id, fingerprint, first_sequence, last_sequence
+FROM {commands}
+WHERE command_id = $1 AND recorded_at >= now() - make_interval(secs => $2)"
+        );
+        let read_range = format!(
+            "SELECT {ENVELOPE_COLUMNS}
+FROM {events}
+WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence BETWEEN $3 AND $4
+ORDER BY sequence"
+        );
+        let prune_commands =
+            format!("DELETE FROM {commands} WHERE recorded_at < now() - make_interval(secs => $1)");
 
         let append_group_with = |notify_column: &str| {
             format!(
@@ -270,6 +326,11 @@ WHERE c.projection = $1 AND c.aggregate_type = k.aggregate_type
         Sql {
             append,
             append_notify,
+            append_once,
+            append_once_notify,
+            find_command,
+            read_range,
+            prune_commands,
             append_group,
             append_group_notify,
             load,
@@ -297,6 +358,9 @@ mod tests {
         for statement in [
             &sql.append,
             &sql.append_notify,
+            &sql.append_once,
+            &sql.append_once_notify,
+            &sql.find_command,
             &sql.append_group,
             &sql.append_group_notify,
             &sql.load,
@@ -313,6 +377,8 @@ mod tests {
         }
         assert!(sql.append_notify.contains("pg_notify($10"));
         assert!(!sql.append.contains("pg_notify"));
+        assert!(sql.append_once_notify.contains("pg_notify($13"));
+        assert!(sql.append_once.contains("\"billing\".commands"));
         assert!(sql.append_group_notify.contains("pg_notify($13"));
         assert!(!sql.append_group.contains("pg_notify"));
     }

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use thalo::{Aggregate, Decided, Error, EventEnvelope, EventStore, Loaded, Metadata, RawEvent};
+use thalo::{
+    Aggregate, CommandKey, Decided, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
+    RawEvent,
+};
 
 use crate::error::store;
 use crate::group::{self, GroupState};
@@ -48,6 +51,8 @@ pub(crate) struct Inner {
     pub(crate) poll_interval: Duration,
     /// The largest event (payload and metadata, in bytes) an append accepts.
     pub(crate) max_event_bytes: usize,
+    /// How long command keys are remembered.
+    pub(crate) command_retention: Duration,
     pub(crate) notifier: Notifier,
     /// Sends the notifications of [`NotifyMode::AfterCommit`].
     pub(crate) announcer: Announcer,
@@ -164,6 +169,18 @@ impl PgEventStore {
             .await
     }
 
+    /// Deletes the records of command keys older than the
+    /// [retention](PgEventStoreBuilder::command_retention); returns how many. Expired
+    /// keys are already ignored; this keeps the `commands` table small. Run it now and
+    /// then (the bank service runs it hourly).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the query fails.
+    pub async fn prune_commands(&self) -> Result<u64, Error> {
+        self.inner.prune_commands().await
+    }
+
     /// Loads the checkpoint `name` on `conn` (e.g. inside a transaction).
     ///
     /// # Errors
@@ -277,6 +294,29 @@ impl EventStore for PgEventStore {
             }
         };
         Ok((loaded, stored))
+    }
+
+    async fn find_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        key: &CommandKey,
+    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+        self.inner.find_command::<A>(id, key).await
+    }
+
+    /// Never group-committed: the key's record is checked in the append's own
+    /// statement.
+    async fn append_once<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> Result<Once<A::Event>, Error> {
+        self.inner
+            .append_once::<A>(id, expected_version, events, metadata, key)
+            .await
     }
 
     async fn read_stream<A: Aggregate>(

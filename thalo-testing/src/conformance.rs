@@ -21,9 +21,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use thalo::{
-    commands, events, Aggregate, CheckpointStore, Error, EventEnvelope, EventStore, Metadata,
-    Repository,
+    commands, events, Aggregate, CheckpointStore, CommandId, CommandKey, Error, EventEnvelope,
+    EventStore, Loaded, Metadata, Once, RawEvent, Repository,
 };
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -606,6 +609,311 @@ pub async fn checkpoints<S: CheckpointStore>(store: S) {
     assert_eq!(store.load_checkpoint(&other).await.expect("load"), None);
 }
 
+/// A command executed under a key stores its events once: a retry gets the same events
+/// back (`Once::Replayed`) and stores nothing, the events carry the key in their
+/// metadata, and another command (or another aggregate) under the used key is refused.
+pub async fn command_id_executes_once<S: EventStore>(store: S) {
+    let repo = Repository::new(store);
+    let id = new_id();
+    repo.execute::<Account>(&id, AccountCommand::Open)
+        .await
+        .expect("open");
+    let key = CommandId::random();
+    let deposit = AccountCommand::Deposit { amount: 10 };
+
+    let first = repo
+        .execute_once::<Account>(&id, key.clone(), deposit.clone())
+        .await
+        .expect("first execution");
+    let Once::Stored(stored) = first else {
+        panic!("the first execution stores: {first:?}")
+    };
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].metadata.command_id.as_ref(), Some(&key));
+    assert_eq!(
+        repo.store()
+            .read_stream::<Account>(&id, 0)
+            .await
+            .expect("read")[1..],
+        stored[..],
+        "the returned events are the stored ones"
+    );
+
+    for _ in 0..3 {
+        let retry = repo
+            .execute_once::<Account>(&id, key.clone(), deposit.clone())
+            .await
+            .expect("retry");
+        assert_eq!(retry, Once::Replayed(stored.clone()));
+    }
+    // Through `execute_with` and the metadata, too.
+    let via_metadata = repo
+        .execute_with::<Account>(
+            &id,
+            deposit.clone(),
+            &Metadata::new().with_command_id(key.clone()),
+        )
+        .await
+        .expect("retry through metadata");
+    assert_eq!(via_metadata, stored);
+
+    let other = repo
+        .execute_once::<Account>(&id, key.clone(), AccountCommand::Deposit { amount: 11 })
+        .await
+        .expect_err("another command under a used key");
+    assert!(
+        matches!(&other, Error::CommandIdReused { command_id, aggregate_id, .. }
+            if command_id == key.as_str() && aggregate_id == &id),
+        "{other:?}"
+    );
+    let elsewhere = new_id();
+    let err = repo
+        .execute_once::<Account>(&elsewhere, key.clone(), deposit.clone())
+        .await
+        .expect_err("the same key on another aggregate");
+    assert!(matches!(err, Error::CommandIdReused { .. }), "{err:?}");
+
+    let loaded = repo.load::<Account>(&id).await.expect("load");
+    assert_eq!((loaded.version, loaded.aggregate.balance), (2, 10));
+    assert_eq!(
+        repo.load::<Account>(&elsewhere)
+            .await
+            .expect("load")
+            .version,
+        0
+    );
+
+    // The store's own API: a key that is recorded wins over the expected version.
+    let again = repo
+        .store()
+        .append_once::<Account>(
+            &id,
+            0,
+            deposits(&[10]),
+            &Metadata::new().with_command_id(key.clone()),
+            &CommandKey::new(key.clone(), &deposit),
+        )
+        .await
+        .expect("append_once of a recorded key");
+    assert_eq!(again, Once::Replayed(stored));
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
+}
+
+/// A rejected command records nothing (it stored nothing): after the state changes, a
+/// retry under the same key is decided again. A command that decides on no events
+/// stores nothing either.
+pub async fn command_id_rejection_records_nothing<S: EventStore>(store: S) {
+    let repo = Repository::new(store);
+    let id = new_id();
+    let key = CommandId::random();
+    let withdraw = AccountCommand::Withdraw { amount: 5 };
+    let err = repo
+        .execute_once::<Account>(&id, key.clone(), withdraw.clone())
+        .await
+        .expect_err("insufficient funds");
+    assert_eq!(err.code(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 0);
+
+    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 5 })
+        .await
+        .expect("deposit");
+    let retried = repo
+        .execute_once::<Account>(&id, key.clone(), withdraw.clone())
+        .await
+        .expect("decided again");
+    assert!(!retried.is_replayed());
+    assert_eq!(retried.events().len(), 1);
+
+    let no_op = repo
+        .execute_once::<Account>(
+            &id,
+            CommandId::random(),
+            AccountCommand::DepositMany {
+                amounts: Vec::new(),
+            },
+        )
+        .await
+        .expect("no events");
+    assert_eq!(no_op, Once::Stored(Vec::new()));
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
+}
+
+/// Many concurrent executions of one key (each through its own repository, as separate
+/// processes would), racing with plain commands on the same aggregate: exactly one
+/// stores, the others get its events back, and the deposit lands once.
+pub async fn command_id_concurrent_executions<S: EventStore + 'static>(store: S) {
+    const SAME_KEY: usize = 8;
+    const PLAIN: i64 = 4;
+    let store = Arc::new(store);
+    let id = new_id();
+    Repository::new(store.clone())
+        .execute::<Account>(&id, AccountCommand::Open)
+        .await
+        .expect("open");
+    let key = CommandId::random();
+
+    let barrier = Arc::new(Barrier::new(SAME_KEY + PLAIN as usize));
+    let keyed: Vec<_> = (0..SAME_KEY)
+        .map(|_| {
+            let (store, barrier, id, key) =
+                (store.clone(), barrier.clone(), id.clone(), key.clone());
+            tokio::spawn(async move {
+                let repo = Repository::new(store).with_max_attempts(100);
+                barrier.wait().await;
+                repo.execute_once::<Account>(&id, key, AccountCommand::Deposit { amount: 100 })
+                    .await
+            })
+        })
+        .collect();
+    let plain: Vec<_> = (1..=PLAIN)
+        .map(|amount| {
+            let (store, barrier, id) = (store.clone(), barrier.clone(), id.clone());
+            tokio::spawn(async move {
+                let repo = Repository::new(store).with_max_attempts(100);
+                barrier.wait().await;
+                repo.execute::<Account>(&id, AccountCommand::Deposit { amount })
+                    .await
+            })
+        })
+        .collect();
+
+    let mut outcomes = Vec::new();
+    for task in keyed {
+        outcomes.push(task.await.expect("task").expect("keyed execution"));
+    }
+    for task in plain {
+        task.await.expect("task").expect("plain execution");
+    }
+    let stored: Vec<_> = outcomes.iter().filter(|o| !o.is_replayed()).collect();
+    assert_eq!(
+        stored.len(),
+        1,
+        "exactly one execution stores: {outcomes:?}"
+    );
+    for outcome in &outcomes {
+        assert_eq!(outcome.events(), stored[0].events());
+    }
+    let loaded = Repository::new(store.clone())
+        .load::<Account>(&id)
+        .await
+        .expect("load");
+    assert_eq!(loaded.version, 1 + 1 + PLAIN as u64);
+    assert_eq!(loaded.aggregate.balance, 100 + (1..=PLAIN).sum::<i64>());
+}
+
+/// The first execution's answer is lost (the store committed, the caller saw an error,
+/// as when a connection drops after the commit): the retry, through another repository,
+/// gets the stored events back without deciding again, although deciding again would now
+/// be rejected (the withdrawal emptied the account).
+pub async fn command_id_lost_acknowledgement<S: EventStore + 'static>(store: S) {
+    let store = Arc::new(store);
+    let id = new_id();
+    let repo = Repository::new(store.clone());
+    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 10 })
+        .await
+        .expect("deposit");
+
+    let key = CommandId::random();
+    let withdraw = AccountCommand::Withdraw { amount: 10 };
+    let losing = Repository::new(LosesAcknowledgements {
+        inner: store.clone(),
+        lose: AtomicBool::new(true),
+    });
+    let err = losing
+        .execute_once::<Account>(&id, key.clone(), withdraw.clone())
+        .await
+        .expect_err("the acknowledgement is lost");
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    let after_loss = repo.load::<Account>(&id).await.expect("load");
+    assert_eq!(
+        (after_loss.version, after_loss.aggregate.balance),
+        (2, 0),
+        "the lost execution was stored"
+    );
+
+    let retry = repo
+        .execute_once::<Account>(&id, key.clone(), withdraw)
+        .await
+        .expect("the retry is answered from the record");
+    let Once::Replayed(events) = retry else {
+        panic!("the retry must not store: {retry:?}")
+    };
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].sequence, 2);
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
+}
+
+/// A store whose `append_once` commits and then reports a lost connection, once.
+struct LosesAcknowledgements<S> {
+    inner: S,
+    lose: AtomicBool,
+}
+
+impl<S: EventStore> EventStore for LosesAcknowledgements<S> {
+    fn load<A: Aggregate>(
+        &self,
+        id: &A::Id,
+    ) -> impl Future<Output = Result<Loaded<A>, Error>> + Send {
+        self.inner.load(id)
+    }
+
+    fn append<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send {
+        self.inner
+            .append::<A>(id, expected_version, events, metadata)
+    }
+
+    fn find_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        key: &CommandKey,
+    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+        self.inner.find_command::<A>(id, key)
+    }
+
+    async fn append_once<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> Result<Once<A::Event>, Error> {
+        let outcome = self
+            .inner
+            .append_once::<A>(id, expected_version, events, metadata, key)
+            .await?;
+        if self.lose.swap(false, Ordering::SeqCst) {
+            return Err(Error::store(
+                "appending events",
+                "connection reset after the commit",
+            ));
+        }
+        Ok(outcome)
+    }
+
+    fn read_stream<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        after_sequence: u64,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<A::Event>>, Error>> + Send {
+        self.inner.read_stream::<A>(id, after_sequence)
+    }
+
+    fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<EventEnvelope<RawEvent>>, Error>> + Send {
+        self.inner.read_all(after_position, limit)
+    }
+}
+
 /// Reads the whole global log and keeps the events of `ids`.
 async fn read_all_of<S: EventStore>(
     store: &S,
@@ -640,6 +948,10 @@ macro_rules! store_conformance_tests {
             streams_are_isolated,
             empty_append_is_a_no_op,
             checkpoints,
+            command_id_executes_once,
+            command_id_rejection_records_nothing,
+            command_id_concurrent_executions,
+            command_id_lost_acknowledgement,
         );
     };
     (@tests $new_store:expr; $($name:ident),* $(,)?) => {

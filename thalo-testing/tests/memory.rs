@@ -366,3 +366,31 @@ async fn cache_drops_an_aggregate_whose_append_failed() {
     assert_eq!(repo.cache_capacity(), Some(8));
     assert_eq!(Repository::new(store).cache_stats(), None);
 }
+
+/// The in-memory store forgets command keys after its retention, as Postgres does, and
+/// `prune_commands` frees the expired ones.
+#[tokio::test]
+async fn in_memory_command_keys_expire_after_the_retention() {
+    let store = InMemoryEventStore::new().with_command_retention(Duration::from_millis(100));
+    let repo = Repository::new(store.clone());
+    let key = thalo::CommandId::random();
+    let deposit = || AccountCommand::Deposit { amount: 3 };
+    let first = repo
+        .execute_once::<Account>(&"a".to_owned(), key.clone(), deposit())
+        .await
+        .expect("first");
+    let retry = repo
+        .execute_once::<Account>(&"a".to_owned(), key.clone(), deposit())
+        .await
+        .expect("retry");
+    assert_eq!(retry, thalo::Once::Replayed(first.into_events()));
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(store.prune_commands(), 1);
+    let again = repo
+        .execute_once::<Account>(&"a".to_owned(), key, deposit())
+        .await
+        .expect("after the retention");
+    assert!(!again.is_replayed());
+    assert_eq!(store.len(), 2);
+}

@@ -110,8 +110,10 @@ pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
     /// Stores key streams by its `Display` form.
     type Id: Clone + Debug + Display + Send + Sync + 'static;
 
-    /// The commands this aggregate handles.
-    type Command: Send + 'static;
+    /// The commands this aggregate handles. `Debug`, because commands are logged and
+    /// an idempotent command is fingerprinted by its `Debug` text
+    /// ([`CommandKey`](crate::CommandKey)).
+    type Command: Debug + Send + 'static;
 
     /// The events this aggregate emits and is rebuilt from.
     type Event: Event;

@@ -6,13 +6,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Error, Event};
+use crate::{CommandId, Error, Event};
 
 /// Context stored with every event: why it happened and who asked.
 ///
 /// `correlation_id` ties together everything caused by one request; `causation_id` names
-/// the message (command or event) that directly caused this one. `headers` are free-form
-/// strings (user id, tenant, trace context, ...).
+/// the message (command or event) that directly caused this one. `command_id` is the
+/// idempotency key of the command that stored the event, set by
+/// [`Repository::execute_once`](crate::Repository::execute_once). `headers` are
+/// free-form strings (user id, tenant, trace context, ...).
 ///
 /// ```
 /// use thalo::Metadata;
@@ -33,6 +35,9 @@ pub struct Metadata {
     /// Identifies the message that caused this event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// The idempotency key of the command that stored this event, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<CommandId>,
     /// Free-form string headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -58,6 +63,14 @@ impl Metadata {
         self
     }
 
+    /// Sets the command id (done by
+    /// [`Repository::execute_once`](crate::Repository::execute_once)).
+    #[must_use]
+    pub fn with_command_id(mut self, id: CommandId) -> Self {
+        self.command_id = Some(id);
+        self
+    }
+
     /// Adds a header.
     #[must_use]
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -71,13 +84,17 @@ impl Metadata {
         Self {
             correlation_id: Some(envelope.metadata.correlation_id.unwrap_or(envelope.id)),
             causation_id: Some(envelope.id),
+            command_id: None,
             headers: BTreeMap::new(),
         }
     }
 
     /// Whether nothing is set.
     pub fn is_empty(&self) -> bool {
-        self.correlation_id.is_none() && self.causation_id.is_none() && self.headers.is_empty()
+        self.correlation_id.is_none()
+            && self.causation_id.is_none()
+            && self.command_id.is_none()
+            && self.headers.is_empty()
     }
 }
 

@@ -137,6 +137,28 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A [`CommandId`](crate::CommandId) was already used for a different command (or
+    /// for another aggregate): nothing was stored. A retry must send the same command
+    /// under the same key; a new command needs a new key.
+    #[error(
+        "command id `{command_id}` was already used for a different command (on {aggregate_type} `{aggregate_id}`)"
+    )]
+    CommandIdReused {
+        /// The reused key.
+        command_id: String,
+        /// Type name of the aggregate the key was first used on.
+        aggregate_type: String,
+        /// Identity of the aggregate the key was first used on.
+        aggregate_id: String,
+    },
+
+    /// A string is not a valid [`CommandId`](crate::CommandId).
+    #[error("invalid command id: {reason}")]
+    InvalidCommandId {
+        /// Why it is not valid.
+        reason: String,
+    },
+
     /// Invalid configuration or arguments.
     #[error("invalid configuration: {message}")]
     Config {

@@ -118,6 +118,7 @@
 
 mod aggregate;
 mod cache;
+mod command;
 mod envelope;
 mod error;
 mod event;
@@ -133,6 +134,7 @@ pub mod __private;
 
 pub use aggregate::{Aggregate, AggregateType};
 pub use cache::CacheStats;
+pub use command::{CommandId, CommandKey, Once, DEFAULT_COMMAND_RETENTION};
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
 pub use error::{BoxError, Error, Result};
 pub use event::Event;

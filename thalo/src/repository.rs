@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tracing::debug;
 
 use crate::cache::{AggregateCache, CacheStats};
-use crate::{Aggregate, Error, EventEnvelope, EventStore, Loaded, Metadata};
+use crate::{
+    Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
+};
 
 /// The command side of an application: runs commands against aggregates in a store.
 ///
@@ -215,7 +217,9 @@ impl<S: EventStore> Repository<S> {
     }
 
     /// [`execute`](Repository::execute) with metadata (correlation id, causation id,
-    /// headers) stored on every resulting event.
+    /// headers) stored on every resulting event. With a
+    /// [`command_id`](Metadata::command_id) in `metadata`, the command is executed once
+    /// under that key, as by [`execute_once_with`](Repository::execute_once_with).
     ///
     /// # Errors
     ///
@@ -230,6 +234,12 @@ impl<S: EventStore> Repository<S> {
         A: Aggregate,
         A::Command: Clone,
     {
+        if let Some(command_id) = &metadata.command_id {
+            return self
+                .execute_once_with::<A>(id, command_id.clone(), command, metadata)
+                .await
+                .map(Once::into_events);
+        }
         let mut attempt = 1;
         loop {
             let attempted = match &self.cache {
@@ -250,6 +260,153 @@ impl<S: EventStore> Repository<S> {
                         aggregate_id = %id,
                         attempt,
                         "concurrency conflict, reloading and retrying the command"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Runs `command` against the aggregate `id` at most once under the idempotency key
+    /// `command_id`.
+    ///
+    /// The first execution under a key stores its events and the key together,
+    /// atomically, and returns [`Once::Stored`]. Any later execution under the same key
+    /// (a retry after a timeout or a lost answer, in this process or another, or a
+    /// concurrent duplicate) stores nothing and returns [`Once::Replayed`] with the
+    /// events the first one stored, without deciding the command again: a withdrawal
+    /// that was stored is not rejected on retry because the balance has since changed.
+    /// The events carry the key in [`Metadata::command_id`].
+    ///
+    /// A command that is rejected, or decides on no events, records nothing: it stored
+    /// nothing, so running it again is safe, and it is decided again on the state of
+    /// the day. Stores keep keys for a retention period (7 days by default, see
+    /// [`DEFAULT_COMMAND_RETENTION`](crate::DEFAULT_COMMAND_RETENTION)); after it the
+    /// key is forgotten.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use thalo::{commands, events, Aggregate, CommandId, Error, InMemoryEventStore, Repository};
+    ///
+    /// #[derive(Aggregate, Debug, Default)]
+    /// pub struct Counter {
+    ///     #[identity]
+    ///     id: u64,
+    ///     value: u64,
+    /// }
+    ///
+    /// #[commands]
+    /// impl Counter {
+    ///     pub fn increment(&self, by: u64) -> Result<IncrementedEvent, Error> {
+    ///         Ok(IncrementedEvent { by })
+    ///     }
+    /// }
+    ///
+    /// #[events]
+    /// impl Counter {
+    ///     pub fn incremented(&mut self, by: u64) {
+    ///         self.value += by;
+    ///     }
+    /// }
+    ///
+    /// let repo = Repository::new(InMemoryEventStore::new());
+    /// let key = CommandId::new("request-7")?;
+    /// let first = repo.execute_once::<Counter>(&1, key.clone(), CounterCommand::Increment { by: 2 }).await?;
+    /// let retry = repo.execute_once::<Counter>(&1, key.clone(), CounterCommand::Increment { by: 2 }).await?;
+    /// assert!(!first.is_replayed() && retry.is_replayed());
+    /// assert_eq!(first.events(), retry.events());
+    /// assert_eq!(repo.load::<Counter>(&1).await?.aggregate.value, 2); // applied once
+    ///
+    /// // Another command under a used key is refused.
+    /// let other = repo.execute_once::<Counter>(&1, key, CounterCommand::Increment { by: 5 }).await;
+    /// assert!(matches!(other, Err(Error::CommandIdReused { .. })));
+    /// # Ok::<(), Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Repository::execute`], plus [`Error::CommandIdReused`] when the key was used
+    /// for a different command (by fingerprint, see [`CommandKey`]) or another
+    /// aggregate.
+    pub async fn execute_once<A>(
+        &self,
+        id: &A::Id,
+        command_id: CommandId,
+        command: A::Command,
+    ) -> Result<Once<A::Event>, Error>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        self.execute_once_with::<A>(id, command_id, command, &Metadata::default())
+            .await
+    }
+
+    /// [`execute_once`](Repository::execute_once) with metadata stored on every
+    /// resulting event (its [`command_id`](Metadata::command_id) is set to
+    /// `command_id`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Repository::execute_once`].
+    pub async fn execute_once_with<A>(
+        &self,
+        id: &A::Id,
+        command_id: CommandId,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Once<A::Event>, Error>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        let key = CommandKey::new(command_id.clone(), &command);
+        let metadata = metadata.clone().with_command_id(command_id);
+        // The keyed path writes without going through the cache: drop the entry so the
+        // next plain command on this aggregate loads it instead of paying a conflict.
+        if let Some(cache) = &self.cache {
+            let _ = cache.take::<A>(id);
+        }
+        let mut attempt = 1;
+        loop {
+            // Recorded already (a retry, or a duplicate that won a race): the first
+            // execution's events, without deciding again.
+            if let Some(events) = self.store.find_command::<A>(id, &key).await? {
+                return Ok(Once::Replayed(events));
+            }
+            let loaded = self.store.load::<A>(id).await?;
+            let events = match loaded.aggregate.handle(command.clone()) {
+                Ok(events) => events,
+                Err(err) => {
+                    // A concurrent execution of this key may have been stored between
+                    // the lookup and the load, and changed the state this one was
+                    // decided on: its outcome is the command's outcome.
+                    if let Some(events) = self.store.find_command::<A>(id, &key).await? {
+                        return Ok(Once::Replayed(events));
+                    }
+                    return Err(err.into());
+                }
+            };
+            if events.is_empty() {
+                if let Some(events) = self.store.find_command::<A>(id, &key).await? {
+                    return Ok(Once::Replayed(events));
+                }
+                return Ok(Once::Stored(Vec::new()));
+            }
+            match self
+                .store
+                .append_once::<A>(id, loaded.version, events, &metadata, &key)
+                .await
+            {
+                Err(err) if err.is_conflict() && attempt < self.max_attempts => {
+                    debug!(
+                        aggregate_type = A::TYPE,
+                        aggregate_id = %id,
+                        command_id = %key.id,
+                        attempt,
+                        "concurrency conflict, reloading and retrying the keyed command"
                     );
                     attempt += 1;
                 }

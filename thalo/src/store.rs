@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Aggregate, Error, EventEnvelope, Metadata, RawEvent};
+use crate::{Aggregate, CommandKey, Error, EventEnvelope, Metadata, Once, RawEvent};
 
 /// An aggregate rebuilt from its stream.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +29,10 @@ pub type Decided<A> = (Loaded<A>, Vec<EventEnvelope<<A as Aggregate>::Event>>);
 /// - [`append`](EventStore::append) succeeds only when the stream's version equals
 ///   `expected_version`; otherwise it returns [`Error::Conflict`] and stores nothing.
 ///   Of two concurrent appends with the same expected version, exactly one wins.
+/// - [`append_once`](EventStore::append_once) records a command's key with its events,
+///   atomically: of two appends with the same key, at most one stores events; the
+///   other (or any later one, within the store's retention) stores nothing and gets the
+///   first one's events back.
 /// - [`read_all`](EventStore::read_all) returns events in the store's global order and
 ///   never skips an event that becomes visible later: an event that is not yet returned
 ///   when a reader passes its place is returned to that reader later. The global order
@@ -102,6 +106,46 @@ pub trait EventStore: Send + Sync {
         }
     }
 
+    /// The events a command executed under `key` stored, when the key is recorded (and
+    /// not older than the store's retention), or `None`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::CommandIdReused`] when the key was recorded for another aggregate
+    /// or a command with another fingerprint, [`Error::Store`] when the store fails, and
+    /// [`Error::Config`] when the store does not record command keys (the default).
+    fn find_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        key: &CommandKey,
+    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+        let _ = (id, key);
+        async { Err(unsupported_command_keys()) }
+    }
+
+    /// [`append`](EventStore::append) that records `key` with the events, atomically.
+    /// When `key` is already recorded, stores nothing and returns [`Once::Replayed`] with
+    /// the events the first append stored (whatever the expected version). An empty
+    /// `events` stores nothing and records nothing.
+    ///
+    /// [`Repository::execute_once`](crate::Repository::execute_once) calls it; call it
+    /// directly only to build something like it.
+    ///
+    /// # Errors
+    ///
+    /// As [`append`](EventStore::append) and [`find_command`](EventStore::find_command).
+    fn append_once<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> impl Future<Output = Result<Once<A::Event>, Error>> + Send {
+        let _ = (id, expected_version, events, metadata, key);
+        async { Err(unsupported_command_keys()) }
+    }
+
     /// Reads an aggregate's events with a sequence greater than `after_sequence`, in order.
     ///
     /// # Errors
@@ -138,6 +182,10 @@ pub trait EventStore: Send + Sync {
         let _ = after_position;
         tokio::time::sleep(timeout)
     }
+}
+
+fn unsupported_command_keys() -> Error {
+    Error::config("this event store does not record command ids (idempotent commands)")
 }
 
 /// Stores the position a projection or handler has processed up to.
@@ -193,6 +241,25 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
     {
         (**self).load_decide_append::<A, F>(id, metadata, decide)
+    }
+
+    fn find_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        key: &CommandKey,
+    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+        (**self).find_command::<A>(id, key)
+    }
+
+    fn append_once<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> impl Future<Output = Result<Once<A::Event>, Error>> + Send {
+        (**self).append_once::<A>(id, expected_version, events, metadata, key)
     }
 
     fn read_stream<A: Aggregate>(

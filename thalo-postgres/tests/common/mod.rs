@@ -15,8 +15,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use thalo::{
-    commands, events, Aggregate, CheckpointStore, Decided, Error, EventEnvelope, EventStore,
-    Loaded, Metadata, RawEvent,
+    commands, events, Aggregate, CheckpointStore, CommandKey, Decided, Error, EventEnvelope,
+    EventStore, Loaded, Metadata, Once, RawEvent,
 };
 use thalo_postgres::{PgEventStore, PgEventStoreBuilder};
 use tokio::sync::OnceCell;
@@ -228,6 +228,27 @@ impl EventStore for GuardedStore {
     {
         self.store
             .load_decide_append::<A, F>(id, metadata, decide)
+            .await
+    }
+
+    async fn find_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        key: &CommandKey,
+    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+        self.store.find_command::<A>(id, key).await
+    }
+
+    async fn append_once<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        expected_version: u64,
+        events: Vec<A::Event>,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> Result<Once<A::Event>, Error> {
+        self.store
+            .append_once::<A>(id, expected_version, events, metadata, key)
             .await
     }
 

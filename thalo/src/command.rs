@@ -1,0 +1,213 @@
+//! Idempotent commands: a key per command, recorded with the events it stored.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Error, EventEnvelope};
+
+/// The idempotency key of a command.
+///
+/// A command executed with a key ([`Repository::execute_once`]) stores its events and
+/// the key together, atomically. Executing the same key again (a client retrying after a
+/// timeout, a process manager replaying an event) stores nothing and returns the events
+/// the first execution stored, even when the two executions race, run in different
+/// processes, or the first one's answer was lost. Executing a *different* command under
+/// a key already used is [`Error::CommandIdReused`].
+///
+/// A key is 1 to [`CommandId::MAX_LEN`] bytes of printable ASCII (`!` to `~`), so an HTTP
+/// `Idempotency-Key` header fits as is, and so does a UUID:
+///
+/// ```
+/// use thalo::CommandId;
+///
+/// let key = CommandId::new("order-42/charge").unwrap();
+/// assert_eq!(key.as_str(), "order-42/charge");
+/// assert!(CommandId::new("").is_err());
+/// assert!(CommandId::new("has space").is_err());
+/// ```
+///
+/// A command caused by an event gets a key derived from that event, so replaying the
+/// event issues the same key and the command is not executed twice; see
+/// [`CommandId::caused_by`].
+///
+/// [`Repository::execute_once`]: crate::Repository::execute_once
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CommandId(String);
+
+impl CommandId {
+    /// The longest key, in bytes.
+    pub const MAX_LEN: usize = 200;
+
+    /// A key from a client-supplied string.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::InvalidCommandId`] when `key` is empty, longer than
+    /// [`CommandId::MAX_LEN`] bytes, or has a character outside printable ASCII.
+    pub fn new(key: impl Into<String>) -> Result<Self, Error> {
+        let key = key.into();
+        let reason = if key.is_empty() {
+            Some("it is empty".to_owned())
+        } else if key.len() > Self::MAX_LEN {
+            Some(format!(
+                "it is {} bytes long, more than {}",
+                key.len(),
+                Self::MAX_LEN
+            ))
+        } else {
+            key.chars().find(|c| !c.is_ascii_graphic()).map(|bad| {
+                format!("it contains {bad:?}; only printable ASCII without spaces is allowed")
+            })
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidCommandId { reason }),
+            None => Ok(CommandId(key)),
+        }
+    }
+
+    /// A random key (a UUID v4), for a caller that generates its key once and keeps it
+    /// for its retries.
+    pub fn random() -> Self {
+        Self::from(Uuid::new_v4())
+    }
+
+    /// The key of the command that `envelope`'s event causes in `step`: the same event
+    /// and step always give the same key (a UUID v5 in the event id's namespace), and
+    /// different steps of one event give different keys.
+    ///
+    /// ```
+    /// # use thalo::{CommandId, EventEnvelope, Metadata};
+    /// # let envelope = EventEnvelope {
+    /// #     id: uuid::Uuid::now_v7(), aggregate_type: "transfer".into(),
+    /// #     aggregate_id: "t-1".into(), sequence: 1, position: 1,
+    /// #     timestamp: chrono::Utc::now(), metadata: Metadata::new(), event: (),
+    /// # };
+    /// let withdraw = CommandId::caused_by(&envelope, "withdraw");
+    /// assert_eq!(withdraw, CommandId::caused_by(&envelope, "withdraw"));
+    /// assert_ne!(withdraw, CommandId::caused_by(&envelope, "deposit"));
+    /// ```
+    pub fn caused_by<E>(envelope: &EventEnvelope<E>, step: &str) -> Self {
+        Self::from(Uuid::new_v5(&envelope.id, step.as_bytes()))
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Uuid> for CommandId {
+    fn from(id: Uuid) -> Self {
+        CommandId(id.to_string())
+    }
+}
+
+impl TryFrom<String> for CommandId {
+    type Error = Error;
+
+    fn try_from(key: String) -> Result<Self, Error> {
+        Self::new(key)
+    }
+}
+
+impl From<CommandId> for String {
+    fn from(id: CommandId) -> Self {
+        id.0
+    }
+}
+
+impl std::str::FromStr for CommandId {
+    type Err = Error;
+
+    fn from_str(key: &str) -> Result<Self, Error> {
+        Self::new(key)
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a store needs to execute a command once: its key and a fingerprint of the
+/// command, which tells a retry of the same command (same fingerprint) from another
+/// command under the same key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandKey {
+    /// The idempotency key.
+    pub id: CommandId,
+    /// A fingerprint of the command ([`CommandKey::fingerprint_of`]).
+    pub fingerprint: i64,
+}
+
+impl CommandKey {
+    /// The key of `command` under `id`.
+    pub fn new<C: fmt::Debug>(id: CommandId, command: &C) -> Self {
+        CommandKey {
+            id,
+            fingerprint: Self::fingerprint_of(command),
+        }
+    }
+
+    /// A fingerprint of a command: a 64-bit FNV-1a hash of its `Debug` text. It is the
+    /// same in every process that runs the same code; a command whose `Debug` text
+    /// changes between two executions (a field added by a deploy in between, or a
+    /// `HashMap` field, whose order varies) counts as a different command.
+    pub fn fingerprint_of<C: fmt::Debug>(command: &C) -> i64 {
+        struct Fnv(u64);
+        impl fmt::Write for Fnv {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                for byte in s.bytes() {
+                    self.0 ^= u64::from(byte);
+                    self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+                Ok(())
+            }
+        }
+        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        // Writing to `Fnv` cannot fail; a `Debug` impl that reports an error leaves a
+        // partial hash, which is still deterministic.
+        let _ = fmt::write(&mut hash, format_args!("{command:?}"));
+        i64::from_ne_bytes(hash.0.to_ne_bytes())
+    }
+}
+
+/// The outcome of a command executed with a [`CommandId`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Once<E> {
+    /// This execution stored the events (none when the command decided on no change).
+    Stored(Vec<EventEnvelope<E>>),
+    /// The key was already recorded: nothing was stored, and these are the events the
+    /// first execution stored.
+    Replayed(Vec<EventEnvelope<E>>),
+}
+
+impl<E> Once<E> {
+    /// The events, stored now or before.
+    pub fn events(&self) -> &[EventEnvelope<E>] {
+        match self {
+            Once::Stored(events) | Once::Replayed(events) => events,
+        }
+    }
+
+    /// The events, stored now or before.
+    pub fn into_events(self) -> Vec<EventEnvelope<E>> {
+        match self {
+            Once::Stored(events) | Once::Replayed(events) => events,
+        }
+    }
+
+    /// Whether the command had already been executed under its key.
+    pub fn is_replayed(&self) -> bool {
+        matches!(self, Once::Replayed(_))
+    }
+}
+
+/// How long stores keep a command's key by default: 7 days. After that, the key is
+/// forgotten and executing it again executes the command again.
+pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
