@@ -10,15 +10,27 @@
 //! | `GET /accounts/{id}`            | one balance, from the read model                 |
 //!
 //! Amounts are integer cents. Commands answer with the stored events. Errors answer with
-//! `{"code", "message"}` and store nothing:
+//! `{"code", "message"}` and store nothing.
+//!
+//! ## Retrying safely: `Idempotency-Key`
+//!
+//! Every `POST` accepts an `Idempotency-Key` header (1 to 200 printable ASCII characters
+//! without spaces; a UUID v4 per request is the usual choice). The command is executed
+//! at most once per key: a retry with the same key (after a timeout, a 5xx or a lost
+//! connection) stores nothing and answers with the first execution's status and events,
+//! plus the header `Idempotent-Replayed: true`, even if the service restarted in
+//! between. Keys are kept for 7 days. A rejected command (4xx) stores nothing and
+//! records nothing, so its retry is decided again. Sending another command (another
+//! path, account or body) under a used key answers 422 `IDEMPOTENCY_KEY_REUSED`.
+//! Without the header a retry may apply the command twice.
 //!
 //! | status | code                                                                     |
 //! |--------|--------------------------------------------------------------------------|
-//! | 400    | `INVALID_BODY`: not JSON, or not the fields above                        |
+//! | 400    | `INVALID_BODY`: not JSON, or not the fields above; `INVALID_IDEMPOTENCY_KEY` |
 //! | 404    | `NOT_FOUND`                                                              |
 //! | 409    | `CONFLICT`: a concurrency conflict that outlasted the retries             |
 //! | 413    | `BODY_TOO_LARGE` (over 16 KiB), `EVENT_TOO_LARGE` (over the store's limit) |
-//! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`; `REJECTED` for a domain error of another type |
+//! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`; `IDEMPOTENCY_KEY_REUSED`; `REJECTED` for a domain error of another type |
 //! | 500    | `INTERNAL`                                                               |
 //!
 //! Reads come from the `bank_balances` table, which the Kafka consumer keeps; they are
@@ -26,12 +38,12 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use thalo::{Error, Event as _, EventEnvelope, Metadata, Repository};
+use thalo::{CommandId, Error, Event as _, EventEnvelope, Metadata, Repository};
 use thalo_postgres::PgEventStore;
 use uuid::Uuid;
 
@@ -47,6 +59,12 @@ pub struct AppState {
     /// Reads come from this read model.
     pub balances: PgBalances,
 }
+
+/// The request header that makes a command idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The response header that marks an answer replayed from an earlier execution.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 /// The largest request body the API reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -160,6 +178,14 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "EVENT_TOO_LARGE".to_owned())
             }
             Error::Domain { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "REJECTED".to_owned()),
+            Error::CommandIdReused { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "IDEMPOTENCY_KEY_REUSED".to_owned(),
+            ),
+            Error::InvalidCommandId { .. } => (
+                StatusCode::BAD_REQUEST,
+                "INVALID_IDEMPOTENCY_KEY".to_owned(),
+            ),
             _ => {
                 tracing::error!(error = %self.0, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL".to_owned())
@@ -179,21 +205,73 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The answer to a command: its status, its events, and whether it was replayed from
+/// an earlier execution under the same `Idempotency-Key`.
+struct Executed {
+    status: StatusCode,
+    events: Vec<StoredEvent>,
+    replayed: bool,
+}
+
+impl IntoResponse for Executed {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.events)).into_response();
+        if self.replayed {
+            response.headers_mut().insert(
+                HeaderName::from_static(IDEMPOTENT_REPLAYED),
+                HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
+}
+
+/// The request's `Idempotency-Key`, if it has one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>, Error> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| Error::InvalidCommandId {
+        reason: "it is not printable ASCII".to_owned(),
+    })?;
+    CommandId::new(key).map(Some)
+}
+
 async fn execute(
     state: &AppState,
+    headers: &HeaderMap,
     id: String,
     command: BankAccountCommand,
-) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
+    status: StatusCode,
+) -> Result<Executed, ApiError> {
     crate::account::validate_account_number(&id)?;
+    let key = idempotency_key(headers)?;
     let metadata = Metadata::new()
         .with_correlation_id(Uuid::new_v4())
         .with_header("source", "bank-http");
-    let stored = state
-        .repository
-        .execute_with::<BankAccount>(&id, command, &metadata)
-        .await?;
+    let (stored, replayed) = match key {
+        Some(key) => {
+            let once = state
+                .repository
+                .execute_once_with::<BankAccount>(&id, key, command, &metadata)
+                .await?;
+            let replayed = once.is_replayed();
+            (once.into_events(), replayed)
+        }
+        None => (
+            state
+                .repository
+                .execute_with::<BankAccount>(&id, command, &metadata)
+                .await?,
+            false,
+        ),
+    };
     let events = stored.iter().map(view).collect::<Result<Vec<_>, Error>>()?;
-    Ok((StatusCode::OK, Json(events)))
+    Ok(Executed {
+        status,
+        events,
+        replayed,
+    })
 }
 
 fn view(envelope: &EventEnvelope<BankAccountEvent>) -> Result<StoredEvent, Error> {
@@ -209,6 +287,7 @@ fn view(envelope: &EventEnvelope<BankAccountEvent>) -> Result<StoredEvent, Error
 
 async fn open(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<OpenAccount>, JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
@@ -219,15 +298,21 @@ async fn open(
         owner: body.owner,
         initial_deposit: body.initial_deposit,
     };
-    match execute(&state, body.account_number, command).await {
-        Ok((_, events)) => (StatusCode::CREATED, events).into_response(),
-        Err(err) => err.into_response(),
-    }
+    execute(
+        &state,
+        &headers,
+        body.account_number,
+        command,
+        StatusCode::CREATED,
+    )
+    .await
+    .into_response()
 }
 
 async fn deposit(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<Amount>, JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
@@ -237,12 +322,15 @@ async fn deposit(
     let command = BankAccountCommand::Deposit {
         amount: body.amount,
     };
-    execute(&state, id, command).await.into_response()
+    execute(&state, &headers, id, command, StatusCode::OK)
+        .await
+        .into_response()
 }
 
 async fn withdraw(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<Amount>, JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
@@ -252,14 +340,25 @@ async fn withdraw(
     let command = BankAccountCommand::Withdraw {
         amount: body.amount,
     };
-    execute(&state, id, command).await.into_response()
+    execute(&state, &headers, id, command, StatusCode::OK)
+        .await
+        .into_response()
 }
 
 async fn close(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Vec<StoredEvent>>), ApiError> {
-    execute(&state, id, BankAccountCommand::CloseAccount).await
+    headers: HeaderMap,
+) -> Response {
+    execute(
+        &state,
+        &headers,
+        id,
+        BankAccountCommand::CloseAccount,
+        StatusCode::OK,
+    )
+    .await
+    .into_response()
 }
 
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<BalanceView>>, ApiError> {

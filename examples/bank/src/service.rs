@@ -17,6 +17,9 @@ use crate::BankAccount;
 /// Accounts the service keeps in memory between commands (`Repository::with_cache`).
 const ACCOUNT_CACHE: usize = 10_000;
 
+/// How often the service deletes expired idempotency keys.
+const PRUNE_COMMANDS_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
 /// Settings of [`run`].
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -170,6 +173,24 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
                 .await
                 .map_err(|e| Error::handler("http server", e));
             done(server)
+        }
+    });
+    // Idempotency keys older than the store's retention are ignored already; deleting
+    // them keeps the `commands` table small.
+    tokio::spawn({
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        async move {
+            let mut every = tokio::time::interval(PRUNE_COMMANDS_EVERY);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => match store.prune_commands().await {
+                        Ok(0) => {}
+                        Ok(pruned) => info!(pruned, "pruned expired idempotency keys"),
+                        Err(err) => tracing::warn!(error = %err, "pruning idempotency keys failed"),
+                    },
+                }
+            }
         }
     });
     let task = tokio::spawn(async move {

@@ -246,3 +246,117 @@ async fn bad_input_is_rejected_and_stores_nothing() {
     shutdown.cancel();
     running.stopped().await.expect("stopped");
 }
+
+/// `Idempotency-Key`: a retried request answers with the first result (and
+/// `Idempotent-Replayed: true`) and the money moves once, even when the retries race and
+/// when deciding again would now be rejected; another command under a used key and a
+/// malformed key are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_make_retries_safe() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = ServiceConfig {
+        database_url: env_or(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/thalo_test",
+        ),
+        kafka_brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        schema: format!("bank_{id}"),
+        topic_prefix: format!("test-{id}-"),
+        group_id: format!("bank-balances-{id}"),
+        instance_id: format!("bank-test-{id}"),
+    };
+    let shutdown = CancellationToken::new();
+    let running = start(config, shutdown.clone())
+        .await
+        .expect("the service starts");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let post = |path: &str, key: &str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let replayed = |res: &reqwest::Response| {
+        res.headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    };
+
+    let open = json!({"account_number": "IDEM", "owner": "Ada", "initial_deposit": 0});
+    let first = post("/accounts", "open-1", open.clone())
+        .await
+        .expect("open");
+    assert_eq!(first.status(), 201);
+    assert!(!replayed(&first));
+    let first: Vec<StoredEvent> = first.json().await.expect("events");
+    let retry = post("/accounts", "open-1", open).await.expect("retry");
+    assert_eq!(
+        retry.status(),
+        201,
+        "a retry answers like the first execution"
+    );
+    assert!(replayed(&retry));
+    let retry: Vec<StoredEvent> = retry.json().await.expect("events");
+    assert_eq!(retry[0].id, first[0].id);
+
+    // Five racing copies of one deposit, then two more retries: the money moves once.
+    let deposits: Vec<_> = (0..5)
+        .map(|_| {
+            let request = http
+                .post(format!("{base}/accounts/IDEM/deposit"))
+                .header("Idempotency-Key", "dep-1")
+                .json(&json!({"amount": 100_00}));
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in deposits {
+        let res = task.await.expect("task").expect("deposit");
+        assert_eq!(res.status(), 200);
+        answers.push((
+            replayed(&res),
+            res.json::<Vec<StoredEvent>>().await.expect("events"),
+        ));
+    }
+    assert_eq!(answers.iter().filter(|(replayed, _)| !replayed).count(), 1);
+    assert!(answers
+        .iter()
+        .all(|(_, events)| events[0].id == answers[0].1[0].id));
+
+    // A withdrawal of everything; its retry is answered from the record, although
+    // deciding it again would be rejected now.
+    let res = post("/accounts/IDEM/withdraw", "wd-1", json!({"amount": 100_00}))
+        .await
+        .expect("withdraw");
+    assert_eq!(res.status(), 200);
+    let res = post("/accounts/IDEM/withdraw", "wd-1", json!({"amount": 100_00}))
+        .await
+        .expect("retry");
+    assert_eq!(res.status(), 200);
+    assert!(replayed(&res));
+
+    let res = post("/accounts/IDEM/deposit", "dep-1", json!({"amount": 5}))
+        .await
+        .expect("another command under a used key");
+    assert_eq!(res.status(), 422);
+    let body: ErrorBody = res.json().await.expect("error");
+    assert_eq!(body.code, "IDEMPOTENCY_KEY_REUSED", "{}", body.message);
+    let res = post("/accounts/IDEM/deposit", "has space", json!({"amount": 5}))
+        .await
+        .expect("bad key");
+    assert_eq!(res.status(), 400);
+    let body: ErrorBody = res.json().await.expect("error");
+    assert_eq!(body.code, "INVALID_IDEMPOTENCY_KEY", "{}", body.message);
+
+    let account = thalo::Repository::new(running.store.clone())
+        .load::<bank::BankAccount>(&"IDEM".to_owned())
+        .await
+        .expect("load");
+    assert_eq!(account.version, 3, "open, one deposit, one withdrawal");
+    assert_eq!(account.aggregate.balance(), 0);
+
+    shutdown.cancel();
+    running.stopped().await.expect("stopped");
+}
