@@ -15,10 +15,15 @@ struct Sql {
     create_table: String,
     open: String,
     add: String,
+    subtract: String,
     close: String,
     select_all: String,
     select_one: String,
 }
+
+/// The BIGINT range, for clamping.
+const MIN: i64 = i64::MIN;
+const MAX: i64 = i64::MAX;
 
 impl Sql {
     fn new(schema: &SchemaName) -> Self {
@@ -43,8 +48,19 @@ impl Sql {
                  SET owner = EXCLUDED.owner, balance = EXCLUDED.balance,
                      version = EXCLUDED.version, updated_at = now()"
             ),
+            // Checked arithmetic, saturating like `BankAccount::apply` (in `numeric`, then
+            // clamped to the BIGINT range), so the row is always the fold of the events
+            // and an event can never fail the projection with "bigint out of range".
             add: format!(
-                "UPDATE {table} SET balance = balance + $2, version = $3, updated_at = now()
+                "UPDATE {table}
+                 SET balance = LEAST(GREATEST(balance::numeric + $2::numeric, {MIN}), {MAX})::bigint,
+                     version = $3, updated_at = now()
+                 WHERE account_number = $1"
+            ),
+            subtract: format!(
+                "UPDATE {table}
+                 SET balance = LEAST(GREATEST(balance::numeric - $2::numeric, {MIN}), {MAX})::bigint,
+                     version = $3, updated_at = now()
                  WHERE account_number = $1"
             ),
             close: format!(
@@ -150,9 +166,9 @@ impl PgProjection<BankAccountEvent> for PgBalances {
                 .bind(id)
                 .bind(e.amount)
                 .bind(version),
-            BankAccountEvent::FundsWithdrawn(e) => sqlx::query(&self.sql.add)
+            BankAccountEvent::FundsWithdrawn(e) => sqlx::query(&self.sql.subtract)
                 .bind(id)
-                .bind(-e.amount)
+                .bind(e.amount)
                 .bind(version),
             BankAccountEvent::AccountClosed(_) => {
                 sqlx::query(&self.sql.close).bind(id).bind(version)

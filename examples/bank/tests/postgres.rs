@@ -97,3 +97,59 @@ fn subcommands_work_on_the_same_store() {
     let (ok, out) = bank(&schema, &["show", "NOPE"]);
     assert!(!ok && out.contains("no such account"), "{out}");
 }
+
+/// The Postgres read model uses checked arithmetic that saturates like
+/// `BankAccount::apply`: a hand-made stream at the edges of `i64` neither fails the
+/// projection ("bigint out of range" would retry forever) nor diverges from the fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_model_saturates_like_apply() {
+    use bank::account::{AccountOpenedEvent, FundsDepositedEvent, FundsWithdrawnEvent};
+    use bank::pg::PgBalances;
+    use bank::{BankAccount, BankAccountEvent};
+    use thalo::{EventStore, Metadata, Repository};
+    use thalo_postgres::{PgEventStore, PgSubscription};
+
+    let schema = format!("bank_sat_{}", uuid::Uuid::new_v4().simple());
+    let store = PgEventStore::builder(
+        thalo_postgres::sqlx::PgPool::connect(&database_url())
+            .await
+            .expect("Postgres"),
+    )
+    .schema(schema.clone())
+    .build()
+    .expect("store");
+    store.migrate().await.expect("migrate");
+    let events: Vec<BankAccountEvent> = vec![
+        AccountOpenedEvent {
+            owner: "Ada".into(),
+            initial_deposit: i64::MAX,
+        }
+        .into(),
+        FundsDepositedEvent { amount: i64::MAX }.into(),
+        FundsWithdrawnEvent { amount: i64::MAX }.into(),
+        FundsWithdrawnEvent { amount: i64::MAX }.into(),
+        FundsWithdrawnEvent { amount: i64::MAX }.into(),
+        FundsWithdrawnEvent { amount: i64::MIN }.into(),
+    ];
+    let id = "EDGE".to_owned();
+    store
+        .append::<BankAccount>(&id, 0, events, &Metadata::default())
+        .await
+        .expect("append");
+
+    let balances = PgBalances::new(&store).await.expect("read model");
+    let subscription = PgSubscription::new::<BankAccount>(store.clone(), balances.clone());
+    subscription.catch_up().await.expect("the projection applies every event");
+    let row = balances.get(&id).await.expect("read").expect("row");
+    let folded = Repository::new(store.clone())
+        .load::<BankAccount>(&id)
+        .await
+        .expect("load");
+    assert_eq!(row.balance, folded.aggregate.balance());
+    assert_eq!(row.version, folded.version);
+
+    thalo_postgres::sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(store.pool())
+        .await
+        .expect("drop schema");
+}
