@@ -1,10 +1,10 @@
 //! Idempotent commands: the command key is recorded in the append's statement.
 
 use sqlx::Row;
-use thalo::{Aggregate, AggregateType, CommandKey, Error, EventEnvelope, Metadata, Once};
+use thalo::{Aggregate, AggregateType, CommandKey, Error, Metadata, Once, Recorded, Rejection};
 
 use crate::append::AppendBatch;
-use crate::error::{self, store, to_u64};
+use crate::error::{self, store, to_i64, to_u64};
 use crate::row;
 use crate::store::Inner;
 use crate::NotifyMode;
@@ -15,13 +15,13 @@ impl Inner {
         self.command_retention.as_secs_f64()
     }
 
-    /// The events stored under `key`, if it is recorded and unexpired; an error when it
-    /// was recorded for another command or aggregate.
+    /// What the command under `key` did, if it is recorded and unexpired; an error when
+    /// it was recorded for another command or aggregate.
     pub(crate) async fn find_command<A: Aggregate>(
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         let Some(row) = sqlx::query(&self.sql.find_command)
             .bind(key.id.as_str())
             .bind(self.retention_secs())
@@ -37,6 +37,9 @@ impl Inner {
         let fingerprint: i64 = row.try_get(2).map_err(decode)?;
         let first: i64 = row.try_get(3).map_err(decode)?;
         let last: i64 = row.try_get(4).map_err(decode)?;
+        let rejected: bool = row.try_get(5).map_err(decode)?;
+        let code: Option<String> = row.try_get(6).map_err(decode)?;
+        let message: Option<String> = row.try_get(7).map_err(decode)?;
         let this_id = id.to_string();
         if aggregate_type != <A as AggregateType>::TYPE
             || aggregate_id != this_id
@@ -47,6 +50,12 @@ impl Inner {
                 aggregate_type,
                 aggregate_id,
             });
+        }
+        if rejected {
+            return Ok(Some(Recorded::Rejected(Rejection { code, message })));
+        }
+        if last < first {
+            return Ok(Some(Recorded::Stored(Vec::new())));
         }
         let rows = sqlx::query(&self.sql.read_range)
             .bind(A::TYPE)
@@ -59,7 +68,48 @@ impl Inner {
         rows.iter()
             .map(row::decoded)
             .collect::<Result<_, _>>()
-            .map(Some)
+            .map(|events| Some(Recorded::Stored(events)))
+    }
+
+    /// Records a command that stored nothing, unless its key is recorded; returns the
+    /// record that stands.
+    pub(crate) async fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> Result<Recorded<A::Event>, Error> {
+        for _ in 0..3 {
+            let recorded = sqlx::query(&self.sql.record_command)
+                .bind(key.id.as_str())
+                .bind(A::TYPE)
+                .bind(id.to_string())
+                .bind(key.fingerprint)
+                .bind(to_i64(version, "version")?)
+                .bind(rejection.is_some())
+                .bind(rejection.and_then(|r| r.code.as_deref()))
+                .bind(rejection.and_then(|r| r.message.as_deref()))
+                .bind(self.retention_secs())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store("recording a command id"))?;
+            if recorded.is_some() {
+                return Ok(match rejection {
+                    Some(rejection) => Recorded::Rejected(rejection.clone()),
+                    None => Recorded::Stored(Vec::new()),
+                });
+            }
+            // Recorded before (the insert waited for a concurrent one to commit): that
+            // record stands. Should it have expired in between, record again.
+            if let Some(recorded) = self.find_command::<A>(id, key).await? {
+                return Ok(recorded);
+            }
+        }
+        Err(Error::store(
+            "recording a command id",
+            format!("the record of `{}` kept expiring while it was read", key.id),
+        ))
     }
 
     /// Appends `events` and records `key` in one statement, or, when the key is
@@ -131,9 +181,9 @@ impl Inner {
         if !not_stored.is_conflict() {
             return Err(not_stored);
         }
-        // A conflict may be the same key winning a race: its events are the answer.
+        // A conflict may be the same key winning a race: its outcome is the answer.
         match self.find_command::<A>(id, key).await? {
-            Some(events) => Ok(Once::Replayed(events)),
+            Some(recorded) => recorded.into_replay(),
             None => Err(not_stored),
         }
     }

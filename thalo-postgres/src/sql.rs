@@ -80,6 +80,11 @@ pub(crate) struct Sql {
     pub append_once_notify: String,
     /// The unexpired record of command `$1` (retention `$2` seconds).
     pub find_command: String,
+    /// Records a command that stored nothing, unless its key is recorded (and
+    /// unexpired): `$1` command id, `$2` aggregate type, `$3` aggregate id, `$4`
+    /// fingerprint, `$5` the aggregate's version, `$6` rejected, `$7` code, `$8`
+    /// message, `$9` retention (seconds). Returns a row when it recorded.
+    pub record_command: String,
     /// Whole envelopes of a stream with sequences `$3..=$4`.
     pub read_range: String,
     /// Deletes command records older than `$1` seconds.
@@ -177,7 +182,8 @@ recorded AS (
     ON CONFLICT (command_id) DO UPDATE
     SET aggregate_type = EXCLUDED.aggregate_type, aggregate_id = EXCLUDED.aggregate_id,
         fingerprint = EXCLUDED.fingerprint, first_sequence = EXCLUDED.first_sequence,
-        last_sequence = EXCLUDED.last_sequence, recorded_at = EXCLUDED.recorded_at
+        last_sequence = EXCLUDED.last_sequence, rejected = false, rejection_code = NULL,
+        rejection_message = NULL, recorded_at = EXCLUDED.recorded_at
     WHERE c.recorded_at < now() - make_interval(secs => $12)
     RETURNING 1
 ),"
@@ -191,9 +197,24 @@ recorded AS (
             &format!("{recorded_column}{}", notify_on("$13")),
         );
         let find_command = format!(
-            "SELECT aggregate_type, aggregate_id, fingerprint, first_sequence, last_sequence
+            "SELECT aggregate_type, aggregate_id, fingerprint, first_sequence, last_sequence,
+       rejected, rejection_code, rejection_message
 FROM {commands}
 WHERE command_id = $1 AND recorded_at >= now() - make_interval(secs => $2)"
+        );
+        let record_command = format!(
+            "INSERT INTO {commands} AS c (command_id, aggregate_type, aggregate_id, fingerprint,
+                             first_sequence, last_sequence, rejected, rejection_code,
+                             rejection_message, recorded_at)
+VALUES ($1, $2, $3, $4, $5 + 1, $5, $6, $7, $8, now())
+ON CONFLICT (command_id) DO UPDATE
+SET aggregate_type = EXCLUDED.aggregate_type, aggregate_id = EXCLUDED.aggregate_id,
+    fingerprint = EXCLUDED.fingerprint, first_sequence = EXCLUDED.first_sequence,
+    last_sequence = EXCLUDED.last_sequence, rejected = EXCLUDED.rejected,
+    rejection_code = EXCLUDED.rejection_code, rejection_message = EXCLUDED.rejection_message,
+    recorded_at = EXCLUDED.recorded_at
+WHERE c.recorded_at < now() - make_interval(secs => $9)
+RETURNING 1"
         );
         let read_range = format!(
             "SELECT {ENVELOPE_COLUMNS}
@@ -329,6 +350,7 @@ WHERE c.projection = $1 AND c.aggregate_type = k.aggregate_type
             append_once,
             append_once_notify,
             find_command,
+            record_command,
             read_range,
             prune_commands,
             append_group,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgPool};
 use thalo::{
     Aggregate, CommandKey, Decided, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
-    RawEvent,
+    RawEvent, Recorded, Rejection,
 };
 
 use crate::error::store;
@@ -300,8 +300,20 @@ impl EventStore for PgEventStore {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         self.inner.find_command::<A>(id, key).await
+    }
+
+    async fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> Result<Recorded<A::Event>, Error> {
+        self.inner
+            .record_command::<A>(id, version, key, rejection)
+            .await
     }
 
     /// Never group-committed: the key's record is checked in the append's own

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thalo::{
     commands, events, Aggregate, CheckpointStore, CommandId, CommandKey, Error, EventEnvelope,
-    EventStore, Loaded, Metadata, Once, RawEvent, Repository,
+    EventStore, Loaded, Metadata, Once, RawEvent, Recorded, Rejection, Repository,
 };
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -699,10 +699,13 @@ pub async fn command_id_executes_once<S: EventStore>(store: S) {
     assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
 }
 
-/// A rejected command records nothing (it stored nothing): after the state changes, a
-/// retry under the same key is decided again. A command that decides on no events
-/// stores nothing either.
-pub async fn command_id_rejection_records_nothing<S: EventStore>(store: S) {
+/// One key has one outcome: a rejected command is recorded, and its retry is rejected
+/// the same way even after the state changed (a new attempt needs a new key); a command
+/// that decides on no events is recorded as such. At the store's level, the first
+/// record of a key stands: events appended under a key recorded as rejected are not
+/// stored (an earlier attempt still in flight when a retry was rejected), and a
+/// rejection recorded after the events were stored gives those events back.
+pub async fn command_id_outcome_is_final<S: EventStore>(store: S) {
     let repo = Repository::new(store);
     let id = new_id();
     let key = CommandId::random();
@@ -712,30 +715,76 @@ pub async fn command_id_rejection_records_nothing<S: EventStore>(store: S) {
         .await
         .expect_err("insufficient funds");
     assert_eq!(err.code(), Some("INSUFFICIENT_FUNDS"));
-    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 0);
-
     repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 5 })
         .await
         .expect("deposit");
-    let retried = repo
+    let replayed = repo
         .execute_once::<Account>(&id, key.clone(), withdraw.clone())
         .await
-        .expect("decided again");
-    assert!(!retried.is_replayed());
-    assert_eq!(retried.events().len(), 1);
+        .expect_err("the rejection is replayed");
+    assert_eq!(replayed.code(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 1);
+    let fresh = repo
+        .execute_once::<Account>(&id, CommandId::random(), withdraw.clone())
+        .await
+        .expect("a new key decides again");
+    assert!(!fresh.is_replayed());
 
-    let no_op = repo
-        .execute_once::<Account>(
-            &id,
-            CommandId::random(),
-            AccountCommand::DepositMany {
-                amounts: Vec::new(),
-            },
-        )
+    let no_op_key = CommandId::random();
+    let no_op = || AccountCommand::DepositMany {
+        amounts: Vec::new(),
+    };
+    let first = repo
+        .execute_once::<Account>(&id, no_op_key.clone(), no_op())
         .await
         .expect("no events");
-    assert_eq!(no_op, Once::Stored(Vec::new()));
+    assert_eq!(first, Once::Stored(Vec::new()));
+    let again = repo
+        .execute_once::<Account>(&id, no_op_key, no_op())
+        .await
+        .expect("no events, replayed");
+    assert_eq!(again, Once::Replayed(Vec::new()));
     assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
+
+    // The store's API: a rejection recorded first wins over a later append of events...
+    let store = repo.store();
+    let raced = CommandKey::new(CommandId::random(), &withdraw);
+    let rejection = Rejection {
+        code: Some("INSUFFICIENT_FUNDS".to_owned()),
+        message: None,
+    };
+    let recorded = store
+        .record_command::<Account>(&id, 2, &raced, Some(&rejection))
+        .await
+        .expect("record the rejection");
+    assert_eq!(recorded, Recorded::Rejected(rejection.clone()));
+    let late = store
+        .append_once::<Account>(
+            &id,
+            2,
+            vec![WithdrawnEvent { amount: 5 }.into()],
+            &Metadata::new(),
+            &raced,
+        )
+        .await
+        .expect_err("the recorded rejection stands");
+    assert_eq!(late.code(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(repo.load::<Account>(&id).await.expect("load").version, 2);
+
+    // ...and events stored first win over a later rejection.
+    let stored_first = CommandKey::new(CommandId::random(), &withdraw);
+    let Once::Stored(stored) = store
+        .append_once::<Account>(&id, 2, deposits(&[1]), &Metadata::new(), &stored_first)
+        .await
+        .expect("append")
+    else {
+        panic!("the first record stores")
+    };
+    let recorded = store
+        .record_command::<Account>(&id, 2, &stored_first, Some(&rejection))
+        .await
+        .expect("record after the events");
+    assert_eq!(recorded, Recorded::Stored(stored));
 }
 
 /// Many concurrent executions of one key (each through its own repository, as separate
@@ -872,8 +921,18 @@ impl<S: EventStore> EventStore for LosesAcknowledgements<S> {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Recorded<A::Event>>, Error>> + Send {
         self.inner.find_command::<A>(id, key)
+    }
+
+    fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> impl Future<Output = Result<Recorded<A::Event>, Error>> + Send {
+        self.inner.record_command::<A>(id, version, key, rejection)
     }
 
     async fn append_once<A: Aggregate>(
@@ -949,7 +1008,7 @@ macro_rules! store_conformance_tests {
             empty_append_is_a_no_op,
             checkpoints,
             command_id_executes_once,
-            command_id_rejection_records_nothing,
+            command_id_outcome_is_final,
             command_id_concurrent_executions,
             command_id_lost_acknowledgement,
         );

@@ -208,6 +208,83 @@ impl<E> Once<E> {
     }
 }
 
+/// A command's rejection as stores record it: a retry of a rejected command under its
+/// key gets the same rejection, so that the first execution and any retry agree on one
+/// outcome even when they race.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The invariant code ([`Error::Invariant`]); `None` for an aggregate's own error
+    /// type ([`Error::Domain`]).
+    pub code: Option<String>,
+    /// The invariant's message, or the domain error's text.
+    pub message: Option<String>,
+}
+
+impl Rejection {
+    /// The rejection recorded for `error`, if it is one ([`Error::is_rejection`]).
+    pub fn of(error: &Error) -> Option<Rejection> {
+        match error {
+            Error::Invariant { code, message } => Some(Rejection {
+                code: Some(code.to_string()),
+                message: message.clone(),
+            }),
+            Error::Domain { error } => Some(Rejection {
+                code: None,
+                message: Some(error.to_string()),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The error a replay returns: [`Error::Invariant`] with the recorded code and
+    /// message, or [`Error::Domain`] around a [`ReplayedRejection`] (the aggregate's
+    /// own error type is not stored, only its text).
+    pub fn into_error(self) -> Error {
+        match self.code {
+            Some(code) => Error::Invariant {
+                code: code.into(),
+                message: self.message,
+            },
+            None => Error::Domain {
+                error: Box::new(ReplayedRejection {
+                    message: self.message.unwrap_or_default(),
+                }),
+            },
+        }
+    }
+}
+
+/// The replayed rejection of an aggregate's own error type: its text, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ReplayedRejection {
+    /// The original error's text.
+    pub message: String,
+}
+
+/// What the first execution of a command key did, as the store recorded it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recorded<E> {
+    /// It stored these events (none when it decided on no change).
+    Stored(Vec<EventEnvelope<E>>),
+    /// It was rejected.
+    Rejected(Rejection),
+}
+
+impl<E> Recorded<E> {
+    /// The outcome of a replay: the recorded events, or the recorded rejection.
+    ///
+    /// # Errors
+    ///
+    /// The recorded rejection.
+    pub fn into_replay(self) -> Result<Once<E>, Error> {
+        match self {
+            Recorded::Stored(events) => Ok(Once::Replayed(events)),
+            Recorded::Rejected(rejection) => Err(rejection.into_error()),
+        }
+    }
+}
+
 /// How long stores keep a command's key by default: 7 days. After that, the key is
 /// forgotten and executing it again executes the command again.
 pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);

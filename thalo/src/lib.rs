@@ -134,7 +134,9 @@ pub mod __private;
 
 pub use aggregate::{Aggregate, AggregateType};
 pub use cache::CacheStats;
-pub use command::{CommandId, CommandKey, Once, DEFAULT_COMMAND_RETENTION};
+pub use command::{
+    CommandId, CommandKey, Once, Recorded, Rejection, ReplayedRejection, DEFAULT_COMMAND_RETENTION,
+};
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
 pub use error::{BoxError, Error, Result};
 pub use event::Event;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     Aggregate, AggregateType, CheckpointStore, CommandId, CommandKey, Error, EventEnvelope,
-    EventStore, Loaded, Metadata, Once, RawEvent, DEFAULT_COMMAND_RETENTION,
+    EventStore, Loaded, Metadata, Once, RawEvent, Recorded, Rejection, DEFAULT_COMMAND_RETENTION,
 };
 
 /// An [`EventStore`] that keeps everything in memory.
@@ -84,20 +84,21 @@ struct RecordedCommand {
     aggregate_type: &'static str,
     aggregate_id: String,
     fingerprint: i64,
-    /// Sequences of the events it stored.
+    /// Sequences of the events it stored (an empty range when it stored none).
     first_sequence: u64,
     last_sequence: u64,
+    rejection: Option<Rejection>,
     recorded_at: Instant,
 }
 
 impl State {
-    /// The recorded key `key` (unexpired), checked against the command and aggregate;
-    /// returns the stored events' sequences.
+    /// What the recorded key `key` (unexpired) did, checked against the command and
+    /// aggregate.
     fn recorded<A: Aggregate>(
         &self,
         aggregate_id: &str,
         key: &CommandKey,
-    ) -> Result<Option<(u64, u64)>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         let Some(recorded) = self.commands.get(&key.id) else {
             return Ok(None);
         };
@@ -114,7 +115,15 @@ impl State {
                 aggregate_id: recorded.aggregate_id.clone(),
             });
         }
-        Ok(Some((recorded.first_sequence, recorded.last_sequence)))
+        if let Some(rejection) = &recorded.rejection {
+            return Ok(Some(Recorded::Rejected(rejection.clone())));
+        }
+        self.stream_range::<A>(
+            aggregate_id,
+            recorded.first_sequence,
+            recorded.last_sequence,
+        )
+        .map(|events| Some(Recorded::Stored(events)))
     }
 
     /// Decoded events `first..=last` of a stream.
@@ -128,6 +137,9 @@ impl State {
         let Some(indices) = self.streams.get(&key) else {
             return Ok(Vec::new());
         };
+        if last < first {
+            return Ok(Vec::new());
+        }
         let skip = usize::try_from(first.saturating_sub(1)).unwrap_or(usize::MAX);
         let take = usize::try_from(last.saturating_sub(first) + 1).unwrap_or(usize::MAX);
         indices
@@ -243,15 +255,38 @@ impl EventStore for InMemoryEventStore {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
+        self.state().recorded::<A>(&id.to_string(), key)
+    }
+
+    async fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> Result<Recorded<A::Event>, Error> {
         let aggregate_id = id.to_string();
-        let state = self.state();
-        match state.recorded::<A>(&aggregate_id, key)? {
-            Some((first, last)) => state
-                .stream_range::<A>(&aggregate_id, first, last)
-                .map(Some),
-            None => Ok(None),
+        let mut state = self.state();
+        if let Some(recorded) = state.recorded::<A>(&aggregate_id, key)? {
+            return Ok(recorded);
         }
+        state.commands.insert(
+            key.id.clone(),
+            RecordedCommand {
+                aggregate_type: A::TYPE,
+                aggregate_id,
+                fingerprint: key.fingerprint,
+                first_sequence: version + 1,
+                last_sequence: version,
+                rejection: rejection.cloned(),
+                recorded_at: Instant::now(),
+            },
+        );
+        Ok(match rejection {
+            Some(rejection) => Recorded::Rejected(rejection.clone()),
+            None => Recorded::Stored(Vec::new()),
+        })
     }
 
     async fn append_once<A: Aggregate>(
@@ -320,10 +355,8 @@ impl InMemoryEventStore {
         let (head, stored) = {
             let mut state = self.state();
             if let Some(key) = key {
-                if let Some((first, last)) = state.recorded::<A>(&aggregate_id, key)? {
-                    return state
-                        .stream_range::<A>(&aggregate_id, first, last)
-                        .map(Once::Replayed);
+                if let Some(recorded) = state.recorded::<A>(&aggregate_id, key)? {
+                    return recorded.into_replay();
                 }
             }
             let stream = (<A as AggregateType>::TYPE, aggregate_id.clone());
@@ -368,6 +401,7 @@ impl InMemoryEventStore {
                         fingerprint: key.fingerprint,
                         first_sequence: expected_version + 1,
                         last_sequence: expected_version + stored.len() as u64,
+                        rejection: None,
                         recorded_at: Instant::now(),
                     },
                 );

@@ -7,6 +7,7 @@ use tracing::debug;
 use crate::cache::{AggregateCache, CacheStats};
 use crate::{
     Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
+    Recorded, Rejection,
 };
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -279,9 +280,15 @@ impl<S: EventStore> Repository<S> {
     /// that was stored is not rejected on retry because the balance has since changed.
     /// The events carry the key in [`Metadata::command_id`].
     ///
-    /// A command that is rejected, or decides on no events, records nothing: it stored
-    /// nothing, so running it again is safe, and it is decided again on the state of
-    /// the day. Stores keep keys for a retention period (7 days by default, see
+    /// One key has one outcome. A command that is rejected, or decides on no events, is
+    /// recorded too: its retries get the same rejection (an [`Error::Invariant`] with
+    /// the recorded code and message, or an [`Error::Domain`] around a
+    /// [`ReplayedRejection`](crate::ReplayedRejection) with the text of the aggregate's
+    /// own error) or the same empty outcome, even if the state has changed since, and
+    /// an earlier attempt still in flight cannot store events after a retry answered
+    /// "rejected". A new attempt at a rejected command needs a new key. Failures that
+    /// decide nothing (the store unreachable, conflicts beyond the last attempt) record
+    /// nothing. Stores keep keys for a retention period (7 days by default, see
     /// [`DEFAULT_COMMAND_RETENTION`](crate::DEFAULT_COMMAND_RETENTION)); after it the
     /// key is forgotten.
     ///
@@ -372,28 +379,40 @@ impl<S: EventStore> Repository<S> {
         let mut attempt = 1;
         loop {
             // Recorded already (a retry, or a duplicate that won a race): the first
-            // execution's events, without deciding again.
-            if let Some(events) = self.store.find_command::<A>(id, &key).await? {
-                return Ok(Once::Replayed(events));
+            // execution's outcome, without deciding again.
+            if let Some(recorded) = self.store.find_command::<A>(id, &key).await? {
+                return recorded.into_replay();
             }
             let loaded = self.store.load::<A>(id).await?;
             let events = match loaded.aggregate.handle(command.clone()) {
                 Ok(events) => events,
                 Err(err) => {
-                    // A concurrent execution of this key may have been stored between
-                    // the lookup and the load, and changed the state this one was
-                    // decided on: its outcome is the command's outcome.
-                    if let Some(events) = self.store.find_command::<A>(id, &key).await? {
-                        return Ok(Once::Replayed(events));
-                    }
-                    return Err(err.into());
+                    // The rejection is recorded, so that an execution of this key still
+                    // in flight (a client's earlier attempt) cannot store events after
+                    // this one answered "rejected": the first record stands.
+                    let err: Error = err.into();
+                    let Some(rejection) = Rejection::of(&err) else {
+                        return Err(err);
+                    };
+                    return match self
+                        .store
+                        .record_command::<A>(id, loaded.version, &key, Some(&rejection))
+                        .await?
+                    {
+                        Recorded::Rejected(recorded) if recorded == rejection => Err(err),
+                        recorded => recorded.into_replay(),
+                    };
                 }
             };
             if events.is_empty() {
-                if let Some(events) = self.store.find_command::<A>(id, &key).await? {
-                    return Ok(Once::Replayed(events));
-                }
-                return Ok(Once::Stored(Vec::new()));
+                return match self
+                    .store
+                    .record_command::<A>(id, loaded.version, &key, None)
+                    .await?
+                {
+                    Recorded::Stored(events) if events.is_empty() => Ok(Once::Stored(events)),
+                    recorded => recorded.into_replay(),
+                };
             }
             match self
                 .store

@@ -3,7 +3,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Aggregate, CommandKey, Error, EventEnvelope, Metadata, Once, RawEvent};
+use crate::{
+    Aggregate, CommandKey, Error, EventEnvelope, Metadata, Once, RawEvent, Recorded, Rejection,
+};
 
 /// An aggregate rebuilt from its stream.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,9 +32,11 @@ pub type Decided<A> = (Loaded<A>, Vec<EventEnvelope<<A as Aggregate>::Event>>);
 ///   `expected_version`; otherwise it returns [`Error::Conflict`] and stores nothing.
 ///   Of two concurrent appends with the same expected version, exactly one wins.
 /// - [`append_once`](EventStore::append_once) records a command's key with its events,
-///   atomically: of two appends with the same key, at most one stores events; the
-///   other (or any later one, within the store's retention) stores nothing and gets the
-///   first one's events back.
+///   atomically, and [`record_command`](EventStore::record_command) records a key whose
+///   command stored nothing (rejected, or no events): the first record of a key stands,
+///   and of two executions of one key at most one stores events; the other (or any
+///   later one, within the store's retention) stores nothing and gets the first one's
+///   outcome.
 /// - [`read_all`](EventStore::read_all) returns events in the store's global order and
 ///   never skips an event that becomes visible later: an event that is not yet returned
 ///   when a reader passes its place is returned to that reader later. The global order
@@ -106,8 +110,9 @@ pub trait EventStore: Send + Sync {
         }
     }
 
-    /// The events a command executed under `key` stored, when the key is recorded (and
-    /// not older than the store's retention), or `None`.
+    /// What the command executed under `key` did (the events it stored, or its
+    /// rejection), when the key is recorded and not older than the store's retention;
+    /// `None` otherwise.
     ///
     /// # Errors
     ///
@@ -118,15 +123,35 @@ pub trait EventStore: Send + Sync {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Recorded<A::Event>>, Error>> + Send {
         let _ = (id, key);
         async { Err(unsupported_command_keys()) }
     }
 
+    /// Records that the command executed under `key` stored nothing: it was rejected
+    /// (`rejection`), or decided on no events (`None`) at the aggregate's `version`.
+    /// When the key is recorded already, records nothing. Returns the record that
+    /// stands: this one, or the earlier one (which may have stored events).
+    ///
+    /// # Errors
+    ///
+    /// As [`find_command`](EventStore::find_command).
+    fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> impl Future<Output = Result<Recorded<A::Event>, Error>> + Send {
+        let _ = (id, version, key, rejection);
+        async { Err(unsupported_command_keys()) }
+    }
+
     /// [`append`](EventStore::append) that records `key` with the events, atomically.
-    /// When `key` is already recorded, stores nothing and returns [`Once::Replayed`] with
-    /// the events the first append stored (whatever the expected version). An empty
-    /// `events` stores nothing and records nothing.
+    /// When `key` is already recorded, stores nothing and returns the first execution's
+    /// outcome: [`Once::Replayed`] with the events it stored (whatever the expected
+    /// version), or its rejection as the error. An empty `events` stores nothing and
+    /// records nothing (see [`record_command`](EventStore::record_command)).
     ///
     /// [`Repository::execute_once`](crate::Repository::execute_once) calls it; call it
     /// directly only to build something like it.
@@ -247,8 +272,18 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> impl Future<Output = Result<Option<Vec<EventEnvelope<A::Event>>>, Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Recorded<A::Event>>, Error>> + Send {
         (**self).find_command::<A>(id, key)
+    }
+
+    fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> impl Future<Output = Result<Recorded<A::Event>, Error>> + Send {
+        (**self).record_command::<A>(id, version, key, rejection)
     }
 
     fn append_once<A: Aggregate>(

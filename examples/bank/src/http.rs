@@ -19,8 +19,10 @@
 //! at most once per key: a retry with the same key (after a timeout, a 5xx or a lost
 //! connection) stores nothing and answers with the first execution's status and events,
 //! plus the header `Idempotent-Replayed: true`, even if the service restarted in
-//! between. Keys are kept for 7 days. A rejected command (4xx) stores nothing and
-//! records nothing, so its retry is decided again. Sending another command (another
+//! between. One key has one outcome: a command the account rejected (422) is recorded
+//! too, and its retry gets the same 422 even if the balance has changed since; a new
+//! attempt needs a new key. (A request refused before it reaches the account, 400 or
+//! 413, records nothing.) Keys are kept for 7 days. Sending another command (another
 //! path, account or body) under a used key answers 422 `IDEMPOTENCY_KEY_REUSED`.
 //! Without the header a retry may apply the command twice.
 //!

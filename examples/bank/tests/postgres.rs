@@ -139,7 +139,10 @@ async fn the_read_model_saturates_like_apply() {
 
     let balances = PgBalances::new(&store).await.expect("read model");
     let subscription = PgSubscription::new::<BankAccount>(store.clone(), balances.clone());
-    subscription.catch_up().await.expect("the projection applies every event");
+    subscription
+        .catch_up()
+        .await
+        .expect("the projection applies every event");
     let row = balances.get(&id).await.expect("read").expect("row");
     let folded = Repository::new(store.clone())
         .load::<BankAccount>(&id)

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use thalo::{
     commands, events, Aggregate, CheckpointStore, CommandKey, Decided, Error, EventEnvelope,
-    EventStore, Loaded, Metadata, Once, RawEvent,
+    EventStore, Loaded, Metadata, Once, RawEvent, Recorded, Rejection,
 };
 use thalo_postgres::{PgEventStore, PgEventStoreBuilder};
 use tokio::sync::OnceCell;
@@ -235,8 +235,20 @@ impl EventStore for GuardedStore {
         &self,
         id: &A::Id,
         key: &CommandKey,
-    ) -> Result<Option<Vec<EventEnvelope<A::Event>>>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         self.store.find_command::<A>(id, key).await
+    }
+
+    async fn record_command<A: Aggregate>(
+        &self,
+        id: &A::Id,
+        version: u64,
+        key: &CommandKey,
+        rejection: Option<&Rejection>,
+    ) -> Result<Recorded<A::Event>, Error> {
+        self.store
+            .record_command::<A>(id, version, key, rejection)
+            .await
     }
 
     async fn append_once<A: Aggregate>(

@@ -1,0 +1,295 @@
+//! What must hold once the stack has settled, and the report.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sqlx::{PgPool, Row as _};
+
+use crate::client::{Answer, Command, Kind, Tally};
+use crate::{Args, Faults};
+
+/// The fold of the stored events: account -> (balance, version).
+async fn folded(pool: &PgPool, schema: &str) -> anyhow::Result<HashMap<String, (i64, i64)>> {
+    let rows = sqlx::query(&format!(
+        "SELECT aggregate_id,
+                sum(CASE event_type
+                    WHEN 'AccountOpened' THEN (payload->>'initial_deposit')::bigint
+                    WHEN 'FundsDeposited' THEN (payload->>'amount')::bigint
+                    WHEN 'FundsWithdrawn' THEN -(payload->>'amount')::bigint
+                    ELSE 0 END)::bigint,
+                max(sequence)
+         FROM \"{schema}\".events GROUP BY aggregate_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .context("folding the events")?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
+async fn read_model(pool: &PgPool, schema: &str) -> HashMap<String, (i64, i64)> {
+    sqlx::query(&format!(
+        "SELECT account_number, balance, version FROM \"{schema}\".bank_balances"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .collect()
+}
+
+async fn count(pool: &PgPool, schema: &str, table: &str) -> anyhow::Result<i64> {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM \"{schema}\".{table}"))
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("counting {table}"))
+}
+
+/// Waits until the outbox is empty and the read model equals the fold of the events;
+/// false when `bound` passed first.
+pub async fn settle(pool: &PgPool, schema: &str, bound: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let outbox = count(pool, schema, "outbox").await?;
+        if outbox == 0 && read_model(pool, schema).await == folded(pool, schema).await? {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the checks found.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub events: i64,
+    pub lost: u64,
+    pub applied_twice: u64,
+    pub rejected_but_stored: u64,
+    pub unexplained: u64,
+    pub divergent_accounts: u64,
+    pub outbox: i64,
+    pub parked: i64,
+    pub retried_commands: u64,
+    pub violations: Vec<String>,
+}
+
+/// Checks the store and the read model against what the clients were told.
+pub async fn check(
+    pool: &PgPool,
+    schema: &str,
+    commands: &[Command],
+    tally: &Tally,
+) -> anyhow::Result<Found> {
+    let mut found = Found::default();
+    // Every stored event by the key of the command that stored it.
+    let rows = sqlx::query(&format!(
+        "SELECT metadata->>'command_id', event_id::text FROM \"{schema}\".events"
+    ))
+    .fetch_all(pool)
+    .await
+    .context("reading the events")?;
+    found.events = rows.len() as i64;
+    let mut by_key: HashMap<Option<String>, Vec<String>> = HashMap::new();
+    for row in &rows {
+        by_key
+            .entry(row.get::<Option<String>, _>(0))
+            .or_default()
+            .push(row.get(1));
+    }
+    // The accounts were opened by the harness before the load, with keys too.
+    let mut expected_balance: HashMap<&str, i64> = HashMap::new();
+    for command in commands {
+        if command.attempts > 1 {
+            found.retried_commands += 1;
+        }
+        let stored = by_key
+            .remove(&Some(command.key.clone()))
+            .unwrap_or_default();
+        match &command.answer {
+            Answer::Acknowledged { event_id } => {
+                match stored.as_slice() {
+                    [] => {
+                        found.lost += 1;
+                        found
+                            .violations
+                            .push(format!("acknowledged but not stored: {command:?}"));
+                    }
+                    [one] if one == event_id => {}
+                    [one] => found.violations.push(format!(
+                        "acknowledged with event {event_id}, stored as {one}: {command:?}"
+                    )),
+                    more => {
+                        found.applied_twice += 1;
+                        found
+                            .violations
+                            .push(format!("stored {} times: {command:?}", more.len()));
+                    }
+                }
+                let delta = match command.kind {
+                    Kind::Withdraw => -command.amount,
+                    Kind::Open | Kind::Deposit => command.amount,
+                };
+                *expected_balance.entry(&command.account).or_default() += delta;
+            }
+            Answer::Rejected { status, code } => {
+                if !stored.is_empty() {
+                    found.rejected_but_stored += 1;
+                    found.violations.push(format!(
+                        "rejected ({status} {code}) but stored: {command:?}"
+                    ));
+                }
+                if code != "INSUFFICIENT_FUNDS" {
+                    found
+                        .violations
+                        .push(format!("unexpected rejection {status} {code}: {command:?}"));
+                }
+            }
+        }
+    }
+    // Events no client command accounts for.
+    for (key, events) in by_key {
+        found.unexplained += events.len() as u64;
+        found.violations.push(format!(
+            "{} stored event(s) of no client command (key {key:?})",
+            events.len()
+        ));
+    }
+
+    let fold = folded(pool, schema).await?;
+    let model = read_model(pool, schema).await;
+    for (account, (balance, version)) in &fold {
+        let told = expected_balance.get(account.as_str()).copied().unwrap_or(0);
+        if *balance != told {
+            found.violations.push(format!(
+                "{account}: the events add up to {balance}, the clients were told {told}"
+            ));
+        }
+        if model.get(account) != Some(&(*balance, *version)) {
+            found.divergent_accounts += 1;
+            found.violations.push(format!(
+                "{account}: read model {:?}, fold of the events {:?}",
+                model.get(account),
+                (balance, version)
+            ));
+        }
+    }
+    found.outbox = count(pool, schema, "outbox").await?;
+    if found.outbox != 0 {
+        found
+            .violations
+            .push(format!("{} rows left in the outbox", found.outbox));
+    }
+    found.parked = count(pool, schema, "outbox_parked").await?
+        + count(pool, schema, "consumer_parked").await?;
+    if found.parked != 0 {
+        found
+            .violations
+            .push(format!("{} parked aggregates", found.parked));
+    }
+    if tally.acknowledged() == 0 {
+        found
+            .violations
+            .push("no command was acknowledged".to_owned());
+    }
+    Ok(found)
+}
+
+/// The figures, as Markdown.
+pub fn report(
+    faults: &Faults,
+    tally: &Tally,
+    found: &Found,
+    load: Duration,
+    settle: Duration,
+    settled: bool,
+    args: &Args,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "### Fault run: {} s, {} clients, {} accounts, a fault every {} s",
+        args.seconds, args.clients, args.accounts, args.fault_every
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "| figure | value |");
+    let _ = writeln!(out, "|---|---:|");
+    let rows: [(&str, String); 17] = [
+        (
+            "service SIGKILLed and restarted",
+            faults.service_kills.to_string(),
+        ),
+        (
+            "Postgres session terminations (sessions terminated)",
+            format!(
+                "{} ({})",
+                faults.session_terminations, faults.sessions_terminated
+            ),
+        ),
+        (
+            "broker restarts (SIGTERM, sqlite storage)",
+            faults.broker_restarts.to_string(),
+        ),
+        ("commands sent", tally.sent().to_string()),
+        ("acknowledged (2xx)", tally.acknowledged().to_string()),
+        (
+            "rejected (422 INSUFFICIENT_FUNDS)",
+            tally.rejected().to_string(),
+        ),
+        (
+            "ambiguous attempts retried with the same key",
+            tally.retries().to_string(),
+        ),
+        (
+            "commands that needed a retry",
+            found.retried_commands.to_string(),
+        ),
+        (
+            "answers replayed from the idempotency record",
+            tally.replayed().to_string(),
+        ),
+        ("events stored", found.events.to_string()),
+        ("acknowledged but lost", found.lost.to_string()),
+        ("applied twice", found.applied_twice.to_string()),
+        ("rejected but stored", found.rejected_but_stored.to_string()),
+        (
+            "read-model divergences (accounts)",
+            found.divergent_accounts.to_string(),
+        ),
+        (
+            "outbox rows left / parked aggregates",
+            format!("{} / {}", found.outbox, found.parked),
+        ),
+        ("load time", format!("{:.1} s", load.as_secs_f64())),
+        (
+            "time to settle after the load",
+            if settled {
+                format!("{:.1} s", settle.as_secs_f64())
+            } else {
+                format!("did not settle within {:.0} s", settle.as_secs_f64())
+            },
+        ),
+    ];
+    for (name, value) in rows {
+        let _ = writeln!(out, "| {name} | {value} |");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{}",
+        if found.violations.is_empty() && settled {
+            "All checks passed."
+        } else {
+            "CHECKS FAILED."
+        }
+    );
+    out
+}

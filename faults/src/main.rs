@@ -1,0 +1,261 @@
+//! The bank service under faults.
+//!
+//! Concurrent clients drive the bank's HTTP API with deposits and withdrawals, each with
+//! its own `Idempotency-Key`, retrying ambiguous failures (connection errors, timeouts,
+//! 5xx, 409) with the same key until they get a definitive answer, as a careful client
+//! does. Meanwhile the harness, in turn:
+//!
+//! - SIGKILLs the service and starts it again;
+//! - terminates every Postgres session of the service (`pg_terminate_backend`);
+//! - restarts the broker (tansu with `sqlite://` storage, so topics and committed
+//!   offsets survive; stopped with SIGTERM, see `RELIABILITY.md` for why not SIGKILL).
+//!
+//! Then it stops the load, lets the stack settle and checks that every acknowledged
+//! command is stored exactly once (with the event id the client was given), that no
+//! command is stored twice and no rejected one at all, that the balances add up to what
+//! the clients were told, that the read model equals the fold of the stored events, that
+//! the outbox is empty and that nothing is parked. It prints the figures (and writes
+//! them with `--report`), and exits non-zero when a check fails.
+//!
+//! ```text
+//! cargo build -p bank && cargo run -p bank-faults -- --seconds 45
+//! ```
+
+mod checks;
+mod client;
+mod procs;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use sqlx::PgPool;
+
+use crate::client::{Client, Tally};
+use crate::procs::{Broker, Service};
+
+/// Fault injection for the bank service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// How long the load and the faults run.
+    #[arg(long, default_value_t = 45)]
+    seconds: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// Accounts the clients share.
+    #[arg(long, default_value_t = 6)]
+    accounts: usize,
+    /// Seconds between two faults.
+    #[arg(long, default_value_t = 4)]
+    fault_every: u64,
+    /// How long the stack may take to settle after the load.
+    #[arg(long, default_value_t = 90)]
+    settle_seconds: u64,
+    /// Postgres (a schema of its own is created and, on success, dropped).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/thalo_test"
+    )]
+    database_url: String,
+    /// The `bank` binary (default: beside this one).
+    #[arg(long, env = "BANK_BIN")]
+    bank: Option<PathBuf>,
+    /// The `tansu` binary.
+    #[arg(long, env = "TANSU_BIN", default_value = "tansu")]
+    tansu: PathBuf,
+    /// Also write the figures, as Markdown, to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Faults injected, by kind.
+#[derive(Debug, Default)]
+pub struct Faults {
+    service_kills: u32,
+    session_terminations: u32,
+    sessions_terminated: u64,
+    broker_restarts: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let bank = match &args.bank {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory of the current executable")?
+            .join("bank"),
+    };
+    if !bank.exists() {
+        bail!(
+            "the bank binary is not at {} (build it with `cargo build -p bank`, or pass --bank)",
+            bank.display()
+        );
+    }
+    let work = std::env::temp_dir().join(format!("bank-faults-{id}"));
+    std::fs::create_dir_all(&work)?;
+    let schema = format!("faults_{id}");
+    let application = format!("bank-faults-{id}");
+
+    println!(
+        "bank-faults {id}: {} s of load and faults, {} clients, {} accounts; logs in {}",
+        args.seconds,
+        args.clients,
+        args.accounts,
+        work.display()
+    );
+    let admin = PgPool::connect(&args.database_url)
+        .await
+        .context("connecting to Postgres at DATABASE_URL")?;
+    let mut broker = Broker::start(&args.tansu, &work).await?;
+    let mut service = Service::new(
+        &bank,
+        &work,
+        &args.database_url,
+        &application,
+        &schema,
+        &broker.brokers(),
+        &id,
+    )?;
+    service.start().await?;
+
+    let outcome = run(
+        &args,
+        &admin,
+        &mut service,
+        &mut broker,
+        &schema,
+        &application,
+    )
+    .await;
+    service.stop().await;
+    broker.stop().await;
+    match outcome {
+        Ok(report) => {
+            print!("{report}");
+            if let Some(path) = &args.report {
+                std::fs::write(path, &report)?;
+            }
+            sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                .execute(&admin)
+                .await
+                .context("dropping the schema")?;
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(())
+        }
+        Err(err) => {
+            eprintln!(
+                "bank-faults FAILED; schema {schema} and the logs in {} are kept",
+                work.display()
+            );
+            Err(err)
+        }
+    }
+}
+
+async fn run(
+    args: &Args,
+    admin: &PgPool,
+    service: &mut Service,
+    broker: &mut Broker,
+    schema: &str,
+    application: &str,
+) -> anyhow::Result<String> {
+    let client = Client::new(service.base_url())?;
+    let accounts: Vec<String> = (0..args.accounts).map(|a| format!("F-{a}")).collect();
+    let tally = Arc::new(Tally::default());
+    let mut commands = Vec::new();
+    for account in &accounts {
+        commands.push(
+            client
+                .open(account, client::INITIAL_DEPOSIT, &tally)
+                .await?,
+        );
+    }
+
+    let loading = Arc::new(AtomicBool::new(true));
+    let workers: Vec<_> = (0..args.clients)
+        .map(|n| {
+            let (client, accounts) = (client.clone(), accounts.clone());
+            let (loading, tally) = (Arc::clone(&loading), Arc::clone(&tally));
+            tokio::spawn(async move { client.run(n, &accounts, &loading, &tally).await })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut faults = Faults::default();
+    let mut turn = 0_u32;
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        tokio::time::sleep(Duration::from_secs(args.fault_every)).await;
+        match turn % 3 {
+            0 => {
+                service.kill().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                service.start().await?;
+                faults.service_kills += 1;
+            }
+            1 => {
+                let terminated: i64 = sqlx::query_scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE application_name = $1",
+                )
+                .bind(application)
+                .fetch_one(admin)
+                .await
+                .context("terminating the service's sessions")?;
+                faults.session_terminations += 1;
+                faults.sessions_terminated += u64::try_from(terminated).unwrap_or(0);
+            }
+            _ => {
+                broker.restart().await?;
+                faults.broker_restarts += 1;
+            }
+        }
+        turn += 1;
+        println!(
+            "  {:>5.1} s: {} acknowledged, {} retries so far; faults: {} SIGKILL, {} session terminations, {} broker restarts",
+            started.elapsed().as_secs_f64(),
+            tally.acknowledged(),
+            tally.retries(),
+            faults.service_kills,
+            faults.session_terminations,
+            faults.broker_restarts
+        );
+    }
+    loading.store(false, Ordering::SeqCst);
+    for worker in workers {
+        commands.extend(worker.await.context("client task")??);
+    }
+    let load_time = started.elapsed();
+
+    let settle_from = Instant::now();
+    let settled = checks::settle(admin, schema, Duration::from_secs(args.settle_seconds)).await?;
+    let settle_time = settle_from.elapsed();
+    let found = checks::check(admin, schema, &commands, &tally).await?;
+    let report = checks::report(
+        &faults,
+        &tally,
+        &found,
+        load_time,
+        settle_time,
+        settled,
+        args,
+    );
+    if !found.violations.is_empty() || !settled {
+        print!("{report}");
+        bail!(
+            "{} violation(s): {:#?}",
+            found.violations.len(),
+            found.violations
+        );
+    }
+    Ok(report)
+}
