@@ -8,7 +8,8 @@
 #     answers, installs the pinned `tansu` broker from crates.io (once) and runs it in
 #     the background for the duration of the suite.
 # It exports THALO_REQUIRE_SERVICES=1, which turns a missing service into a test failure,
-# and fails if any test was skipped (ignored).
+# and fails if any test was skipped (ignored). Then it runs the fault-injection suite
+# (bank-faults, FAULTS_SECONDS of load and faults, 45 by default; see RELIABILITY.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -148,6 +149,18 @@ fi
 passed=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
 rm -f "$out"
+
+# The fault-injection suite (see RELIABILITY.md): the bank service under SIGKILLs,
+# terminated Postgres sessions and broker restarts, with idempotent clients; then the
+# exactly-once checks. It runs its own broker (tansu with sqlite storage).
+FAULTS_SECONDS="${FAULTS_SECONDS:-45}"
+log "running the fault-injection suite (${FAULTS_SECONDS} s of load and faults)"
+cargo build -q -p bank -p bank-faults
+if ! cargo run -q -p bank-faults -- --seconds "$FAULTS_SECONDS" --report target/faults-report.md; then
+    echo "error: the fault-injection suite failed" >&2
+    exit 1
+fi
+
 echo
-echo "all: $passed passed, $failed failed"
+echo "all: $passed passed, $failed failed; fault-injection suite passed (figures in target/faults-report.md)"
 exit 0
