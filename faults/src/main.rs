@@ -69,6 +69,9 @@ struct Args {
     /// The `tansu` binary.
     #[arg(long, env = "TANSU_BIN", default_value = "tansu")]
     tansu: PathBuf,
+    /// Restart the broker with SIGKILL instead of SIGTERM.
+    #[arg(long)]
+    kill_broker: bool,
     /// Also write the figures, as Markdown, to this file.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -215,7 +218,7 @@ async fn run(
                 faults.sessions_terminated += u64::try_from(terminated).unwrap_or(0);
             }
             _ => {
-                broker.restart().await?;
+                broker.restart(args.kill_broker).await?;
                 faults.broker_restarts += 1;
             }
         }

@@ -101,9 +101,17 @@ impl Broker {
         Ok(())
     }
 
-    /// Stops the broker with SIGTERM (its data stays) and starts it again.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop().await;
+    /// Stops the broker with SIGTERM, or SIGKILL when `kill` (its data stays either
+    /// way), and starts it again.
+    pub async fn restart(&mut self, kill: bool) -> anyhow::Result<()> {
+        if kill {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        } else {
+            self.stop().await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.spawn().await
     }

@@ -25,7 +25,9 @@ use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Row};
-use thalo::{commands, events, Aggregate, AggregateType, Error, EventStore, Metadata, Repository};
+use thalo::{
+    commands, events, Aggregate, AggregateType, CommandId, Error, EventStore, Metadata, Repository,
+};
 use thalo_postgres::{GroupCommit, NotifyMode, PgEventStore};
 use uuid::Uuid;
 
@@ -185,6 +187,17 @@ impl Bench {
         }
     }
 
+    /// One command with an idempotency key (a fresh one, as every new client request
+    /// has): look the key up, load, decide, append with the key.
+    async fn thalo_command_once(repo: &Repository<PgEventStore>, id: &String) {
+        if let Err(err) = repo
+            .execute_once::<Counter>(id, CommandId::random(), CounterCommand::Add { by: 1 })
+            .await
+        {
+            fail("execute_once", err);
+        }
+    }
+
     /// The same work by hand, as a textbook transaction: BEGIN, SELECT the stream,
     /// INSERT the event, INSERT the outbox row, NOTIFY, COMMIT.
     async fn raw_command_tx(&self, id: &str) {
@@ -308,6 +321,7 @@ impl Bench {
                             "thalo-in-tx" => Self::thalo_command(&in_tx, &id).await,
                             "thalo-quiet" => Self::thalo_command(&quiet, &id).await,
                             "thalo-cached" => Self::thalo_command(&bench.cached, &id).await,
+                            "thalo-once" => Self::thalo_command_once(&repo, &id).await,
                             "raw-tx" => bench.raw_command_tx(&id).await,
                             "raw-min" => bench.raw_command_min(&id, true).await,
                             "raw-min-quiet" => bench.raw_command_min(&id, false).await,
@@ -606,6 +620,7 @@ async fn run() {
         "thalo-quiet",
         "raw-min-quiet",
         "thalo-cached",
+        "thalo-once",
     ]);
     let levels = [(1, 300), (8, 100), (32, 40)];
     for round in 0..=rounds {
@@ -655,6 +670,21 @@ async fn run() {
             "| {clients} | {c:.0} | {rq:.0} | {:.0}% | {:.2}x |",
             100.0 * c / rq,
             c / t
+        );
+    }
+    println!("\nIdempotent commands (`Repository::execute_once` with a new key per command: key lookup, load, decide, append that records the key), against plain `execute`:\n");
+    println!("| clients | thalo `execute_once` | thalo `execute` | raw minimal: SELECT + one INSERT statement | once / execute | once / raw minimal |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &(clients, _) in &levels {
+        let (o, t, rq) = (
+            m(clients, "thalo-once"),
+            m(clients, "thalo"),
+            m(clients, "raw-min-quiet"),
+        );
+        println!(
+            "| {clients} | {o:.0} | {t:.0} | {rq:.0} | {:.2}x | {:.0}% |",
+            o / t,
+            100.0 * o / rq
         );
     }
     println!("\nNotify inside the append's transaction (`NotifyMode::InTransaction`), against raw SQL that also notifies in the transaction:\n");

@@ -394,3 +394,63 @@ async fn in_memory_command_keys_expire_after_the_retention() {
     assert!(!again.is_replayed());
     assert_eq!(store.len(), 2);
 }
+
+mod domain {
+    use thalo::{commands, events, Aggregate};
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    pub enum LockError {
+        #[error("the lock is jammed")]
+        Jammed,
+    }
+
+    impl From<LockError> for thalo::Error {
+        fn from(error: LockError) -> Self {
+            thalo::Error::domain(error)
+        }
+    }
+
+    #[derive(Aggregate, Clone, Debug, Default)]
+    pub struct Lock {
+        #[identity]
+        pub id: String,
+    }
+
+    #[commands]
+    impl Lock {
+        pub fn open(&self) -> Result<OpenedEvent, LockError> {
+            Err(LockError::Jammed)
+        }
+    }
+
+    #[events]
+    impl Lock {
+        pub fn opened(&mut self) {}
+    }
+}
+
+/// A rejection with the aggregate's own error type: the first execution returns it as
+/// is (downcastable), a retry under the key gets its text back as a `ReplayedRejection`.
+#[tokio::test]
+async fn a_replayed_domain_error_keeps_its_text() {
+    use domain::{Lock, LockCommand, LockError};
+    let repo = Repository::new(InMemoryEventStore::new());
+    let key = thalo::CommandId::random();
+    let first = repo
+        .execute_once::<Lock>(&"front".to_owned(), key.clone(), LockCommand::Open)
+        .await
+        .expect_err("jammed");
+    assert_eq!(
+        first.downcast_domain::<LockError>(),
+        Some(&LockError::Jammed)
+    );
+    let replayed = repo
+        .execute_once::<Lock>(&"front".to_owned(), key, LockCommand::Open)
+        .await
+        .expect_err("jammed, replayed");
+    let text = replayed
+        .downcast_domain::<thalo::ReplayedRejection>()
+        .expect("a replayed rejection");
+    assert_eq!(text.message, "the lock is jammed");
+    assert_eq!(replayed.to_string(), first.to_string());
+}
