@@ -72,14 +72,14 @@ impl Inner {
     }
 
     /// Records a command that stored nothing, unless its key is recorded; returns the
-    /// record that stands.
+    /// earlier record, which then stands.
     pub(crate) async fn record_command<A: Aggregate>(
         &self,
         id: &A::Id,
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> Result<Recorded<A::Event>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         for _ in 0..3 {
             let recorded = sqlx::query(&self.sql.record_command)
                 .bind(key.id.as_str())
@@ -95,15 +95,12 @@ impl Inner {
                 .await
                 .map_err(store("recording a command id"))?;
             if recorded.is_some() {
-                return Ok(match rejection {
-                    Some(rejection) => Recorded::Rejected(rejection.clone()),
-                    None => Recorded::Stored(Vec::new()),
-                });
+                return Ok(None);
             }
             // Recorded before (the insert waited for a concurrent one to commit): that
             // record stands. Should it have expired in between, record again.
             if let Some(recorded) = self.find_command::<A>(id, key).await? {
-                return Ok(recorded);
+                return Ok(Some(recorded));
             }
         }
         Err(Error::store(

@@ -310,7 +310,7 @@ impl EventStore for PgEventStore {
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> Result<Recorded<A::Event>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         self.inner
             .record_command::<A>(id, version, key, rejection)
             .await

@@ -265,11 +265,11 @@ impl EventStore for InMemoryEventStore {
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> Result<Recorded<A::Event>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         let aggregate_id = id.to_string();
         let mut state = self.state();
         if let Some(recorded) = state.recorded::<A>(&aggregate_id, key)? {
-            return Ok(recorded);
+            return Ok(Some(recorded));
         }
         state.commands.insert(
             key.id.clone(),
@@ -283,10 +283,7 @@ impl EventStore for InMemoryEventStore {
                 recorded_at: Instant::now(),
             },
         );
-        Ok(match rejection {
-            Some(rejection) => Recorded::Rejected(rejection.clone()),
-            None => Recorded::Stored(Vec::new()),
-        })
+        Ok(None)
     }
 
     async fn append_once<A: Aggregate>(

@@ -7,7 +7,7 @@ use tracing::debug;
 use crate::cache::{AggregateCache, CacheStats};
 use crate::{
     Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
-    Recorded, Rejection,
+    Rejection,
 };
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -276,9 +276,13 @@ impl<S: EventStore> Repository<S> {
     /// atomically, and returns [`Once::Stored`]. Any later execution under the same key
     /// (a retry after a timeout or a lost answer, in this process or another, or a
     /// concurrent duplicate) stores nothing and returns [`Once::Replayed`] with the
-    /// events the first one stored, without deciding the command again: a withdrawal
-    /// that was stored is not rejected on retry because the balance has since changed.
-    /// The events carry the key in [`Metadata::command_id`].
+    /// events the first one stored, whatever deciding the command again would give: a
+    /// withdrawal that was stored is not rejected on retry because the balance has
+    /// since changed. The events carry the key in [`Metadata::command_id`].
+    ///
+    /// A new key costs what [`execute`](Repository::execute) costs: the store checks
+    /// the key in the statement that appends (or records a rejection), so there is no
+    /// lookup up front; the aggregate cache is used as by `execute`.
     ///
     /// One key has one outcome. A command that is rejected, or decides on no events, is
     /// recorded too: its retries get the same rejection (an [`Error::Invariant`] with
@@ -371,54 +375,9 @@ impl<S: EventStore> Repository<S> {
     {
         let key = CommandKey::new(command_id.clone(), &command);
         let metadata = metadata.clone().with_command_id(command_id);
-        // The keyed path writes without going through the cache: drop the entry so the
-        // next plain command on this aggregate loads it instead of paying a conflict.
-        if let Some(cache) = &self.cache {
-            let _ = cache.take::<A>(id);
-        }
         let mut attempt = 1;
         loop {
-            // Recorded already (a retry, or a duplicate that won a race): the first
-            // execution's outcome, without deciding again.
-            if let Some(recorded) = self.store.find_command::<A>(id, &key).await? {
-                return recorded.into_replay();
-            }
-            let loaded = self.store.load::<A>(id).await?;
-            let events = match loaded.aggregate.handle(command.clone()) {
-                Ok(events) => events,
-                Err(err) => {
-                    // The rejection is recorded, so that an execution of this key still
-                    // in flight (a client's earlier attempt) cannot store events after
-                    // this one answered "rejected": the first record stands.
-                    let err: Error = err.into();
-                    let Some(rejection) = Rejection::of(&err) else {
-                        return Err(err);
-                    };
-                    return match self
-                        .store
-                        .record_command::<A>(id, loaded.version, &key, Some(&rejection))
-                        .await?
-                    {
-                        Recorded::Rejected(recorded) if recorded == rejection => Err(err),
-                        recorded => recorded.into_replay(),
-                    };
-                }
-            };
-            if events.is_empty() {
-                return match self
-                    .store
-                    .record_command::<A>(id, loaded.version, &key, None)
-                    .await?
-                {
-                    Recorded::Stored(events) if events.is_empty() => Ok(Once::Stored(events)),
-                    recorded => recorded.into_replay(),
-                };
-            }
-            match self
-                .store
-                .append_once::<A>(id, loaded.version, events, &metadata, &key)
-                .await
-            {
+            match self.attempt_once::<A>(id, &command, &metadata, &key).await {
                 Err(err) if err.is_conflict() && attempt < self.max_attempts => {
                     debug!(
                         aggregate_type = A::TYPE,
@@ -432,6 +391,96 @@ impl<S: EventStore> Repository<S> {
                 result => return result,
             }
         }
+    }
+
+    /// One attempt of a keyed command. There is no lookup of the key up front: the
+    /// store checks it where it records it. An append under a recorded key stores
+    /// nothing and returns the record (whatever the version it was decided on), and so
+    /// does recording a rejection or a decision on no events, so a retry is answered
+    /// from the record even when deciding it again would now be rejected.
+    async fn attempt_once<A>(
+        &self,
+        id: &A::Id,
+        command: &A::Command,
+        metadata: &Metadata,
+        key: &CommandKey,
+    ) -> Result<Once<A::Event>, Error>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        // From the cache when it holds the aggregate and it decides on events, as in
+        // `attempt_cached`: the append's version check proves the entry current.
+        if let Some(cache) = &self.cache {
+            if let Some((aggregate, version)) = cache.take::<A>(id) {
+                if let Ok(events) = aggregate.handle(command.clone()) {
+                    if !events.is_empty() {
+                        cache.record_hit();
+                        return match self
+                            .store
+                            .append_once::<A>(id, version, events, metadata, key)
+                            .await
+                        {
+                            Ok(Once::Stored(stored)) => {
+                                cache_applied(cache, id, aggregate, version, &stored);
+                                Ok(Once::Stored(stored))
+                            }
+                            // A replay says nothing of the current state: the entry
+                            // stays out.
+                            Ok(replayed) => Ok(replayed),
+                            Err(err) => {
+                                if err.is_conflict() {
+                                    cache.record_stale();
+                                }
+                                Err(err)
+                            }
+                        };
+                    }
+                }
+            }
+            cache.record_miss();
+        }
+
+        let loaded = self.store.load::<A>(id).await?;
+        let events = match loaded.aggregate.handle(command.clone()) {
+            Ok(events) => events,
+            Err(err) => {
+                // The rejection is recorded, so that an execution of this key still in
+                // flight (a client's earlier attempt) cannot store events after this
+                // one answered "rejected": the first record stands.
+                let err: Error = err.into();
+                let Some(rejection) = Rejection::of(&err) else {
+                    return Err(err);
+                };
+                return match self
+                    .store
+                    .record_command::<A>(id, loaded.version, key, Some(&rejection))
+                    .await?
+                {
+                    None => Err(err),
+                    Some(earlier) => earlier.into_replay(),
+                };
+            }
+        };
+        if events.is_empty() {
+            return match self
+                .store
+                .record_command::<A>(id, loaded.version, key, None)
+                .await?
+            {
+                None => Ok(Once::Stored(Vec::new())),
+                Some(earlier) => earlier.into_replay(),
+            };
+        }
+        let version = loaded.version;
+        let result = self
+            .store
+            .append_once::<A>(id, version, events, metadata, key)
+            .await;
+        if let (Some(cache), Ok(Once::Stored(stored))) = (&self.cache, &result) {
+            cache_applied(cache, id, loaded.aggregate, version, stored);
+        }
+        result
     }
 
     /// One attempt of a command with the cache: from the cached aggregate when there is

@@ -130,8 +130,9 @@ pub trait EventStore: Send + Sync {
 
     /// Records that the command executed under `key` stored nothing: it was rejected
     /// (`rejection`), or decided on no events (`None`) at the aggregate's `version`.
-    /// When the key is recorded already, records nothing. Returns the record that
-    /// stands: this one, or the earlier one (which may have stored events).
+    /// Returns `None` when it recorded this outcome. When the key was recorded
+    /// already, records nothing and returns the earlier record, which stands (it may
+    /// have stored events).
     ///
     /// # Errors
     ///
@@ -142,7 +143,7 @@ pub trait EventStore: Send + Sync {
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> impl Future<Output = Result<Recorded<A::Event>, Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Recorded<A::Event>>, Error>> + Send {
         let _ = (id, version, key, rejection);
         async { Err(unsupported_command_keys()) }
     }
@@ -282,7 +283,7 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> impl Future<Output = Result<Recorded<A::Event>, Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Recorded<A::Event>>, Error>> + Send {
         (**self).record_command::<A>(id, version, key, rejection)
     }
 

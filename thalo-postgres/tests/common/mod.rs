@@ -245,7 +245,7 @@ impl EventStore for GuardedStore {
         version: u64,
         key: &CommandKey,
         rejection: Option<&Rejection>,
-    ) -> Result<Recorded<A::Event>, Error> {
+    ) -> Result<Option<Recorded<A::Event>>, Error> {
         self.store
             .record_command::<A>(id, version, key, rejection)
             .await
