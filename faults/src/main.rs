@@ -69,6 +69,11 @@ struct Args {
     /// The `tansu` binary.
     #[arg(long, env = "TANSU_BIN", default_value = "tansu")]
     tansu: PathBuf,
+    /// Where the broker keeps its data: `postgres` (a database of its own, created and
+    /// dropped, on the server of DATABASE_URL; needs tansu's `postgres` feature) or
+    /// `sqlite` (a file in the run's directory).
+    #[arg(long, default_value = "postgres")]
+    broker_storage: String,
     /// Restart the broker with SIGKILL instead of SIGTERM.
     #[arg(long)]
     kill_broker: bool,
@@ -118,7 +123,21 @@ async fn main() -> anyhow::Result<()> {
     let admin = PgPool::connect(&args.database_url)
         .await
         .context("connecting to Postgres at DATABASE_URL")?;
-    let mut broker = Broker::start(&args.tansu, &work).await?;
+    let broker_db = format!("tansu_{id}");
+    let storage = match args.broker_storage.as_str() {
+        "sqlite" => "sqlite://broker.db".to_owned(),
+        "postgres" => {
+            sqlx::query(&format!("CREATE DATABASE \"{broker_db}\""))
+                .execute(&admin)
+                .await
+                .context("creating the broker's database")?;
+            let base = args.database_url.split('?').next().unwrap_or_default();
+            let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+            format!("{server}/{broker_db}")
+        }
+        other => bail!("unknown --broker-storage {other} (postgres or sqlite)"),
+    };
+    let mut broker = Broker::start(&args.tansu, &work, &storage).await?;
     let mut service = Service::new(
         &bank,
         &work,
@@ -141,6 +160,13 @@ async fn main() -> anyhow::Result<()> {
     .await;
     service.stop().await;
     broker.stop().await;
+    if args.broker_storage == "postgres" {
+        // The broker's connections are gone with it; FORCE covers a straggler.
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{broker_db}\" WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .context("dropping the broker's database")?;
+    }
     match outcome {
         Ok(report) => {
             print!("{report}");

@@ -33,21 +33,24 @@ async fn stop_child(child: &mut Child, signal: &str, grace: Duration) {
     }
 }
 
-/// A tansu broker with SQLite storage on a port of its own.
+/// A tansu broker on a port of its own, with storage that survives its restarts.
 #[derive(Debug)]
 pub struct Broker {
     binary: PathBuf,
     dir: PathBuf,
+    storage: String,
     port: u16,
     child: Option<Child>,
 }
 
 impl Broker {
-    /// Starts the broker with its data in `dir`.
-    pub async fn start(binary: &Path, dir: &Path) -> anyhow::Result<Broker> {
+    /// Starts the broker with its log in `dir` and its data in `storage` (a tansu
+    /// storage URL: `postgres://...`, or `sqlite://broker.db`, relative to `dir`).
+    pub async fn start(binary: &Path, dir: &Path, storage: &str) -> anyhow::Result<Broker> {
         let mut broker = Broker {
             binary: binary.to_owned(),
             dir: dir.to_owned(),
+            storage: storage.to_owned(),
             port: free_port()?,
             child: None,
         };
@@ -72,7 +75,7 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "sqlite://broker.db"])
+            .args(["--storage-engine", &self.storage])
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("broker.log"))?)
             .kill_on_drop(true)
@@ -80,7 +83,7 @@ impl Broker {
             .with_context(|| {
                 format!(
                     "starting the broker `{}` (cargo install tansu --locked --version 0.6.0 \
-                     --features dynostore,libsql; or set TANSU_BIN)",
+                     --features dynostore,libsql,postgres; or set TANSU_BIN)",
                     self.binary.display()
                 )
             })?;

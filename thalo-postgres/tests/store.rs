@@ -527,7 +527,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
     )
@@ -540,6 +540,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
         [
             "_sqlx_migrations",
             "checkpoints",
+            "commands",
             "consumer_parked",
             "events",
             "outbox",
