@@ -216,8 +216,8 @@ pub fn report(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "### Fault run: {} s, {} clients, {} accounts, a fault every {} s",
-        args.seconds, args.clients, args.accounts, args.fault_every
+        "### Fault run: {} s, {} clients ({} ms between commands), {} accounts, a fault every {} s",
+        args.seconds, args.clients, args.think_ms, args.accounts, args.fault_every
     );
     let _ = writeln!(out);
     let _ = writeln!(out, "| figure | value |");
@@ -235,7 +235,22 @@ pub fn report(
             ),
         ),
         (
-            "broker restarts (SIGTERM, sqlite storage)",
+            &if args.brokers.is_some() {
+                "broker restarts (--broker-restart-command)".to_owned()
+            } else if args.broker_fault == "freeze" {
+                "broker frozen for 3 s (SIGSTOP, then SIGCONT)".to_owned()
+            } else if args.broker_fault == "none" {
+                "broker faults (none: --broker-fault none)".to_owned()
+            } else {
+                format!(
+                    "broker restarts ({}, sqlite storage)",
+                    if args.kill_broker {
+                        "SIGKILL"
+                    } else {
+                        "SIGTERM"
+                    }
+                )
+            },
             faults.broker_restarts.to_string(),
         ),
         ("commands sent", tally.sent().to_string()),

@@ -117,6 +117,7 @@ impl Client {
         accounts: &[String],
         loading: &AtomicBool,
         tally: &Tally,
+        think: Duration,
     ) -> anyhow::Result<Vec<Command>> {
         let mut random = XorShift::new(n as u64 + 1);
         let mut done = Vec::new();
@@ -130,6 +131,7 @@ impl Client {
             let amount = 1 + random.below(500) as i64;
             let key = uuid::Uuid::new_v4().to_string();
             done.push(self.execute(account, kind, amount, &key, tally).await?);
+            tokio::time::sleep(think).await;
         }
         Ok(done)
     }

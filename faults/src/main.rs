@@ -35,7 +35,47 @@ use clap::Parser;
 use sqlx::PgPool;
 
 use crate::client::{Client, Tally};
-use crate::procs::{Broker, Service};
+use crate::procs::Service;
+
+/// The broker under test.
+#[derive(Debug)]
+enum Broker {
+    /// A tansu broker of the run's own.
+    Own(procs::Broker),
+    /// A broker given with --brokers, restarted by a shell command.
+    External { brokers: String, restart: String },
+}
+
+impl Broker {
+    fn brokers(&self) -> String {
+        match self {
+            Broker::Own(broker) => broker.brokers(),
+            Broker::External { brokers, .. } => brokers.clone(),
+        }
+    }
+
+    /// Injects the broker fault; returns what it did.
+    async fn fault(&mut self, args: &Args) -> anyhow::Result<()> {
+        match self {
+            Broker::Own(broker) if args.broker_fault == "freeze" => {
+                broker.freeze(Duration::from_secs(3)).await
+            }
+            Broker::Own(broker) => broker.restart(args.kill_broker).await,
+            Broker::External { restart, .. } => {
+                let status = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&*restart)
+                    .status()
+                    .await
+                    .with_context(|| format!("running `{restart}`"))?;
+                if !status.success() {
+                    bail!("`{restart}` failed: {status}");
+                }
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Fault injection for the bank service.
 #[derive(Debug, Parser)]
@@ -47,6 +87,10 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 6)]
     clients: usize,
+    /// Each client's pause between two commands, in milliseconds (a client waits for
+    /// each answer anyway; this sets the offered load).
+    #[arg(long, default_value_t = 50)]
+    think_ms: u64,
     /// Accounts the clients share.
     #[arg(long, default_value_t = 6)]
     accounts: usize,
@@ -69,14 +113,22 @@ struct Args {
     /// The `tansu` binary.
     #[arg(long, env = "TANSU_BIN", default_value = "tansu")]
     tansu: PathBuf,
-    /// Where the broker keeps its data: `postgres` (a database of its own, created and
-    /// dropped, on the server of DATABASE_URL; needs tansu's `postgres` feature) or
-    /// `sqlite` (a file in the run's directory).
-    #[arg(long, default_value = "postgres")]
-    broker_storage: String,
-    /// Restart the broker with SIGKILL instead of SIGTERM.
+    /// The broker fault, on a tansu broker of the run's own: `freeze` (memory storage;
+    /// SIGSTOP for 3 s, then SIGCONT), `restart` (sqlite storage, which keeps topics
+    /// and offsets; SIGTERM, or SIGKILL with --kill-broker, then start again). See
+    /// RELIABILITY.md for why `freeze` is the default with tansu 0.6.
+    #[arg(long, default_value = "freeze")]
+    broker_fault: String,
+    /// Restart the broker with SIGKILL instead of SIGTERM (`--broker-fault restart`).
     #[arg(long)]
     kill_broker: bool,
+    /// Use this broker instead of starting tansu (e.g. the compose file's Redpanda).
+    #[arg(long, requires = "broker_restart_command")]
+    brokers: Option<String>,
+    /// With --brokers: the shell command that restarts it, keeping its data (e.g.
+    /// `docker compose restart redpanda`).
+    #[arg(long)]
+    broker_restart_command: Option<String>,
     /// Also write the figures, as Markdown, to this file.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -123,21 +175,19 @@ async fn main() -> anyhow::Result<()> {
     let admin = PgPool::connect(&args.database_url)
         .await
         .context("connecting to Postgres at DATABASE_URL")?;
-    let broker_db = format!("tansu_{id}");
-    let storage = match args.broker_storage.as_str() {
-        "sqlite" => "sqlite://broker.db".to_owned(),
-        "postgres" => {
-            sqlx::query(&format!("CREATE DATABASE \"{broker_db}\""))
-                .execute(&admin)
-                .await
-                .context("creating the broker's database")?;
-            let base = args.database_url.split('?').next().unwrap_or_default();
-            let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
-            format!("{server}/{broker_db}")
+    let mut broker = match (&args.brokers, args.broker_fault.as_str()) {
+        (Some(brokers), _) => Broker::External {
+            brokers: brokers.clone(),
+            restart: args.broker_restart_command.clone().unwrap_or_default(),
+        },
+        (None, "freeze" | "none") => {
+            Broker::Own(procs::Broker::start(&args.tansu, &work, "memory://tansu/").await?)
         }
-        other => bail!("unknown --broker-storage {other} (postgres or sqlite)"),
+        (None, "restart") => {
+            Broker::Own(procs::Broker::start(&args.tansu, &work, "sqlite://broker.db").await?)
+        }
+        (None, other) => bail!("unknown --broker-fault {other} (freeze, restart or none)"),
     };
-    let mut broker = Broker::start(&args.tansu, &work, &storage).await?;
     let mut service = Service::new(
         &bank,
         &work,
@@ -159,13 +209,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     service.stop().await;
-    broker.stop().await;
-    if args.broker_storage == "postgres" {
-        // The broker's connections are gone with it; FORCE covers a straggler.
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{broker_db}\" WITH (FORCE)"))
-            .execute(&admin)
-            .await
-            .context("dropping the broker's database")?;
+    if let Broker::Own(broker) = &mut broker {
+        broker.stop().await;
     }
     match outcome {
         Ok(report) => {
@@ -215,7 +260,8 @@ async fn run(
         .map(|n| {
             let (client, accounts) = (client.clone(), accounts.clone());
             let (loading, tally) = (Arc::clone(&loading), Arc::clone(&tally));
-            tokio::spawn(async move { client.run(n, &accounts, &loading, &tally).await })
+            let think = Duration::from_millis(args.think_ms);
+            tokio::spawn(async move { client.run(n, &accounts, &loading, &tally, think).await })
         })
         .collect();
 
@@ -243,14 +289,15 @@ async fn run(
                 faults.session_terminations += 1;
                 faults.sessions_terminated += u64::try_from(terminated).unwrap_or(0);
             }
+            _ if args.broker_fault == "none" && args.brokers.is_none() => {}
             _ => {
-                broker.restart(args.kill_broker).await?;
+                broker.fault(args).await?;
                 faults.broker_restarts += 1;
             }
         }
         turn += 1;
         println!(
-            "  {:>5.1} s: {} acknowledged, {} retries so far; faults: {} SIGKILL, {} session terminations, {} broker restarts",
+            "  {:>5.1} s: {} acknowledged, {} retries so far; faults: {} SIGKILL, {} session terminations, {} broker faults",
             started.elapsed().as_secs_f64(),
             tally.acknowledged(),
             tally.retries(),

@@ -33,7 +33,7 @@ async fn stop_child(child: &mut Child, signal: &str, grace: Duration) {
     }
 }
 
-/// A tansu broker on a port of its own, with storage that survives its restarts.
+/// A tansu broker of the run's own, on a port of its own.
 #[derive(Debug)]
 pub struct Broker {
     binary: PathBuf,
@@ -45,7 +45,7 @@ pub struct Broker {
 
 impl Broker {
     /// Starts the broker with its log in `dir` and its data in `storage` (a tansu
-    /// storage URL: `postgres://...`, or `sqlite://broker.db`, relative to `dir`).
+    /// storage URL: `memory://tansu/`, or `sqlite://broker.db`, relative to `dir`).
     pub async fn start(binary: &Path, dir: &Path, storage: &str) -> anyhow::Result<Broker> {
         let mut broker = Broker {
             binary: binary.to_owned(),
@@ -61,6 +61,28 @@ impl Broker {
     /// The bootstrap servers.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the broker (SIGSTOP) for `pause`, then thaws it (SIGCONT): connections
+    /// stay open and nothing is answered meanwhile, as in a long GC pause or a network
+    /// partition.
+    pub async fn freeze(&self, pause: Duration) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("the broker is not running")?;
+        let signal = |signal: &str| {
+            std::process::Command::new("kill")
+                .arg(signal)
+                .arg(pid.to_string())
+                .status()
+                .with_context(|| format!("kill {signal} {pid}"))
+        };
+        signal("-STOP")?;
+        tokio::time::sleep(pause).await;
+        signal("-CONT")?;
+        Ok(())
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
