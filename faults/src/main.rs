@@ -41,7 +41,7 @@ use crate::procs::Service;
 #[derive(Debug)]
 enum Broker {
     /// A tansu broker of the run's own.
-    Own(procs::Broker),
+    Own(Box<procs::Broker>),
     /// A broker given with --brokers, restarted by a shell command.
     External { brokers: String, restart: String },
 }
@@ -94,6 +94,11 @@ struct Args {
     /// Accounts the clients share.
     #[arg(long, default_value_t = 6)]
     accounts: usize,
+    /// The faults to inject, in turn: `kill` (SIGKILL the service and start it
+    /// again), `sessions` (terminate its Postgres sessions), `broker` (see
+    /// --broker-fault).
+    #[arg(long, default_value = "kill,sessions,broker")]
+    faults: String,
     /// Seconds between two faults.
     #[arg(long, default_value_t = 4)]
     fault_every: u64,
@@ -180,12 +185,12 @@ async fn main() -> anyhow::Result<()> {
             brokers: brokers.clone(),
             restart: args.broker_restart_command.clone().unwrap_or_default(),
         },
-        (None, "freeze" | "none") => {
-            Broker::Own(procs::Broker::start(&args.tansu, &work, "memory://tansu/").await?)
-        }
-        (None, "restart") => {
-            Broker::Own(procs::Broker::start(&args.tansu, &work, "sqlite://broker.db").await?)
-        }
+        (None, "freeze" | "none") => Broker::Own(Box::new(
+            procs::Broker::start(&args.tansu, &work, "memory://tansu/").await?,
+        )),
+        (None, "restart") => Broker::Own(Box::new(
+            procs::Broker::start(&args.tansu, &work, "sqlite://broker.db").await?,
+        )),
         (None, other) => bail!("unknown --broker-fault {other} (freeze, restart or none)"),
     };
     let mut service = Service::new(
@@ -267,17 +272,24 @@ async fn run(
 
     let started = Instant::now();
     let mut faults = Faults::default();
-    let mut turn = 0_u32;
+    let kinds: Vec<&str> = args.faults.split(',').map(str::trim).collect();
+    if let Some(bad) = kinds
+        .iter()
+        .find(|k| !["kill", "sessions", "broker"].contains(k))
+    {
+        bail!("unknown fault kind `{bad}` in --faults (kill, sessions, broker)");
+    }
+    let mut turn = 0_usize;
     while started.elapsed() < Duration::from_secs(args.seconds) {
         tokio::time::sleep(Duration::from_secs(args.fault_every)).await;
-        match turn % 3 {
-            0 => {
+        match kinds[turn % kinds.len()] {
+            "kill" => {
                 service.kill().await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 service.start().await?;
                 faults.service_kills += 1;
             }
-            1 => {
+            "sessions" => {
                 let terminated: i64 = sqlx::query_scalar(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                      WHERE application_name = $1",
@@ -289,6 +301,7 @@ async fn run(
                 faults.session_terminations += 1;
                 faults.sessions_terminated += u64::try_from(terminated).unwrap_or(0);
             }
+            // "broker"
             _ if args.broker_fault == "none" && args.brokers.is_none() => {}
             _ => {
                 broker.fault(args).await?;

@@ -202,7 +202,10 @@ impl Service {
         let child = Command::new(&self.binary)
             .arg("serve")
             .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FAULTS_SERVICE_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file(&self.log)?)
             .kill_on_drop(true)
