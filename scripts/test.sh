@@ -151,8 +151,8 @@ failed=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | 
 rm -f "$out"
 
 # The fault-injection suite (see RELIABILITY.md): the bank service under SIGKILLs,
-# terminated Postgres sessions and broker restarts, with idempotent clients; then the
-# exactly-once checks. It runs its own broker (tansu with sqlite storage).
+# terminated Postgres sessions and broker freezes, with idempotent clients; then the
+# exactly-once checks. It runs its own tansu broker on a free port.
 FAULTS_SECONDS="${FAULTS_SECONDS:-45}"
 log "running the fault-injection suite (${FAULTS_SECONDS} s of load and faults)"
 cargo build -q -p bank -p bank-faults

@@ -7,8 +7,9 @@
 //!
 //! - SIGKILLs the service and starts it again;
 //! - terminates every Postgres session of the service (`pg_terminate_backend`);
-//! - restarts the broker (tansu with `sqlite://` storage, so topics and committed
-//!   offsets survive; stopped with SIGTERM, see `RELIABILITY.md` for why not SIGKILL).
+//! - freezes its broker for 3 s (SIGSTOP, SIGCONT), or restarts it (`--broker-fault
+//!   restart`: tansu on `sqlite://` storage; or a broker of yours with `--brokers` and
+//!   `--broker-restart-command`). `RELIABILITY.md` says why freezing is the default.
 //!
 //! Then it stops the load, lets the stack settle and checks that every acknowledged
 //! command is stored exactly once (with the event id the client was given), that no

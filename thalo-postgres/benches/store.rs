@@ -672,7 +672,7 @@ async fn run() {
             c / t
         );
     }
-    println!("\nIdempotent commands (`Repository::execute_once` with a new key per command: key lookup, load, decide, append that records the key), against plain `execute`:\n");
+    println!("\nIdempotent commands (`Repository::execute_once` with a new key per command: load, decide, and an append that records the key in its statement), against plain `execute`:\n");
     println!("| clients | thalo `execute_once` | thalo `execute` | raw minimal: SELECT + one INSERT statement | once / execute | once / raw minimal |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for &(clients, _) in &levels {
