@@ -79,7 +79,9 @@
 //!   [`InMemoryEventStore`] here; `thalo-postgres` for production.
 //! - [`Repository`]: load -> handle -> append, retrying on conflicts; with
 //!   [`Repository::with_cache`], aggregates it has seen stay in memory and a command
-//!   costs one append (the store's version check still guards every command).
+//!   costs one append (the store's version check still guards every command);
+//!   [`Repository::execute_once`] runs a command at most once per [`CommandId`]
+//!   (idempotency key), so a client or a process manager may retry safely.
 //! - [`EventHandler`], [`Projection`] and [`Subscription`]: the read side, in process;
 //!   `thalo-kafka` runs the same handlers from Kafka.
 //!
