@@ -1,6 +1,6 @@
 //! Idempotent commands: the command key is recorded in the append's statement.
 
-use sqlx::Row;
+use sqlx::{PgConnection, Row};
 use thalo::{Aggregate, AggregateType, CommandKey, Error, Metadata, Once, Recorded, Rejection};
 
 use crate::append::AppendBatch;
@@ -19,13 +19,14 @@ impl Inner {
     /// it was recorded for another command or aggregate.
     pub(crate) async fn find_command<A: Aggregate>(
         &self,
+        conn: &mut PgConnection,
         id: &A::Id,
         key: &CommandKey,
     ) -> Result<Option<Recorded<A::Event>>, Error> {
         let Some(row) = sqlx::query(&self.sql.find_command)
             .bind(key.id.as_str())
             .bind(self.retention_secs())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(store("looking up a command id"))?
         else {
@@ -62,7 +63,7 @@ impl Inner {
             .bind(this_id)
             .bind(first)
             .bind(last)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(store("reading a command's events"))?;
         rows.iter()
@@ -75,6 +76,7 @@ impl Inner {
     /// earlier record, which then stands.
     pub(crate) async fn record_command<A: Aggregate>(
         &self,
+        conn: &mut PgConnection,
         id: &A::Id,
         version: u64,
         key: &CommandKey,
@@ -91,7 +93,7 @@ impl Inner {
                 .bind(rejection.and_then(|r| r.code.as_deref()))
                 .bind(rejection.and_then(|r| r.message.as_deref()))
                 .bind(self.retention_secs())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(store("recording a command id"))?;
             if recorded.is_some() {
@@ -99,7 +101,7 @@ impl Inner {
             }
             // Recorded before (the insert waited for a concurrent one to commit): that
             // record stands. Should it have expired in between, record again.
-            if let Some(recorded) = self.find_command::<A>(id, key).await? {
+            if let Some(recorded) = self.find_command::<A>(conn, id, key).await? {
                 return Ok(Some(recorded));
             }
         }
@@ -113,6 +115,7 @@ impl Inner {
     /// recorded already, returns the events it stored.
     pub(crate) async fn append_once<A: Aggregate>(
         &self,
+        conn: &mut PgConnection,
         id: &A::Id,
         expected_version: u64,
         events: Vec<A::Event>,
@@ -146,7 +149,7 @@ impl Inner {
         if notify {
             query = query.bind(&self.channel);
         }
-        let not_stored = match query.fetch_one(&self.pool).await {
+        let not_stored = match query.fetch_one(&mut *conn).await {
             Ok(row) => {
                 let recorded: bool = row
                     .try_get("recorded")
@@ -179,7 +182,7 @@ impl Inner {
             return Err(not_stored);
         }
         // A conflict may be the same key winning a race: its outcome is the answer.
-        match self.find_command::<A>(id, key).await? {
+        match self.find_command::<A>(conn, id, key).await? {
             Some(recorded) => recorded.into_replay(),
             None => Err(not_stored),
         }

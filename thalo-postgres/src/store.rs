@@ -169,6 +169,14 @@ impl PgEventStore {
             .await
     }
 
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Error> {
+        self.inner
+            .pool
+            .acquire()
+            .await
+            .map_err(store("acquiring a connection"))
+    }
+
     /// Deletes the records of command keys older than the
     /// [retention](PgEventStoreBuilder::command_retention); returns how many. Expired
     /// keys are already ignored; this keeps the `commands` table small. Run it now and
@@ -301,7 +309,8 @@ impl EventStore for PgEventStore {
         id: &A::Id,
         key: &CommandKey,
     ) -> Result<Option<Recorded<A::Event>>, Error> {
-        self.inner.find_command::<A>(id, key).await
+        let mut conn = self.acquire().await?;
+        self.inner.find_command::<A>(&mut conn, id, key).await
     }
 
     async fn record_command<A: Aggregate>(
@@ -311,8 +320,9 @@ impl EventStore for PgEventStore {
         key: &CommandKey,
         rejection: Option<&Rejection>,
     ) -> Result<Option<Recorded<A::Event>>, Error> {
+        let mut conn = self.acquire().await?;
         self.inner
-            .record_command::<A>(id, version, key, rejection)
+            .record_command::<A>(&mut conn, id, version, key, rejection)
             .await
     }
 
@@ -326,9 +336,58 @@ impl EventStore for PgEventStore {
         metadata: &Metadata,
         key: &CommandKey,
     ) -> Result<Once<A::Event>, Error> {
+        let mut conn = self.acquire().await?;
         self.inner
-            .append_once::<A>(id, expected_version, events, metadata, key)
+            .append_once::<A>(&mut conn, id, expected_version, events, metadata, key)
             .await
+    }
+
+    /// Loads, decides and records on one pooled connection (one checkout).
+    async fn load_decide_once<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        key: &CommandKey,
+        decide: F,
+    ) -> Result<(Loaded<A>, Once<A::Event>), Error>
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        let mut conn = self.acquire().await?;
+        let loaded = self.inner.load_on::<A>(&mut conn, id).await?;
+        let version = loaded.version;
+        let once = match decide(&loaded.aggregate) {
+            Err(err) => {
+                let Some(rejection) = Rejection::of(&err) else {
+                    return Err(err);
+                };
+                match self
+                    .inner
+                    .record_command::<A>(&mut conn, id, version, key, Some(&rejection))
+                    .await?
+                {
+                    None => return Err(err),
+                    Some(earlier) => earlier.into_replay()?,
+                }
+            }
+            Ok(events) if events.is_empty() => {
+                match self
+                    .inner
+                    .record_command::<A>(&mut conn, id, version, key, None)
+                    .await?
+                {
+                    None => Once::Stored(Vec::new()),
+                    Some(earlier) => earlier.into_replay()?,
+                }
+            }
+            Ok(events) => {
+                self.inner
+                    .append_once::<A>(&mut conn, id, version, events, metadata, key)
+                    .await?
+            }
+        };
+        Ok((loaded, once))
     }
 
     async fn read_stream<A: Aggregate>(

@@ -7,7 +7,6 @@ use tracing::debug;
 use crate::cache::{AggregateCache, CacheStats};
 use crate::{
     Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
-    Rejection,
 };
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -441,46 +440,14 @@ impl<S: EventStore> Repository<S> {
             cache.record_miss();
         }
 
-        let loaded = self.store.load::<A>(id).await?;
-        let events = match loaded.aggregate.handle(command.clone()) {
-            Ok(events) => events,
-            Err(err) => {
-                // The rejection is recorded, so that an execution of this key still in
-                // flight (a client's earlier attempt) cannot store events after this
-                // one answered "rejected": the first record stands.
-                let err: Error = err.into();
-                let Some(rejection) = Rejection::of(&err) else {
-                    return Err(err);
-                };
-                return match self
-                    .store
-                    .record_command::<A>(id, loaded.version, key, Some(&rejection))
-                    .await?
-                {
-                    None => Err(err),
-                    Some(earlier) => earlier.into_replay(),
-                };
-            }
-        };
-        if events.is_empty() {
-            return match self
-                .store
-                .record_command::<A>(id, loaded.version, key, None)
-                .await?
-            {
-                None => Ok(Once::Stored(Vec::new())),
-                Some(earlier) => earlier.into_replay(),
-            };
-        }
-        let version = loaded.version;
-        let result = self
+        let (loaded, once) = self
             .store
-            .append_once::<A>(id, version, events, metadata, key)
-            .await;
-        if let (Some(cache), Ok(Once::Stored(stored))) = (&self.cache, &result) {
-            cache_applied(cache, id, loaded.aggregate, version, stored);
+            .load_decide_once::<A, _>(id, metadata, key, decide(command.clone()))
+            .await?;
+        if let (Some(cache), Once::Stored(stored)) = (&self.cache, &once) {
+            cache_applied(cache, id, loaded.aggregate, loaded.version, stored);
         }
-        result
+        Ok(once)
     }
 
     /// One attempt of a command with the cache: from the cached aggregate when there is

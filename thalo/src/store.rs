@@ -172,6 +172,67 @@ pub trait EventStore: Send + Sync {
         async { Err(unsupported_command_keys()) }
     }
 
+    /// One attempt of a command under `key`: loads the aggregate, lets `decide` turn it
+    /// into events and appends them with [`append_once`](EventStore::append_once), or
+    /// records the rejection or the decision on no events with
+    /// [`record_command`](EventStore::record_command). Returns the aggregate as loaded
+    /// and the outcome; when the key was recorded before, that record's outcome (its
+    /// events as [`Once::Replayed`], or its rejection as the error).
+    ///
+    /// [`Repository::execute_once`](crate::Repository::execute_once) calls this once per
+    /// attempt. The default runs the store's methods one after another; `PgEventStore`
+    /// runs them on one connection.
+    ///
+    /// # Errors
+    ///
+    /// A rejection (the first execution's, or the recorded one), and the errors of the
+    /// methods it calls ([`Error::Conflict`] when another writer appended after the
+    /// load).
+    fn load_decide_once<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        key: &CommandKey,
+        decide: F,
+    ) -> impl Future<Output = Result<(Loaded<A>, Once<A::Event>), Error>> + Send
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        async move {
+            let loaded = self.load::<A>(id).await?;
+            let version = loaded.version;
+            let once = match decide(&loaded.aggregate) {
+                Err(err) => {
+                    // Recorded, so that an execution of this key still in flight (a
+                    // client's earlier attempt) cannot store events after this one
+                    // answered "rejected": the first record stands.
+                    let Some(rejection) = Rejection::of(&err) else {
+                        return Err(err);
+                    };
+                    match self
+                        .record_command::<A>(id, version, key, Some(&rejection))
+                        .await?
+                    {
+                        None => return Err(err),
+                        Some(earlier) => earlier.into_replay()?,
+                    }
+                }
+                Ok(events) if events.is_empty() => {
+                    match self.record_command::<A>(id, version, key, None).await? {
+                        None => Once::Stored(Vec::new()),
+                        Some(earlier) => earlier.into_replay()?,
+                    }
+                }
+                Ok(events) => {
+                    self.append_once::<A>(id, version, events, metadata, key)
+                        .await?
+                }
+            };
+            Ok((loaded, once))
+        }
+    }
+
     /// Reads an aggregate's events with a sequence greater than `after_sequence`, in order.
     ///
     /// # Errors
@@ -296,6 +357,20 @@ impl<S: EventStore> EventStore for std::sync::Arc<S> {
         key: &CommandKey,
     ) -> impl Future<Output = Result<Once<A::Event>, Error>> + Send {
         (**self).append_once::<A>(id, expected_version, events, metadata, key)
+    }
+
+    fn load_decide_once<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        key: &CommandKey,
+        decide: F,
+    ) -> impl Future<Output = Result<(Loaded<A>, Once<A::Event>), Error>> + Send
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        (**self).load_decide_once::<A, F>(id, metadata, key, decide)
     }
 
     fn read_stream<A: Aggregate>(

@@ -264,6 +264,24 @@ impl EventStore for GuardedStore {
             .await
     }
 
+    // Forwarded so that the suite's keyed commands run `PgEventStore`'s one-connection
+    // override.
+    async fn load_decide_once<A, F>(
+        &self,
+        id: &A::Id,
+        metadata: &Metadata,
+        key: &CommandKey,
+        decide: F,
+    ) -> Result<(Loaded<A>, Once<A::Event>), Error>
+    where
+        A: Aggregate,
+        F: FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send,
+    {
+        self.store
+            .load_decide_once::<A, F>(id, metadata, key, decide)
+            .await
+    }
+
     async fn read_stream<A: Aggregate>(
         &self,
         id: &A::Id,
