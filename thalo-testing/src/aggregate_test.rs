@@ -64,7 +64,7 @@ impl<A: Aggregate> AggregateTest<A> {
         let result = self
             .aggregate
             .handle(command)
-            .map_err(Into::into)
+            .map_err(thalo::CommandError::into_error)
             .map(|events| events.into_iter().map(round_trip).collect());
         Outcome {
             aggregate: self.aggregate,

@@ -404,12 +404,6 @@ mod domain {
         Jammed,
     }
 
-    impl From<LockError> for thalo::Error {
-        fn from(error: LockError) -> Self {
-            thalo::Error::domain(error)
-        }
-    }
-
     #[derive(Aggregate, Clone, Debug, Default)]
     pub struct Lock {
         #[identity]

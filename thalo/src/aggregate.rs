@@ -2,7 +2,7 @@
 
 use std::fmt::{Debug, Display};
 
-use crate::{Error, Event};
+use crate::{CommandError, Error, Event};
 
 /// The stable type name of an aggregate.
 ///
@@ -118,9 +118,10 @@ pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
     /// The events this aggregate emits and is rebuilt from.
     type Event: Event;
 
-    /// The error that rejects a command. [`Error`] unless the aggregate uses its own type,
-    /// which then converts into [`Error`] (usually through [`Error::domain`]).
-    type Error: Into<Error> + Debug + Send + 'static;
+    /// The error that rejects a command: [`Error`], or the application's own error type
+    /// (any `std::error::Error + Send + Sync + 'static`, such as a `thiserror` enum), which
+    /// becomes [`Error::Domain`] without a `From` impl (see [`CommandError`]).
+    type Error: CommandError;
 
     /// A fresh aggregate with no events applied.
     fn new(id: Self::Id) -> Self;

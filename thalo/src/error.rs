@@ -167,6 +167,66 @@ pub enum Error {
     },
 }
 
+/// An error a command may return: [`Error`] itself, or any error type of the
+/// application's (`std::error::Error + Send + Sync + 'static`, such as a `thiserror`
+/// enum), which becomes [`Error::Domain`] and can be downcast back with
+/// [`Error::downcast_domain`]. No `From` impl is needed.
+///
+/// ```
+/// use thalo::{commands, events, Aggregate, CommandError};
+///
+/// #[derive(Debug, PartialEq, thiserror::Error)]
+/// pub enum LoanError {
+///     #[error("the member is suspended")]
+///     Suspended,
+/// }
+///
+/// #[derive(Aggregate, Clone, Debug, Default)]
+/// pub struct Loan {
+///     #[identity]
+///     id: String,
+///     suspended: bool,
+/// }
+///
+/// #[commands]
+/// impl Loan {
+///     pub fn borrow(&self) -> Result<BorrowedEvent, LoanError> {
+///         if self.suspended {
+///             return Err(LoanError::Suspended);
+///         }
+///         Ok(BorrowedEvent {})
+///     }
+/// }
+///
+/// #[events]
+/// impl Loan {
+///     pub fn borrowed(&mut self) {}
+/// }
+///
+/// let err = LoanError::Suspended.into_error();
+/// assert_eq!(err.downcast_domain::<LoanError>(), Some(&LoanError::Suspended));
+/// assert_eq!(err.to_string(), "command rejected: the member is suspended");
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a command's error type: it is not a `std::error::Error + Send + Sync + 'static`",
+    label = "`{Self}` does not implement `std::error::Error`",
+    note = "derive `thiserror::Error` for `{Self}` (or implement `std::fmt::Display` and `std::error::Error`), or return `thalo::Error`"
+)]
+pub trait CommandError: fmt::Debug + Send + 'static {
+    /// The [`Error`] that [`Repository::execute`](crate::Repository::execute) returns
+    /// for this rejection: [`Error::domain`] of it.
+    fn into_error(self) -> Error;
+}
+
+impl<E> CommandError for E
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn into_error(self) -> Error {
+        Error::domain(self)
+    }
+}
+
 struct InvariantDisplay<'a> {
     code: &'a str,
     message: &'a Option<String>,
@@ -213,10 +273,25 @@ impl Error {
         }
     }
 
-    /// Wraps an aggregate's own error type (see [`Aggregate::Error`](crate::Aggregate::Error)).
+    /// Wraps an aggregate's own error type (see [`Aggregate::Error`](crate::Aggregate::Error))
+    /// as [`Error::Domain`]; a `thalo::Error` passes through unchanged.
+    ///
+    /// ```
+    /// #[derive(Debug, PartialEq, thiserror::Error)]
+    /// #[error("the account is frozen")]
+    /// struct Frozen;
+    ///
+    /// let err = thalo::Error::domain(Frozen);
+    /// assert_eq!(err.downcast_domain::<Frozen>(), Some(&Frozen));
+    ///
+    /// let invariant = thalo::Error::domain(thalo::Error::invariant_code("CLOSED"));
+    /// assert_eq!(invariant.code(), Some("CLOSED"));
+    /// ```
     pub fn domain(source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Error::Domain {
-            error: Box::new(source),
+        let boxed: BoxError = Box::new(source);
+        match boxed.downcast::<Error>() {
+            Ok(error) => *error,
+            Err(error) => Error::Domain { error },
         }
     }
 
@@ -309,6 +384,21 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "concurrency conflict on bank_account `a-1`: expected version 3, found 4"
+        );
+    }
+
+    #[test]
+    fn a_thalo_error_passes_through_domain() {
+        let err = Error::domain(Error::invariant("CLOSED", "the account is closed"));
+        assert_eq!(err.code(), Some("CLOSED"));
+        assert!(matches!(
+            Error::domain(Error::config("x")),
+            Error::Config { .. }
+        ));
+        assert_eq!(
+            Error::invariant_code("X").into_error().code(),
+            Some("X"),
+            "CommandError for Error is the identity"
         );
     }
 

@@ -95,6 +95,13 @@
 //! Sequences start at 1 for each aggregate and have no gaps; an aggregate's version is
 //! the sequence of its last event (0 before the first).
 //!
+//! ## Errors of your own
+//!
+//! A command returns [`Error`] (with [`Error::invariant`] codes), or the application's
+//! own error type: any `std::error::Error + Send + Sync + 'static` works as is (see
+//! [`CommandError`]), and reaches the caller as [`Error::Domain`], to be downcast with
+//! [`Error::downcast_domain`].
+//!
 //! ## Commands validate, `apply` never fails
 //!
 //! A command method is where input is checked: amounts, lengths, character sets,
@@ -140,7 +147,7 @@ pub use command::{
     CommandId, CommandKey, Once, Recorded, Rejection, ReplayedRejection, DEFAULT_COMMAND_RETENTION,
 };
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, CommandError, Error, Result};
 pub use event::Event;
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;

@@ -112,8 +112,10 @@ pub fn decode_snapshot<T: serde::de::DeserializeOwned>(
 pub trait CommandDispatch<A> {
     /// The aggregate's event enum.
     type Event;
-    /// The error type shared by the command methods.
-    type Error;
+    /// The error type shared by the command methods. The bound is checked here, where
+    /// the macro places it over the first command's return type, so that a type that
+    /// cannot be a command error is reported on the user's token.
+    type Error: crate::CommandError;
     /// Calls the command method that matches `self`.
     ///
     /// # Errors

@@ -6,7 +6,8 @@ use tracing::debug;
 
 use crate::cache::{AggregateCache, CacheStats};
 use crate::{
-    Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
+    Aggregate, CommandError, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded,
+    Metadata, Once,
 };
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -520,5 +521,5 @@ fn cache_applied<A: Aggregate>(
 fn decide<A: Aggregate>(
     command: A::Command,
 ) -> impl FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send {
-    move |aggregate| aggregate.handle(command).map_err(Into::into)
+    move |aggregate| aggregate.handle(command).map_err(CommandError::into_error)
 }

@@ -1,5 +1,5 @@
-// The command methods share the aggregate's own error type, which converts into
-// `thalo::Error`.
+// The command methods share the aggregate's own error type: any `std::error::Error +
+// Send + Sync + 'static` works as is, with no `From` impl.
 use thalo::{commands, events, Aggregate};
 
 #[derive(Debug, PartialEq)]
@@ -18,12 +18,6 @@ impl std::fmt::Display for AccountError {
 }
 
 impl std::error::Error for AccountError {}
-
-impl From<AccountError> for thalo::Error {
-    fn from(error: AccountError) -> Self {
-        thalo::Error::domain(error)
-    }
-}
 
 #[derive(Aggregate, Clone, Debug, Default)]
 pub struct Account {
@@ -78,7 +72,8 @@ fn main() {
             amount: 7
         }
     );
-    let err: thalo::Error = err.into();
+    let err: thalo::Error = thalo::CommandError::into_error(err);
     assert!(err.downcast_domain::<AccountError>().is_some());
+    assert_eq!(err.to_string(), "command rejected: cannot withdraw 7 from 5");
     assert_eq!(account.id(), "a");
 }

@@ -1,3 +1,5 @@
+// An error type that is not a `std::error::Error` is reported on the command's return
+// type, with what to do.
 use thalo::{commands, events, Aggregate};
 
 #[derive(Debug)]
