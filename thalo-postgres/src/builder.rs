@@ -41,6 +41,7 @@ pub struct PgEventStoreBuilder {
     poll_interval: Duration,
     max_event_bytes: usize,
     command_retention: Duration,
+    outbox: bool,
     group_commit: Option<GroupCommit>,
 }
 
@@ -99,6 +100,26 @@ impl PgEventStoreBuilder {
         self
     }
 
+    /// Whether appends write outbox rows (default `true`). Turn it off for a
+    /// Postgres-only deployment, where no relay publishes to Kafka and read models are
+    /// fed in process (`PgSubscription`, `PgProjection`): with it on and no relay, the
+    /// outbox grows by a row per event, forever. Every writer of a schema must agree; a
+    /// `KafkaRelay` built from a store without an outbox refuses to run. Turning it off
+    /// later leaves the rows already written; turning it on later publishes only events
+    /// appended from then on (republish older ones explicitly).
+    ///
+    /// ```
+    /// # fn example(pool: sqlx::PgPool) -> Result<(), thalo::Error> {
+    /// let store = thalo_postgres::PgEventStore::builder(pool).outbox(false).build()?;
+    /// assert!(!store.has_outbox());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn outbox(mut self, enabled: bool) -> Self {
+        self.outbox = enabled;
+        self
+    }
+
     pub(crate) fn new(pool: PgPool) -> Self {
         PgEventStoreBuilder {
             pool,
@@ -110,6 +131,7 @@ impl PgEventStoreBuilder {
             poll_interval: Duration::from_millis(250),
             max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
             command_retention: thalo::DEFAULT_COMMAND_RETENTION,
+            outbox: true,
             group_commit: None,
         }
     }
@@ -256,7 +278,7 @@ impl PgEventStoreBuilder {
     /// Builds the store around an already validated schema name.
     pub(crate) fn assemble(self, schema: SchemaName) -> PgEventStore {
         let channel = schema.channel();
-        let sql = Sql::new(&schema);
+        let sql = Sql::new(&schema, self.outbox);
         PgEventStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
@@ -270,6 +292,7 @@ impl PgEventStoreBuilder {
                 poll_interval: self.poll_interval,
                 max_event_bytes: self.max_event_bytes,
                 command_retention: self.command_retention,
+                outbox: self.outbox,
                 notifier: Notifier::default(),
                 announcer: Announcer::new(self.notify_interval),
                 group: self.group_commit.map(GroupState::new),

@@ -164,6 +164,21 @@
 //! is parked: its rows wait, in order, while every other aggregate goes on, until an
 //! operator retries or skips it ([`PgOutbox::retry`], [`PgOutbox::skip`]).
 //!
+//! **Without a relay**, turn the outbox off ([`PgEventStoreBuilder::outbox`]`(false)`):
+//! in a Postgres-only deployment, where read models are fed in process by
+//! [`PgSubscription`] and [`PgProjection`] from the global log, nothing deletes outbox
+//! rows and the table would grow by a row per event forever. Keep it on as soon as
+//! anything publishes the events (a `KafkaRelay` refuses a store without one).
+//!
+//! ## Idempotent commands
+//!
+//! [`EventStore::append_once`](thalo::EventStore::append_once) records the command's key
+//! in the `commands` table in the append's own statement (primary key on the key), so
+//! events and key commit together and a racing duplicate stores nothing; a rejection
+//! is recorded too (`record_command`). Keys are kept for
+//! [`PgEventStoreBuilder::command_retention`] (7 days by default) and deleted by
+//! [`PgEventStore::prune_commands`].
+//!
 //! Consumers have sequenced dead letters: a projection or handler that gives up on an
 //! event of a stream, or finds a gap in it, parks the stream ([`ParkedStream`]) and holds
 //! its later events instead of applying past it. [`PgEventStore::redrive_projection`]

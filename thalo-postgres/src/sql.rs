@@ -131,9 +131,21 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
-    pub(crate) fn new(schema: &SchemaName) -> Self {
+    /// The statements of a store in `schema`; without `outbox`, appends write no outbox
+    /// rows (a store with no relay).
+    pub(crate) fn new(schema: &SchemaName, outbox: bool) -> Self {
         let events = schema.qualify("events");
-        let outbox = schema.qualify("outbox");
+        let outboxed = if outbox {
+            format!(
+                ",
+outboxed AS (
+    INSERT INTO {} (position) SELECT position FROM inserted ORDER BY position
+)",
+                schema.qualify("outbox")
+            )
+        } else {
+            String::new()
+        };
         let snapshots = schema.qualify("snapshots");
         let checkpoints = schema.qualify("checkpoints");
         let commands = schema.qualify("commands");
@@ -155,10 +167,7 @@ inserted AS (
     WHERE (SELECT version FROM head) = $3{gate}
     ORDER BY e.ord
     RETURNING sequence, position
-),
-outboxed AS (
-    INSERT INTO {outbox} (position) SELECT position FROM inserted ORDER BY position
-)
+){outboxed}
 SELECT (SELECT version FROM head) AS version,
        (SELECT array_agg(position ORDER BY sequence) FROM inserted) AS positions{extra_columns}"
             )
@@ -246,10 +255,7 @@ inserted AS (
     WHERE r.version = r.expected
     ORDER BY e.req, e.ord
     RETURNING aggregate_type, aggregate_id, sequence, position
-),
-outboxed AS (
-    INSERT INTO {outbox} (position) SELECT position FROM inserted ORDER BY position
-)
+){outboxed}
 SELECT r.req, r.version, p.positions{notify_column}
 FROM req r
 LEFT JOIN (SELECT aggregate_type, aggregate_id,
@@ -376,7 +382,7 @@ mod tests {
     #[test]
     fn every_table_is_schema_qualified() {
         let schema = SchemaName::new("billing").unwrap();
-        let sql = Sql::new(&schema);
+        let sql = Sql::new(&schema, true);
         for statement in [
             &sql.append,
             &sql.append_notify,
@@ -401,6 +407,11 @@ mod tests {
         assert!(!sql.append.contains("pg_notify"));
         assert!(sql.append_once_notify.contains("pg_notify($13"));
         assert!(sql.append_once.contains("\"billing\".commands"));
+        assert!(sql.append.contains("\"billing\".outbox"));
+        let without = Sql::new(&schema, false);
+        for statement in [&without.append, &without.append_once, &without.append_group] {
+            assert!(!statement.contains("outbox"), "{statement}");
+        }
         assert!(sql.append_group_notify.contains("pg_notify($13"));
         assert!(!sql.append_group.contains("pg_notify"));
     }

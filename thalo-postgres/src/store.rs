@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) max_event_bytes: usize,
     /// How long command keys are remembered.
     pub(crate) command_retention: Duration,
+    /// Whether appends write outbox rows.
+    pub(crate) outbox: bool,
     pub(crate) notifier: Notifier,
     /// Sends the notifications of [`NotifyMode::AfterCommit`].
     pub(crate) announcer: Announcer,
@@ -128,6 +130,12 @@ impl PgEventStore {
     /// How appends notify [`notify_channel`](PgEventStore::notify_channel).
     pub fn notify_mode(&self) -> NotifyMode {
         self.inner.notify
+    }
+
+    /// Whether appends write outbox rows for a relay (see
+    /// [`PgEventStoreBuilder::outbox`]).
+    pub fn has_outbox(&self) -> bool {
+        self.inner.outbox
     }
 
     /// The group-commit settings, when appends are group-committed (see

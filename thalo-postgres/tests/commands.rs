@@ -109,3 +109,53 @@ async fn expired_keys_are_forgotten_and_pruned() {
         .expect("count");
     assert_eq!(left, 1, "the fresh key's record stays");
 }
+
+/// A store without an outbox (no relay) stores every kind of append and writes no
+/// outbox row: plain, keyed, in the caller's transaction, group-committed.
+#[tokio::test]
+async fn a_store_without_an_outbox_writes_no_outbox_rows() {
+    let db = common::store_with(4, |b| b.outbox(false)).await;
+    assert!(!db.store.has_outbox());
+    let group = thalo_postgres::PgEventStore::builder(db.pool.clone())
+        .schema(&db.schema)
+        .outbox(false)
+        .group_commit(thalo_postgres::GroupCommit::default())
+        .build()
+        .expect("store");
+    let id = new_id();
+    let repo = Repository::new(db.store.clone());
+    repo.execute::<Account>(&id, AccountCommand::Deposit { amount: 1 })
+        .await
+        .expect("plain");
+    repo.execute_once::<Account>(
+        &id,
+        CommandId::random(),
+        AccountCommand::Deposit { amount: 2 },
+    )
+    .await
+    .expect("keyed");
+    Repository::new(group)
+        .execute::<Account>(&id, AccountCommand::Deposit { amount: 3 })
+        .await
+        .expect("group-committed");
+    let mut tx = db.pool.begin().await.expect("begin");
+    db.store
+        .append_in::<Account>(
+            &mut tx,
+            &id,
+            3,
+            common::deposits([4]),
+            &thalo::Metadata::new(),
+        )
+        .await
+        .expect("append_in");
+    tx.commit().await.expect("commit");
+
+    let loaded = db.store.load::<Account>(&id).await.expect("load");
+    assert_eq!((loaded.version, loaded.aggregate.balance), (4, 10));
+    let outbox: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", db.table("outbox")))
+        .fetch_one(&db.pool)
+        .await
+        .expect("outbox");
+    assert_eq!(outbox, 0);
+}

@@ -137,6 +137,8 @@ pub(crate) struct RelayConfig {
     pub(crate) topic_settings: TopicSettings,
     pub(crate) producer_config: Vec<(String, String)>,
     pub(crate) delivery_timeout: Duration,
+    /// Set by `from_store` for a store whose appends write no outbox rows.
+    pub(crate) store_without_outbox: bool,
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +195,7 @@ impl KafkaRelay {
                 topic_settings: TopicSettings::default(),
                 producer_config: Vec::new(),
                 delivery_timeout: Self::DEFAULT_DELIVERY_TIMEOUT,
+                store_without_outbox: false,
             },
             state: Arc::default(),
         }
@@ -200,7 +203,10 @@ impl KafkaRelay {
 
     /// A relay for `store`'s outbox (its pool and schema).
     pub fn from_store(store: &PgEventStore, brokers: impl Into<String>) -> Self {
-        KafkaRelay::new(store.pool().clone(), brokers).with_schema(store.schema().clone())
+        let mut relay =
+            KafkaRelay::new(store.pool().clone(), brokers).with_schema(store.schema().clone());
+        relay.config.store_without_outbox = !store.has_outbox();
+        relay
     }
 
     /// The schema of the event store (the one given to `PgEventStore`).
@@ -369,8 +375,16 @@ impl KafkaRelay {
     /// # Errors
     ///
     /// Returns [`Error::Broker`] when the Kafka clients cannot be created (invalid
-    /// configuration).
+    /// configuration), and [`Error::Config`] when the relay was built
+    /// ([`from_store`](KafkaRelay::from_store)) from a store without an outbox.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        if self.config.store_without_outbox {
+            return Err(Error::config(format!(
+                "the event store in schema `{}` writes no outbox rows \
+                 (PgEventStoreBuilder::outbox(false)): a relay would publish nothing",
+                self.config.schema
+            )));
+        }
         let outbox = self.outbox();
         let mut kafka = Kafka::new(&self.config)?;
         let holder = holder_name();
@@ -606,6 +620,23 @@ fn holder_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_relay_refuses_a_store_without_an_outbox() {
+        // A lazy pool never connects: the relay must refuse before it touches anything.
+        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("pool");
+        let store = PgEventStore::builder(pool)
+            .outbox(false)
+            .build()
+            .expect("store");
+        let relay = KafkaRelay::from_store(&store, "127.0.0.1:1");
+        let err = relay
+            .run(CancellationToken::new())
+            .await
+            .expect_err("no outbox");
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        assert!(err.to_string().contains("writes no outbox rows"), "{err}");
+    }
 
     #[test]
     fn backoff_is_per_aggregate_and_grows() {
