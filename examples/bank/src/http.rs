@@ -8,6 +8,7 @@
 //! | `POST /accounts/{id}/close`     |                                                  |
 //! | `GET /accounts`                 | every balance, from the read model               |
 //! | `GET /accounts/{id}`            | one balance, from the read model                 |
+//! | `GET /healthz`                  | `ok` while the process serves requests (liveness) |
 //!
 //! Amounts are integer cents. Commands answer with the stored events. Errors answer with
 //! `{"code", "message"}` and store nothing.
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/accounts/{id}/deposit", post(deposit))
         .route("/accounts/{id}/withdraw", post(withdraw))
         .route("/accounts/{id}/close", post(close))
+        .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -361,6 +363,12 @@ async fn close(
     )
     .await
     .into_response()
+}
+
+/// Liveness: the process is up and serving requests. (Whether Postgres and the broker
+/// are reachable is readiness, which the operator issue adds.)
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<BalanceView>>, ApiError> {

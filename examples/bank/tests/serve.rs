@@ -284,6 +284,14 @@ async fn idempotency_keys_make_retries_safe() {
             .is_some_and(|v| v == "true")
     };
 
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.expect("body"), "ok");
+
     let open = json!({"account_number": "IDEM", "owner": "Ada", "initial_deposit": 0});
     let first = post("/accounts", "open-1", open.clone())
         .await
