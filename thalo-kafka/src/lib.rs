@@ -99,6 +99,29 @@
 //! DATABASE_URL=postgres://... KAFKA_BROKERS=broker:9092 thalo-relay --schema thalo --topic-prefix bank.
 //! ```
 //!
+//! ## Secured clusters: TLS and SASL
+//!
+//! One [`KafkaConfig`] (bootstrap servers, librdkafka properties, topic naming) configures
+//! the relay ([`KafkaRelay::with_kafka_config`]) and the consumers
+//! ([`KafkaConsumer::from_kafka_config`]), and its properties reach every client they
+//! create: producer, consumer, dead-letter producer and admin clients. Build it in code,
+//! from a properties file ([`KafkaConfig::from_file`]) or from the environment
+//! ([`KafkaConfig::from_env`]: `KAFKA_BROKERS`, `THALO_KAFKA_CONFIG=<file>`,
+//! `THALO_KAFKA_<NAME>` for each property). [`KafkaConfig::check`] says at start-up,
+//! in words, when a certificate does not verify or the cluster cannot be reached.
+//!
+//! ```text
+//! KAFKA_BROKERS=pkc-xxxx.confluent.cloud:9092 \
+//! THALO_KAFKA_SECURITY_PROTOCOL=SASL_SSL THALO_KAFKA_SASL_MECHANISMS=PLAIN \
+//! THALO_KAFKA_SASL_USERNAME=$KEY THALO_KAFKA_SASL_PASSWORD=$SECRET thalo-relay
+//! thalo-relay -X security.protocol=ssl -X ssl.ca.location=/etc/kafka/ca.pem
+//! ```
+//!
+//! librdkafka is built with OpenSSL compiled from source (`rdkafka`'s `ssl-vendored`
+//! feature): TLS, SASL PLAIN and SCRAM work on any machine with a C toolchain, `make`
+//! and `perl`, whatever OpenSSL the system has (or lacks). GSSAPI (Kerberos) is not
+//! built in.
+//!
 //! ## Feature flags
 //!
 //! - `postgres` (default): [`KafkaRelay`] and [`KafkaConsumer::run_projection`] (pulls in
@@ -114,12 +137,14 @@ pub mod projection;
 pub mod relay;
 
 mod backoff;
+mod config;
 mod shutdown;
 mod topic;
 
 pub use backoff::RetryPolicy;
+pub use config::{KafkaConfig, BROKERS_ENV, CONFIG_FILE_ENV, PROPERTY_ENV_PREFIX};
 pub use consumer::{ConsumerStats, KafkaConsumer};
-pub use message::{decode_message, decode_raw_message, encode_headers};
+pub use message::{decode_message, decode_raw_message, encode_headers, error_chain};
 #[cfg(feature = "postgres")]
 pub use relay::{KafkaRelay, RelayLag, RelayStatus};
 pub use shutdown::shutdown_signal;

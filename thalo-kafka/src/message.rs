@@ -269,8 +269,17 @@ impl fmt::Display for FormatError {
 
 impl std::error::Error for FormatError {}
 
-/// The error and its causes on one line, `: `-separated.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// The error and its causes on one line, `: `-separated (for logs and messages: a
+/// `thalo::Error` prints only its context, its cause is the source).
+///
+/// ```
+/// let err = thalo::Error::broker("connecting", std::io::Error::other("connection refused"));
+/// assert_eq!(
+///     thalo_kafka::error_chain(&err),
+///     "message broker error: connecting: connection refused"
+/// );
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

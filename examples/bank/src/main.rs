@@ -91,7 +91,23 @@ enum Command {
         /// unique per instance (default `bank-<host name>`).
         #[arg(long, env = "BANK_INSTANCE_ID")]
         instance_id: Option<String>,
+        /// librdkafka properties for every Kafka client, `key=value` (repeatable), e.g.
+        /// `-X security.protocol=SASL_SSL -X sasl.mechanisms=SCRAM-SHA-512`. They come
+        /// after the file named by `THALO_KAFKA_CONFIG` and the `THALO_KAFKA_<NAME>`
+        /// variables, and win over them.
+        #[arg(short = 'X', long = "kafka-property", value_parser = parse_property)]
+        kafka_properties: Vec<(String, String)>,
+        /// Connections of the Postgres pool.
+        #[arg(long, env = "BANK_PG_MAX_CONNECTIONS", default_value_t = 10)]
+        pg_max_connections: u32,
     },
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, found `{text}`"))
 }
 
 #[tokio::main]
@@ -121,14 +137,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         topic_prefix,
         group_id,
         instance_id,
+        kafka_properties,
+        pg_max_connections,
     } = command
     {
+        // THALO_KAFKA_CONFIG and THALO_KAFKA_<NAME>, then -X.
+        let from_env = thalo_kafka::KafkaConfig::from_env()?;
+        let kafka_properties = from_env
+            .properties()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain(kafka_properties)
+            .collect();
         let Some(database_url) = cli.database_url else {
             anyhow::bail!("`bank serve` needs Postgres: set DATABASE_URL or pass --database-url");
         };
         let config = ServiceConfig {
             database_url,
             kafka_brokers,
+            kafka_properties,
+            pg_max_connections,
             listen,
             schema: cli.schema,
             topic_prefix,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use thalo::{AggregateType as _, Error, Repository};
-use thalo_kafka::{KafkaConsumer, KafkaRelay, TopicNaming};
+use thalo_kafka::{KafkaConfig, KafkaConsumer, KafkaRelay, TopicNaming};
 use thalo_postgres::PgEventStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,13 +20,18 @@ const ACCOUNT_CACHE: usize = 10_000;
 /// How often the service deletes expired idempotency keys.
 const PRUNE_COMMANDS_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
-/// Settings of [`run`].
+/// Settings of [`start`].
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
     /// Postgres URL.
     pub database_url: String,
     /// Kafka bootstrap servers.
     pub kafka_brokers: String,
+    /// librdkafka properties for every Kafka client of the service (relay, consumer,
+    /// dead-letter producer, admin clients): TLS, SASL, timeouts.
+    pub kafka_properties: Vec<(String, String)>,
+    /// Connections of the Postgres pool.
+    pub pg_max_connections: u32,
     /// Where the HTTP API listens.
     pub listen: SocketAddr,
     /// Postgres schema of the event store and the read model.
@@ -47,6 +52,8 @@ impl Default for ServiceConfig {
         ServiceConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/thalo_test".to_owned(),
             kafka_brokers: "127.0.0.1:9092".to_owned(),
+            kafka_properties: Vec::new(),
+            pg_max_connections: 10,
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             schema: "bank".to_owned(),
             topic_prefix: String::new(),
@@ -104,7 +111,9 @@ impl Running {
 /// Returns an error when Postgres is unreachable or the listener cannot bind. Broker
 /// outages are retried by the relay and the consumer while the service runs.
 pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result<Running, Error> {
-    let pool = thalo_postgres::sqlx::PgPool::connect(&config.database_url)
+    let pool = thalo_postgres::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.pg_max_connections.max(3))
+        .connect(&config.database_url)
         .await
         .map_err(|e| Error::store("connecting to Postgres", e))?;
     let store = PgEventStore::builder(pool)
@@ -112,13 +121,22 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
         .build()?;
     store.migrate().await?;
     let balances = PgBalances::new(&store).await?;
-    let naming = TopicNaming::prefixed(config.topic_prefix.clone());
-    let topic = naming.topic(BankAccount::TYPE);
+    // One Kafka configuration for every client, so the relay and the consumer agree on
+    // the cluster, its security settings and the topic names.
+    let mut kafka = KafkaConfig::new(config.kafka_brokers.clone())
+        .with_topic_naming(TopicNaming::prefixed(config.topic_prefix.clone()));
+    for (key, value) in &config.kafka_properties {
+        kafka = kafka.set(key.clone(), value.clone());
+    }
+    let topic = kafka.topic_naming().topic(BankAccount::TYPE);
+    // A wrong CA, password or address is reported at once, in words; the relay and the
+    // consumer keep retrying (the cluster may just not be up yet).
+    if let Err(err) = kafka.check(std::time::Duration::from_secs(10)).await {
+        tracing::error!(error = %thalo_kafka::error_chain(&err), "Kafka is not reachable yet; the relay and the consumer keep trying");
+    }
 
-    let relay = KafkaRelay::from_store(&store, config.kafka_brokers.clone())
-        .with_topic_naming(naming.clone());
-    let consumer = KafkaConsumer::new(config.kafka_brokers.clone(), config.group_id.clone())
-        .with_topic_naming(naming)
+    let relay = KafkaRelay::from_store(&store, kafka.brokers()).with_kafka_config(&kafka);
+    let consumer = KafkaConsumer::from_kafka_config(&kafka, config.group_id.clone())
         .subscribe::<BankAccount>()
         .with_instance_id(config.instance_id.clone())
         // With static membership a restarted member rejoins under its old identity at

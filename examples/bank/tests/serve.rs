@@ -29,6 +29,7 @@ async fn commands_over_http_reach_the_read_model_through_kafka() {
         topic_prefix: format!("test-{id}-"),
         group_id: format!("bank-balances-{id}"),
         instance_id: format!("bank-test-{id}"),
+        ..ServiceConfig::default()
     };
     let shutdown = CancellationToken::new();
     let running = start(config, shutdown.clone()).await.expect(
@@ -166,6 +167,7 @@ async fn bad_input_is_rejected_and_stores_nothing() {
         topic_prefix: format!("test-{id}-"),
         group_id: format!("bank-balances-{id}"),
         instance_id: format!("bank-test-{id}"),
+        ..ServiceConfig::default()
     };
     let shutdown = CancellationToken::new();
     let running = start(config, shutdown.clone())
@@ -265,6 +267,7 @@ async fn idempotency_keys_make_retries_safe() {
         topic_prefix: format!("test-{id}-"),
         group_id: format!("bank-balances-{id}"),
         instance_id: format!("bank-test-{id}"),
+        ..ServiceConfig::default()
     };
     let shutdown = CancellationToken::new();
     let running = start(config, shutdown.clone())

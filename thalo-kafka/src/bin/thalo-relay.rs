@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
-use thalo_kafka::{shutdown_signal, KafkaRelay, TopicNaming, TopicSettings};
+use thalo_kafka::{shutdown_signal, KafkaConfig, KafkaRelay, TopicNaming, TopicSettings};
 use thalo_postgres::SchemaName;
 use tracing_subscriber::EnvFilter;
 
@@ -62,10 +62,25 @@ struct Args {
     #[arg(long)]
     no_create_topics: bool,
 
-    /// Extra librdkafka producer properties, `key=value` (repeatable), e.g.
-    /// `-X compression.type=lz4`.
-    #[arg(short = 'X', long = "producer-property", value_parser = parse_property)]
-    producer_properties: Vec<(String, String)>,
+    /// librdkafka properties, `key=value` (repeatable), e.g. `-X compression.type=lz4`,
+    /// `-X security.protocol=SASL_SSL`. They come after those of the file named by
+    /// `THALO_KAFKA_CONFIG` and of the `THALO_KAFKA_<NAME>` variables (see
+    /// `KafkaConfig::from_env`), and win over them.
+    #[arg(
+        short = 'X',
+        long = "kafka-property",
+        alias = "producer-property",
+        value_parser = parse_property
+    )]
+    kafka_properties: Vec<(String, String)>,
+
+    /// Postgres connections of the relay's pool.
+    #[arg(long, env = "THALO_PG_MAX_CONNECTIONS", default_value_t = 4)]
+    pg_max_connections: u32,
+
+    /// How long to wait for a Postgres connection from the pool, in milliseconds.
+    #[arg(long, env = "THALO_PG_ACQUIRE_TIMEOUT_MS", default_value_t = 10_000)]
+    pg_acquire_timeout_ms: u64,
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -96,24 +111,31 @@ async fn run(args: Args) -> Result<(), thalo::Error> {
     let schema = SchemaName::new(args.schema)?;
     // Connecting lazily: the relay retries until the database is reachable.
     let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
+        .max_connections(args.pg_max_connections.max(2))
+        .acquire_timeout(Duration::from_millis(args.pg_acquire_timeout_ms))
         .connect_lazy(&args.database_url)
         .map_err(|e| thalo::Error::config(format!("invalid DATABASE_URL: {e}")))?;
-    let mut relay = KafkaRelay::new(pool, args.brokers)
+    let mut kafka = KafkaConfig::from_env()?.set("bootstrap.servers", args.brokers);
+    for (key, value) in args.kafka_properties {
+        kafka = kafka.set(key, value);
+    }
+    let kafka = kafka.with_topic_naming(TopicNaming::prefixed(args.topic_prefix));
+    // A wrong CA, password or address is reported now, in words; the relay itself
+    // keeps retrying (the cluster may just not be up yet).
+    if let Err(err) = kafka.check(Duration::from_secs(10)).await {
+        tracing::error!(error = %thalo_kafka::error_chain(&err), "the Kafka cluster is not reachable yet; the relay keeps trying");
+    }
+    let relay = KafkaRelay::new(pool, kafka.brokers())
+        .with_kafka_config(&kafka)
         .with_schema(schema)
         .with_batch_size(args.batch_size)
         .with_poll_interval(Duration::from_millis(args.poll_interval_ms))
         .with_delivery_timeout(Duration::from_millis(args.delivery_timeout_ms))
-        .with_topic_naming(TopicNaming::prefixed(args.topic_prefix))
         .with_topic_settings(TopicSettings {
             create: !args.no_create_topics,
             partitions: args.partitions,
             replication_factor: args.replication_factor,
         });
-    for (key, value) in args.producer_properties {
-        relay = relay.set(key, value);
-    }
     relay.run(shutdown_signal()).await
 }
 

@@ -197,6 +197,19 @@ pub struct ConsumerStats {
 }
 
 impl KafkaConsumer {
+    /// A consumer in group `group_id` with the brokers, every property and the topic
+    /// naming of `config` (the properties reach the consumer, its dead-letter producer
+    /// and its admin client). Build the relay from the same
+    /// [`KafkaConfig`](crate::KafkaConfig).
+    pub fn from_kafka_config(config: &crate::KafkaConfig, group_id: impl Into<String>) -> Self {
+        let mut consumer =
+            Self::new(config.brokers(), group_id).with_topic_naming(config.topic_naming().clone());
+        for (key, value) in config.properties() {
+            consumer = consumer.set(key, value);
+        }
+        consumer
+    }
+
     /// A consumer in group `group_id` of the cluster at `brokers`. Add topics with
     /// [`subscribe`](KafkaConsumer::subscribe) or [`with_topic`](KafkaConsumer::with_topic).
     ///

@@ -287,6 +287,19 @@ impl KafkaRelay {
         self
     }
 
+    /// Takes the brokers, every property and the topic naming of `config` (security
+    /// settings reach the producer and the admin client alike). Build the consumers
+    /// from the same [`KafkaConfig`](crate::KafkaConfig).
+    #[must_use]
+    pub fn with_kafka_config(mut self, config: &crate::KafkaConfig) -> Self {
+        self.config.brokers = config.brokers().to_owned();
+        for (key, value) in config.properties() {
+            self = self.set(key, value);
+        }
+        self.config.topic_naming = config.topic_naming().clone();
+        self
+    }
+
     /// Sets a librdkafka property of the relay's producer and admin client (e.g.
     /// `compression.type`, `linger.ms`, `message.max.bytes`, security settings).
     /// `enable.idempotence`, `enable.gapless.guarantee`, `acks` and
