@@ -7,6 +7,8 @@
 #   - A Kafka-compatible broker at KAFKA_BROKERS (default 127.0.0.1:9092): when none
 #     answers, installs the pinned `tansu` broker from crates.io (once) and runs it in
 #     the background for the duration of the suite.
+#   - A throwaway PostgreSQL cluster that accepts only TLS (scripts/tls-postgres.sh),
+#     for the TLS tests; stopped and deleted at the end.
 # It exports THALO_REQUIRE_SERVICES=1, which turns a missing service into a test failure,
 # and fails if any test was skipped (ignored). Then it runs the fault-injection suite
 # (bank-faults, FAULTS_SECONDS of load and faults, 45 by default; see RELIABILITY.md).
@@ -72,7 +74,34 @@ stop_broker() {
     fi
     return 0
 }
-trap stop_broker EXIT
+TLS_PG_DIR=""
+stop_tls_postgres() {
+    if [ -n "$TLS_PG_DIR" ]; then
+        log "stopping the TLS-only PostgreSQL cluster"
+        scripts/tls-postgres.sh stop "$TLS_PG_DIR"
+    fi
+    return 0
+}
+
+cleanup() {
+    stop_broker
+    stop_tls_postgres
+}
+trap cleanup EXIT
+
+# A throwaway cluster that accepts only TLS connections, with a CA and a server
+# certificate made for it, for the TLS tests (THALO_TLS_DATABASE_URL and friends).
+start_tls_postgres() {
+    TLS_PG_DIR="$(mktemp -d)"
+    log "starting a TLS-only PostgreSQL cluster in $TLS_PG_DIR"
+    local env
+    if ! env="$(scripts/tls-postgres.sh start "$TLS_PG_DIR")"; then
+        cat "$TLS_PG_DIR"/*.log >&2 2>/dev/null || true
+        echo "error: cannot start the TLS-only PostgreSQL cluster (needs initdb and openssl)" >&2
+        exit 1
+    fi
+    eval "$env"
+}
 
 ensure_tansu() {
     # Needed even when another broker is reachable: the broker-restart test runs its own.
@@ -130,6 +159,7 @@ check_compose() {
 [ -f docker-compose.yml ] && check_compose
 ensure_postgres
 ensure_kafka
+start_tls_postgres
 
 log "running the test suite"
 out="$(mktemp)"

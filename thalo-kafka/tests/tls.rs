@@ -250,3 +250,62 @@ async fn relay_and_consumer_run_over_tls_and_a_wrong_ca_is_a_clear_error() {
     db.drop_schema().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The relay reads its outbox from a Postgres that accepts only TLS (`sslmode=verify-full`,
+/// `scripts/tls-postgres.sh`, started by `scripts/test.sh`) and publishes every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_publishes_from_a_tls_only_postgres() {
+    let brokers = require_kafka().await;
+    let url = std::env::var("THALO_TLS_DATABASE_URL").expect(
+        "THALO_TLS_DATABASE_URL is not set: run scripts/test.sh, which starts a TLS-only \
+         Postgres (scripts/tls-postgres.sh)",
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&url)
+        .await
+        .expect("connecting over TLS with sslmode=verify-full");
+    let schema = random_name("tls");
+    let store = thalo_postgres::PgEventStore::builder(pool.clone())
+        .schema(&schema)
+        .build()
+        .expect("store");
+    store.migrate().await.expect("migrate over TLS");
+
+    let (naming, topic) = naming();
+    let shutdown = CancellationToken::new();
+    let relay = KafkaRelay::from_store(&store, brokers)
+        .with_topic_naming(naming)
+        .with_topic_settings(topic_settings())
+        .with_poll_interval(Duration::from_millis(200));
+    let relay_task = tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run(shutdown).await }
+    });
+    let repo = Repository::new(store.clone());
+    for i in 0..10_i64 {
+        repo.execute::<Account>(
+            &format!("acc-{}", i % 3),
+            AccountCommand::Deposit { amount: i + 1 },
+        )
+        .await
+        .expect("deposit over TLS");
+    }
+    let messages = read_topic(&topic, 10, Duration::from_secs(30)).await;
+    assert_eq!(messages.len(), 10, "every event was published");
+    eventually(Duration::from_secs(10), "the outbox to drain", || async {
+        let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{schema}\".outbox"))
+            .fetch_one(&pool)
+            .await
+            .expect("outbox");
+        left == 0
+    })
+    .await;
+
+    shutdown.cancel();
+    relay_task.await.expect("relay task").expect("relay");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .expect("drop schema");
+}
