@@ -128,6 +128,7 @@
 //!   `sqlx` and `thalo-postgres`). Without it, the crate has the consumer for plain
 //!   event handlers only.
 //! - `cli` (default): the `thalo-relay` binary.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod consumer;
 pub mod message;

@@ -214,6 +214,7 @@
 //! Payloads and metadata are stored as `jsonb`: key order and whitespace are not kept
 //! (events decode the same), and strings must not contain `\u0000`. Event schema versions
 //! must fit a `SMALLINT` (up to 32767).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod append;
 mod builder;

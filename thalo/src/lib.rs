@@ -124,6 +124,7 @@
 //!
 //! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]` and
 //!   `#[events]` from `thalo-macros`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod aggregate;
 mod cache;
