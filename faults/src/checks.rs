@@ -50,6 +50,33 @@ async fn count(pool: &PgPool, schema: &str, table: &str) -> anyhow::Result<i64> 
         .with_context(|| format!("counting {table}"))
 }
 
+/// The read model's progress: the sum of its rows' versions.
+async fn read_model_progress(pool: &PgPool, schema: &str) -> i64 {
+    read_model(pool, schema)
+        .await
+        .values()
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Waits until the read model moves (under load, that is the whole pipeline working
+/// again: relay, broker, consumer); returns how long it took, or `None` after `bound`.
+pub async fn wait_for_progress(
+    pool: &PgPool,
+    schema: &str,
+    bound: Duration,
+) -> anyhow::Result<Option<Duration>> {
+    let started = Instant::now();
+    let before = read_model_progress(pool, schema).await;
+    while started.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if read_model_progress(pool, schema).await > before {
+            return Ok(Some(started.elapsed()));
+        }
+    }
+    Ok(None)
+}
+
 /// Waits until the outbox is empty and the read model equals the fold of the events;
 /// false when `bound` passed first.
 pub async fn settle(pool: &PgPool, schema: &str, bound: Duration) -> anyhow::Result<bool> {
@@ -222,7 +249,7 @@ pub fn report(
     let _ = writeln!(out);
     let _ = writeln!(out, "| figure | value |");
     let _ = writeln!(out, "|---|---:|");
-    let rows: [(&str, String); 17] = [
+    let rows: [(&str, String); 18] = [
         (
             "service SIGKILLed and restarted",
             faults.service_kills.to_string(),
@@ -252,6 +279,14 @@ pub fn report(
                 )
             },
             faults.broker_restarts.to_string(),
+        ),
+        (
+            "slowest recovery after a fault (read model moving again)",
+            if faults.unrecovered == 0 {
+                format!("{:.1} s", faults.slowest_recovery.as_secs_f64())
+            } else {
+                format!("{} fault(s) not recovered within 30 s", faults.unrecovered)
+            },
         ),
         ("commands sent", tally.sent().to_string()),
         ("acknowledged (2xx)", tally.acknowledged().to_string()),

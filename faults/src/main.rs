@@ -100,6 +100,16 @@ struct Args {
     /// --broker-fault).
     #[arg(long, default_value = "kill,sessions,broker")]
     faults: String,
+    /// Keep one consumer group (and static member id) across the service's restarts, as
+    /// the bank is deployed. By default every start of the service joins a consumer
+    /// group of its own and reads the topic from its start, relying on the projection's
+    /// per-stream checkpoints to skip what it applied before: tansu 0.6 sometimes wedges
+    /// a static member's group after a SIGKILL under load (see RELIABILITY.md).
+    #[arg(long)]
+    stable_group: bool,
+    /// How long the SIGKILLed service stays down before it is started again, in ms.
+    #[arg(long, default_value_t = 300)]
+    restart_delay_ms: u64,
     /// Seconds between two faults.
     #[arg(long, default_value_t = 4)]
     fault_every: u64,
@@ -147,6 +157,10 @@ pub struct Faults {
     session_terminations: u32,
     sessions_terminated: u64,
     broker_restarts: u32,
+    /// The longest time from a fault until the read model moved again.
+    slowest_recovery: Duration,
+    /// Faults after which the read model did not move within the bound.
+    unrecovered: u32,
 }
 
 #[tokio::main]
@@ -202,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
         &schema,
         &broker.brokers(),
         &id,
+        args.stable_group,
     )?;
     service.start().await?;
 
@@ -286,7 +301,7 @@ async fn run(
         match kinds[turn % kinds.len()] {
             "kill" => {
                 service.kill().await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(Duration::from_millis(args.restart_delay_ms)).await;
                 service.start().await?;
                 faults.service_kills += 1;
             }
@@ -310,6 +325,13 @@ async fn run(
             }
         }
         turn += 1;
+        // The next fault waits until the pipeline has recovered from this one (the read
+        // model moves again): faults are injected one at a time, not piled on a service
+        // that is still rejoining its consumer group.
+        match checks::wait_for_progress(admin, schema, Duration::from_secs(30)).await? {
+            Some(took) => faults.slowest_recovery = faults.slowest_recovery.max(took),
+            None => faults.unrecovered += 1,
+        }
         println!(
             "  {:>5.1} s: {} acknowledged, {} retries so far; faults: {} SIGKILL, {} session terminations, {} broker faults",
             started.elapsed().as_secs_f64(),

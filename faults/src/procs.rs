@@ -154,6 +154,13 @@ impl Broker {
 pub struct Service {
     binary: PathBuf,
     log: PathBuf,
+    /// The run's id, for group names.
+    id: String,
+    /// Keep one consumer group and static member id across restarts (as deployed);
+    /// otherwise every start joins a group of its own (see `RELIABILITY.md`).
+    stable_group: bool,
+    /// Starts so far.
+    starts: u32,
     port: u16,
     envs: Vec<(&'static str, String)>,
     child: Option<Child>,
@@ -169,6 +176,7 @@ impl Service {
         schema: &str,
         brokers: &str,
         id: &str,
+        stable_group: bool,
     ) -> anyhow::Result<Service> {
         let port = free_port()?;
         // The application name lets the harness find (and terminate) the service's
@@ -185,9 +193,10 @@ impl Service {
                 ("BANK_SCHEMA", schema.to_owned()),
                 ("BANK_LISTEN", format!("127.0.0.1:{port}")),
                 ("BANK_TOPIC_PREFIX", format!("faults-{id}-")),
-                ("BANK_GROUP_ID", format!("bank-balances-{id}")),
-                ("BANK_INSTANCE_ID", format!("bank-faults-{id}")),
             ],
+            id: id.to_owned(),
+            stable_group,
+            starts: 0,
             child: None,
         })
     }
@@ -199,8 +208,15 @@ impl Service {
 
     /// Starts the service and waits until its API answers.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let (id, generation) = (&self.id, if self.stable_group { 0 } else { self.starts });
         let child = Command::new(&self.binary)
             .arg("serve")
+            .env("BANK_GROUP_ID", format!("bank-balances-{id}-g{generation}"))
+            .env(
+                "BANK_INSTANCE_ID",
+                format!("bank-faults-{id}-g{generation}"),
+            )
             .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
             .env(
                 "RUST_LOG",
