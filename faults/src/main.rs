@@ -216,8 +216,8 @@ async fn main() -> anyhow::Result<()> {
         &schema,
         &broker.brokers(),
         &id,
-        args.stable_group,
-    )?;
+    )?
+    .with_stable_group(args.stable_group);
     service.start().await?;
 
     let outcome = run(

@@ -176,7 +176,6 @@ impl Service {
         schema: &str,
         brokers: &str,
         id: &str,
-        stable_group: bool,
     ) -> anyhow::Result<Service> {
         let port = free_port()?;
         // The application name lets the harness find (and terminate) the service's
@@ -195,10 +194,16 @@ impl Service {
                 ("BANK_TOPIC_PREFIX", format!("faults-{id}-")),
             ],
             id: id.to_owned(),
-            stable_group,
+            stable_group: false,
             starts: 0,
             child: None,
         })
+    }
+
+    /// Keeps one consumer group and static member id across restarts.
+    pub fn with_stable_group(mut self, stable: bool) -> Self {
+        self.stable_group = stable;
+        self
     }
 
     /// The API's base URL.
