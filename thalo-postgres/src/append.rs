@@ -1,7 +1,8 @@
 //! Appending: events, outbox rows and the notification in one statement.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
 use sqlx::{Connection, PgConnection, Postgres, Row};
 use thalo::{Aggregate, AggregateType, Error, Event, EventEnvelope, Metadata};
 use tracing::warn;
@@ -91,6 +92,21 @@ impl AppendBatch {
         Ok(())
     }
 
+    /// `sql` (an append statement) with this batch bound as `$1`..`$9`; the statement's
+    /// own further parameters are bound by the caller.
+    pub(crate) fn query<'q>(&'q self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql)
+            .bind(self.aggregate_type)
+            .bind(&self.aggregate_id)
+            .bind(self.expected)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+            .bind(self.timestamp)
+    }
+
     /// Decodes the append statement's result row into the new positions, or a conflict
     /// when the stream was not at the expected version.
     pub(crate) fn positions(&self, row: &PgRow) -> Result<Vec<i64>, Error> {
@@ -178,16 +194,7 @@ impl Inner {
         } else {
             &self.sql.append
         };
-        let mut query = sqlx::query(sql)
-            .bind(batch.aggregate_type)
-            .bind(&batch.aggregate_id)
-            .bind(batch.expected)
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
-            .bind(batch.timestamp);
+        let mut query = batch.query(sql);
         if notify {
             query = query.bind(&self.channel);
         }

@@ -133,16 +133,8 @@ impl Inner {
         } else {
             &self.sql.append_once
         };
-        let mut query = sqlx::query(sql)
-            .bind(batch.aggregate_type)
-            .bind(&batch.aggregate_id)
-            .bind(batch.expected)
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
-            .bind(batch.timestamp)
+        let mut query = batch
+            .query(sql)
             .bind(key.id.as_str())
             .bind(key.fingerprint)
             .bind(self.retention_secs());
