@@ -171,11 +171,7 @@ async fn main() -> anyhow::Result<()> {
     let naming = TopicNaming::prefixed(prefix.clone());
     let topic = naming.topic("account");
     let raw_topic = format!("{topic}.raw");
-    let settings = TopicSettings {
-        create: true,
-        partitions: PARTITIONS,
-        replication_factor: 1,
-    };
+    let settings = TopicSettings::default().with_partitions(PARTITIONS);
     thalo_kafka::ensure_topics(&brokers, &[topic.clone(), raw_topic.clone()], &settings).await?;
 
     // Fill the outbox: AGGREGATES accounts, 50 events per append.

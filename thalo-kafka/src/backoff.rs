@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// assert_eq!(policy.backoff(10), Duration::from_secs(5));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// How many times to try in total (at least 1).
     pub max_attempts: u32,

@@ -24,12 +24,12 @@
 //! #     async fn handle(&self, _: &mut sqlx::PgConnection, _: &thalo::EventEnvelope<BankAccountEvent>) -> Result<(), thalo::Error> { Ok(()) }
 //! # }
 //! # async fn example() -> Result<(), thalo::Error> {
-//! use thalo_kafka::{shutdown_signal, KafkaConsumer, KafkaRelay};
+//! use thalo_kafka::{KafkaConsumer, KafkaRelay};
 //! use thalo_postgres::PgEventStore;
 //!
 //! let store = PgEventStore::connect("postgres://postgres@127.0.0.1:5432/bank").await?;
 //! store.migrate().await?;
-//! let shutdown = shutdown_signal();
+//! let shutdown = thalo::Shutdown::on_signal();
 //!
 //! // Postgres -> Kafka: topic `bank_account`, key = account id, value = event JSON.
 //! let relay = KafkaRelay::from_store(&store, "127.0.0.1:9092");
@@ -128,6 +128,7 @@
 //!   `sqlx` and `thalo-postgres`). Without it, the crate has the consumer for plain
 //!   event handlers only.
 //! - `cli` (default): the `thalo-relay` binary.
+#![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod consumer;
@@ -139,7 +140,6 @@ pub mod relay;
 
 mod backoff;
 mod config;
-mod shutdown;
 mod topic;
 
 pub use backoff::RetryPolicy;
@@ -148,7 +148,6 @@ pub use consumer::{ConsumerStats, KafkaConsumer};
 pub use message::{decode_message, decode_raw_message, encode_headers, error_chain};
 #[cfg(feature = "postgres")]
 pub use relay::{KafkaRelay, RelayLag, RelayStatus};
-pub use shutdown::shutdown_signal;
 pub use topic::{ensure_topics, TopicNaming, TopicSettings};
 
 /// The rdkafka version this crate is built with, re-exported for raw access (admin

@@ -20,9 +20,8 @@
 //! Postgres is the truth. Two consumers that briefly both hold a partition during a
 //! rebalance are serialised by the checkpoint row locks.
 
-use thalo::{Error, Event, EventEnvelope, RawEvent};
+use thalo::{Error, Event, EventEnvelope, RawEvent, Shutdown};
 use thalo_postgres::{PgEventStore, PgProjection};
-use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Apply, Counts};
 use crate::{ConsumerStats, KafkaConsumer};
@@ -54,11 +53,11 @@ impl KafkaConsumer {
     /// #     fn name(&self) -> &str { "balances" }
     /// #     async fn handle(&self, _: &mut PgConnection, _: &EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
     /// # }
-    /// use thalo_kafka::{shutdown_signal, KafkaConsumer};
+    /// use thalo_kafka::{KafkaConsumer};
     ///
     /// KafkaConsumer::new("127.0.0.1:9092", "balances")
     ///     .with_topic("bank_account")
-    ///     .run_projection(store, Balances, shutdown_signal())
+    ///     .run_projection(store, Balances, thalo::Shutdown::on_signal())
     ///     .await?;
     /// # Ok(())
     /// # }
@@ -71,14 +70,17 @@ impl KafkaConsumer {
         self,
         store: PgEventStore,
         projection: P,
-        shutdown: CancellationToken,
+        shutdown: impl Into<Shutdown>,
     ) -> Result<ConsumerStats, Error>
     where
         E: Event,
         P: PgProjection<E> + 'static,
     {
-        self.run_with(ProjectionApply { store, projection }, shutdown)
-            .await
+        self.run_with(
+            ProjectionApply { store, projection },
+            shutdown.into().into_token(),
+        )
+        .await
     }
 }
 

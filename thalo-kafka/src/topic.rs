@@ -80,9 +80,20 @@ impl fmt::Debug for TopicNaming {
 /// partition count decides how far a topic's consumers can scale). The relay creates
 /// each aggregate topic before it publishes to it, and consumers create their source
 /// and dead-letter topics before they subscribe; a topic that exists already is left
-/// as it is. Set [`TopicSettings::create`] to `false` when topics are provisioned
+/// as it is. Turn [`create`](TopicSettings::create) off when topics are provisioned
 /// elsewhere.
+///
+/// ```
+/// use thalo_kafka::TopicSettings;
+///
+/// let settings = TopicSettings::default()
+///     .with_partitions(12)
+///     .with_replication_factor(3);
+/// assert_eq!((settings.partitions, settings.replication_factor), (12, 3));
+/// assert!(!TopicSettings::default().with_create(false).create);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TopicSettings {
     /// Whether to create missing topics at all (default `true`).
     pub create: bool,
@@ -100,6 +111,29 @@ impl Default for TopicSettings {
             partitions: 6,
             replication_factor: 1,
         }
+    }
+}
+
+impl TopicSettings {
+    /// Whether to create missing topics at all.
+    #[must_use]
+    pub fn with_create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Partitions of a created topic.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Replication factor of a created topic.
+    #[must_use]
+    pub fn with_replication_factor(mut self, replication_factor: i32) -> Self {
+        self.replication_factor = replication_factor;
+        self
     }
 }
 

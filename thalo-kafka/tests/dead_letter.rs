@@ -58,10 +58,7 @@ async fn poison_messages_park_their_aggregate_and_other_aggregates_go_on() {
     let (naming, topic) = naming();
     let dlq = format!("{topic}.dlq");
     // One partition, so the messages of all aggregates keep one order.
-    let one_partition = thalo_kafka::TopicSettings {
-        partitions: 1,
-        ..topic_settings()
-    };
+    let one_partition = topic_settings().with_partitions(1);
     ensure_topics(&brokers, &[topic.clone(), dlq.clone()], &one_partition)
         .await
         .expect("topics");

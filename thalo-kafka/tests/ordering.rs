@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use rdkafka::Message;
 use thalo::{Error, EventEnvelope, EventHandler, EventStore, Metadata};
-use thalo_kafka::TopicSettings;
 use tokio_util::sync::CancellationToken;
 
 const AGGREGATES: usize = 40;
@@ -38,10 +37,7 @@ async fn events_of_each_aggregate_arrive_in_sequence_order() {
     require_kafka().await;
     let db = TestDb::new().await;
     let (naming, topic) = naming();
-    let settings = TopicSettings {
-        partitions: 4,
-        ..topic_settings()
-    };
+    let settings = topic_settings().with_partitions(4);
 
     let shutdown = CancellationToken::new();
     // Small batches: many batches, each mixing many aggregates.

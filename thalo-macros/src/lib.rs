@@ -62,6 +62,7 @@
 //! elsewhere do not add a cascade of "cannot find type" errors. The compile-fail cases
 //! in `tests/ui/fail` show each message.
 
+#![warn(missing_docs)]
 mod aggregate;
 mod ast;
 mod attr;

@@ -210,7 +210,7 @@ impl PgEventStoreBuilder {
     /// Turns on group commit (off by default): [`append`](thalo::EventStore::append)
     /// encodes its events in the caller's task and queues them for one background
     /// committer, which writes all appends queued at that moment (up to
-    /// [`GroupCommit::max_batch`]) with one statement in one transaction and one commit.
+    /// [`GroupCommit::with_max_batch`]) with one statement in one transaction and one commit.
     /// [`PgEventStore::append_in`] is never batched.
     ///
     /// **When:** many concurrent writers whose throughput is bound by the commit rate
@@ -219,7 +219,7 @@ impl PgEventStoreBuilder {
     /// **Cost:** each append waits until its batch is written and committed: roughly one
     /// to two commit latencies, plus a hop between tasks. With few clients it is slower
     /// than one transaction per append. The committer writes up to
-    /// [`GroupCommit::max_in_flight`] batches at once (streams never shared between
+    /// [`GroupCommit::with_max_in_flight`] batches at once (streams never shared between
     /// them), each on a connection of the store's pool, so size the pool for it.
     ///
     /// **Guarantees** (the same as without it):
@@ -247,7 +247,7 @@ impl PgEventStoreBuilder {
     /// use thalo_postgres::{GroupCommit, PgEventStore};
     ///
     /// let store = PgEventStore::builder(pool)
-    ///     .group_commit(GroupCommit::default().max_batch(256))
+    ///     .group_commit(GroupCommit::default().with_max_batch(256))
     ///     .build()?;
     /// # Ok(())
     /// # }

@@ -52,8 +52,8 @@ use crate::NotifyMode;
 /// use thalo_postgres::GroupCommit;
 ///
 /// let config = GroupCommit::default()
-///     .max_batch(256)
-///     .max_wait(Duration::from_micros(500));
+///     .with_max_batch(256)
+///     .with_max_wait(Duration::from_micros(500));
 /// assert_eq!(config.batch_limit(), 256);
 /// ```
 ///
@@ -80,7 +80,7 @@ impl Default for GroupCommit {
 impl GroupCommit {
     /// At most `n` appends per batch (default 512; clamped to 1..=65536).
     #[must_use]
-    pub fn max_batch(mut self, n: usize) -> Self {
+    pub fn with_max_batch(mut self, n: usize) -> Self {
         self.max_batch = n.clamp(1, 65_536);
         self
     }
@@ -91,7 +91,7 @@ impl GroupCommit {
     /// fill without waiting; a wait only helps when clients are few and bursty, and adds
     /// to every append's latency.
     #[must_use]
-    pub fn max_wait(mut self, wait: Duration) -> Self {
+    pub fn with_max_wait(mut self, wait: Duration) -> Self {
         self.max_wait = wait;
         self
     }
@@ -101,7 +101,7 @@ impl GroupCommit {
     /// durable, the next is already being written; batches in flight never share a
     /// stream.
     #[must_use]
-    pub fn max_in_flight(mut self, n: usize) -> Self {
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.clamp(1, 64);
         self
     }

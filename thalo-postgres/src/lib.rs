@@ -138,7 +138,7 @@
 //! [`PgEventStoreBuilder::group_commit`] (off by default) hands every
 //! [`append`](thalo::EventStore::append) to one background committer, which writes all
 //! appends queued at that moment, across streams, with one statement and one commit,
-//! and keeps up to [`GroupCommit::max_in_flight`] such batches (on distinct streams) in
+//! and keeps up to [`GroupCommit::with_max_in_flight`] such batches (on distinct streams) in
 //! flight at once.
 //!
 //! - **Use it** for many concurrent writers whose throughput is bound by commits.
@@ -214,6 +214,7 @@
 //! Payloads and metadata are stored as `jsonb`: key order and whitespace are not kept
 //! (events decode the same), and strings must not contain `\u0000`. Event schema versions
 //! must fit a `SMALLINT` (up to 32767).
+#![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod append;

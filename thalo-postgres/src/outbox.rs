@@ -72,6 +72,7 @@ pub struct PgOutbox {
 
 /// One outbox row and its event.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct OutboxEntry {
     /// The outbox row's id (outbox order).
     pub id: i64,
@@ -81,6 +82,7 @@ pub struct OutboxEntry {
 
 /// How far publishing is behind the store.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct OutboxLag {
     /// Outbox rows waiting to be published (parked ones included).
     pub pending: u64,
@@ -92,6 +94,7 @@ pub struct OutboxLag {
 
 /// An aggregate whose outbox rows are held back.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ParkedAggregate {
     /// Type name of the aggregate.
     pub aggregate_type: String,
@@ -113,6 +116,7 @@ pub struct ParkedAggregate {
 
 /// An event that an operator chose not to publish (see [`PgOutbox::skip`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SkippedEvent {
     /// Type name of the aggregate.
     pub aggregate_type: String,
@@ -126,6 +130,7 @@ pub struct SkippedEvent {
 
 /// Who leads the outbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OutboxLeaderInfo {
     /// The current epoch (fencing token).
     pub epoch: u64,

@@ -31,6 +31,7 @@ use crate::{row, PgEventStore, PgProjection};
 
 /// A stream a consumer parked.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ParkedStream {
     /// The consumer (handler or projection name).
     pub consumer: String,
@@ -52,6 +53,7 @@ pub struct ParkedStream {
 
 /// What a re-drive did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Redriven {
     /// Events handed to the handler or projection.
     pub applied: u64,

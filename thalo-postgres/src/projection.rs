@@ -204,6 +204,7 @@ impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
 
 /// What [`PgEventStore::apply_exactly_once`] did with a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Applied {
     /// Envelopes handed to the projection.
     pub applied: usize,

@@ -1,11 +1,10 @@
 //! In-process, exactly-once projection runner over the global log.
 
-use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
 use thalo::__private::Backoff;
-use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore};
+use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore, Shutdown};
 use tracing::{debug, warn};
 
 use crate::error::store;
@@ -41,13 +40,11 @@ use crate::{checkpoint, global, sql, Applied, PgEventStore, PgProjection};
 /// #     async fn handle(&self, _: &mut sqlx::PgConnection, _: &EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
 /// # }
 /// # async fn example(store: PgEventStore) -> Result<(), Error> {
-/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let stop = thalo::Shutdown::new(); // Shutdown::on_signal() in a service
 /// let subscription = PgSubscription::new::<Account>(store, Balances);
-/// let running = tokio::spawn(subscription.run(async {
-///     let _ = stopped.await; // e.g. on SIGTERM
-/// }));
+/// let running = tokio::spawn(subscription.run(stop.clone()));
 /// // ...
-/// let _ = stop.send(());
+/// stop.trigger();
 /// let _projection = running.await.map_err(|e| Error::handler("balances", e))??;
 /// # Ok(())
 /// # }
@@ -190,7 +187,7 @@ where
         })
     }
 
-    /// Catches up, then follows new events until `shutdown` resolves, and returns the
+    /// Catches up, then follows new events until `shutdown` is triggered, and returns the
     /// projection. A batch in flight at shutdown is rolled back (and applied by the next
     /// run).
     ///
@@ -206,12 +203,12 @@ where
     ///
     /// Returns the projection's error ([`Error::Handler`]) or the decoding error that
     /// stopped it; the checkpoint stays before the failing batch.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<P, Error> {
-        let mut shutdown = std::pin::pin!(shutdown);
+    pub async fn run(self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
+        let shutdown = shutdown.into();
         let mut backoff = Backoff::new(self.idle_timeout);
         loop {
             let caught_up = tokio::select! {
-                () = &mut shutdown => return Ok(self.projection),
+                () = shutdown.triggered() => return Ok(self.projection),
                 caught_up = self.catch_up_from() => caught_up,
             };
             let position = match caught_up {
@@ -239,7 +236,7 @@ where
                         "subscription failed, retrying"
                     );
                     tokio::select! {
-                        () = &mut shutdown => return Ok(self.projection),
+                        () = shutdown.triggered() => return Ok(self.projection),
                         () = tokio::time::sleep(delay) => {}
                     }
                     continue;
@@ -247,7 +244,7 @@ where
                 Err(err) => return Err(err),
             };
             tokio::select! {
-                () = &mut shutdown => return Ok(self.projection),
+                () = shutdown.triggered() => return Ok(self.projection),
                 () = self.store.wait_for_events(position, self.idle_timeout) => {}
             }
         }

@@ -75,7 +75,7 @@ where
 async fn a_bad_append_fails_alone_in_a_group_commit_batch() {
     // The committer waits for more appends after the first one, so the concurrent
     // appends below share a batch (or a few).
-    let config = GroupCommit::default().max_wait(Duration::from_millis(50));
+    let config = GroupCommit::default().with_max_wait(Duration::from_millis(50));
     let db = common::store_with(16, |b| b.group_commit(config)).await;
     const APPENDS: usize = 24;
     const BAD: usize = 11;
@@ -322,10 +322,8 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
     // A long idle timeout: only the backoff decides how often the failing batch runs.
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Arc::clone(&projection))
         .with_idle_timeout(Duration::from_secs(60));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(subscription.run(async {
-        let _ = stopped.await;
-    }));
+    let stop = thalo::Shutdown::new();
+    let running = tokio::spawn(subscription.run(stop.clone()));
 
     // Attempts at about 0, 0.1, 0.3 and 0.7 s (the next at 1.5 s): 4 in 1.2 s, where
     // retrying at once would run the batch thousands of times.
@@ -387,7 +385,7 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
     })
     .await;
 
-    let _ = stop.send(());
+    stop.trigger();
     running
         .await
         .expect("task")

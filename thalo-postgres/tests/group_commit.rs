@@ -107,7 +107,9 @@ async fn group_commit_contention_loses_and_doubles_nothing() {
 /// and every append lands exactly once, in sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_batches_in_flight_keep_streams_apart() {
-    let config = GroupCommit::default().max_batch(3).max_in_flight(4);
+    let config = GroupCommit::default()
+        .with_max_batch(3)
+        .with_max_in_flight(4);
     assert_eq!(config.in_flight_limit(), 4);
     let db = group_store(16, config).await;
     let store = db.store.clone();
@@ -166,7 +168,7 @@ async fn group_commit_mixed_batch_isolates_conflicts() {
     // A short wait makes the appends below land in few batches.
     let db = group_store(
         10,
-        GroupCommit::default().max_wait(Duration::from_millis(20)),
+        GroupCommit::default().with_max_wait(Duration::from_millis(20)),
     )
     .await;
     let contended = new_id();
@@ -308,7 +310,7 @@ async fn group_commit_falls_back_when_a_writer_outside_the_batch_races() {
     // A wait long enough that the appends below form one batch.
     let db = group_store(
         10,
-        GroupCommit::default().max_wait(Duration::from_millis(100)),
+        GroupCommit::default().with_max_wait(Duration::from_millis(100)),
     )
     .await;
     let raced = new_id();
@@ -383,7 +385,7 @@ async fn group_commit_falls_back_when_a_writer_outside_the_batch_races() {
 async fn group_commit_is_reported_and_off_by_default() {
     let plain = common::store().await;
     assert_eq!(plain.store.group_commit(), None);
-    let db = group_store(2, GroupCommit::default().max_batch(8)).await;
+    let db = group_store(2, GroupCommit::default().with_max_batch(8)).await;
     let config = db.store.group_commit().expect("group commit on");
     assert_eq!(config.batch_limit(), 8);
     assert_eq!(config.wait(), Duration::ZERO);

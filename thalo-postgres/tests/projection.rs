@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{deposits, new_id, Account, AccountEvent, Note, WrittenEvent};
+use common::{deposits, new_id, Account, AccountEvent, Counts, Note, WrittenEvent};
 use sqlx::PgConnection;
 use thalo::{CheckpointStore, Error, EventEnvelope, EventStore, Metadata};
 use thalo_postgres::{Applied, PgProjection, PgSubscription};
@@ -134,7 +134,7 @@ async fn a_subscription_applies_every_event_once_and_checkpoints_with_it() {
     let applied = subscription.catch_up().await.unwrap();
     assert_eq!(
         applied,
-        Applied {
+        Counts {
             applied: 8,
             skipped: 0,
             held: 0,
@@ -228,7 +228,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         .unwrap();
     assert_eq!(
         first,
-        Applied {
+        Counts {
             applied: 5,
             skipped: 0,
             held: 0,
@@ -242,7 +242,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         .unwrap();
     assert_eq!(
         again,
-        Applied {
+        Counts {
             applied: 0,
             skipped: 5,
             held: 0,
@@ -257,7 +257,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         .unwrap();
     assert_eq!(
         rest,
-        Applied {
+        Counts {
             applied: 3,
             skipped: 3,
             held: 0,
@@ -307,7 +307,7 @@ async fn concurrent_appliers_of_one_batch_apply_it_once() {
     }
     assert_eq!(
         total,
-        Applied {
+        Counts {
             applied: 15,
             skipped: 45,
             held: 0,
@@ -327,10 +327,8 @@ async fn run_follows_new_events_and_stops_on_shutdown() {
     let db = common::store().await;
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Balances::new(&db).await)
         .with_idle_timeout(Duration::from_secs(30));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runner = tokio::spawn(subscription.run(async {
-        let _ = stopped.await;
-    }));
+    let stop = thalo::Shutdown::new();
+    let runner = tokio::spawn(subscription.run(stop.clone()));
 
     let id = new_id();
     for (version, amount) in [5, 6, 7].into_iter().enumerate() {
@@ -359,7 +357,7 @@ async fn run_follows_new_events_and_stops_on_shutdown() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    stop.send(()).unwrap();
+    stop.trigger();
     let projection = tokio::time::timeout(Duration::from_secs(5), runner)
         .await
         .expect("stops on shutdown")

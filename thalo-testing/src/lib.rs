@@ -52,6 +52,7 @@
 //! With the `proptest` feature, [`assert_apply_is_total`] replays generated event
 //! sequences to check that `apply` never panics: validation belongs in commands, and an
 //! `apply` that panics on a stored event makes the aggregate unloadable.
+#![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod aggregate_test;

@@ -134,12 +134,10 @@ async fn run_follows_new_events_until_shutdown() {
     let store = InMemoryEventStore::new();
     let repo = Repository::new(store.clone());
     let projection = Arc::new(Recorder::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stop = thalo::Shutdown::new();
     let sub = Subscription::new::<Account>(store.clone(), projection.clone())
         .with_idle_timeout(Duration::from_secs(30));
-    let task = tokio::spawn(sub.run(async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(sub.run(stop.clone()));
 
     for amount in 1..=3 {
         deposit(&repo, "live", amount).await;
@@ -153,7 +151,7 @@ async fn run_follows_new_events_until_shutdown() {
     .await
     .expect("the subscription follows new events");
 
-    stop.send(()).expect("stop");
+    stop.trigger();
     task.await.expect("task").expect("clean shutdown");
     assert_eq!(projection.calls.load(Ordering::SeqCst), 3);
 }

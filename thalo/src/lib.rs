@@ -124,6 +124,7 @@
 //!
 //! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]` and
 //!   `#[events]` from `thalo-macros`.
+#![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod aggregate;
@@ -135,6 +136,7 @@ mod event;
 mod handler;
 mod memory;
 mod repository;
+mod shutdown;
 mod store;
 mod subscription;
 
@@ -153,6 +155,7 @@ pub use event::Event;
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;
 pub use repository::Repository;
+pub use shutdown::Shutdown;
 pub use store::{CheckpointStore, Decided, EventStore, Loaded};
 pub use subscription::Subscription;
 

@@ -1,12 +1,11 @@
 //! In-process subscriptions: run projections against a store without a broker.
 
-use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use crate::{Aggregate, CheckpointStore, Error, Event, EventStore, Projection};
+use crate::{Aggregate, CheckpointStore, Error, Event, EventStore, Projection, Shutdown};
 
 /// Feeds one aggregate type's events from a store to a [`Projection`], from the
 /// projection's checkpoint on, and follows new events as they are stored.
@@ -185,7 +184,7 @@ where
         }
     }
 
-    /// Catches up, then follows new events until `shutdown` resolves.
+    /// Catches up, then follows new events until `shutdown` is triggered.
     ///
     /// Store errors are logged and retried with exponential backoff: after 100 ms, then
     /// twice as long after each failed retry, up to 30 s (or the idle timeout, if that
@@ -196,8 +195,8 @@ where
     /// # Errors
     ///
     /// Returns the projection's error ([`Error::Handler`]) or the decoding error.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<P, Error> {
-        let mut shutdown = std::pin::pin!(shutdown);
+    pub async fn run(mut self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
+        let shutdown = shutdown.into();
         let mut backoff = Backoff::new(self.idle_timeout);
         loop {
             match self.catch_up().await {
@@ -222,7 +221,7 @@ where
                         "subscription failed, retrying"
                     );
                     tokio::select! {
-                        () = &mut shutdown => return Ok(self.projection),
+                        () = shutdown.triggered() => return Ok(self.projection),
                         () = tokio::time::sleep(delay) => {}
                     }
                     continue;
@@ -239,7 +238,7 @@ where
                 }
             };
             tokio::select! {
-                () = &mut shutdown => return Ok(self.projection),
+                () = shutdown.triggered() => return Ok(self.projection),
                 () = self.store.wait_for_events(position, self.idle_timeout) => {}
             }
         }
@@ -516,14 +515,12 @@ mod tests {
         store.failing.store(true, Ordering::SeqCst);
 
         let seen = Arc::new(Seen::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stop = crate::Shutdown::new();
         // A long idle timeout: only the backoff decides how often a failing store is
         // asked again.
         let subscription = Subscription::new::<Ticker>(store.clone(), Arc::clone(&seen))
             .with_idle_timeout(Duration::from_secs(60));
-        let running = tokio::spawn(subscription.run(async {
-            let _ = stopped.await;
-        }));
+        let running = tokio::spawn(subscription.run(stop.clone()));
 
         // Reads at about 0, 0.1, 0.3 and 0.7 s (the next at 1.5 s): 4 in 1.2 s, where an
         // immediate retry would read thousands of times.
@@ -553,7 +550,7 @@ mod tests {
         .await;
         assert!(followed.is_ok(), "the new event was not handled");
 
-        let _ = stop.send(());
+        stop.trigger();
         let projection = running.await.unwrap().unwrap();
         assert_eq!(projection.ticks(), [1, 2, 3]);
     }

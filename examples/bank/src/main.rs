@@ -162,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             group_id,
             instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
         };
-        let running = bank::service::start(config, thalo_kafka::shutdown_signal()).await?;
+        let running = bank::service::start(config, thalo::Shutdown::on_signal()).await?;
         println!(
             "bank service listening on http://{} (Ctrl-C to stop)",
             running.addr

@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 
+use thalo::Shutdown;
 use thalo::{AggregateType as _, Error, Repository};
 use thalo_kafka::{KafkaConfig, KafkaConsumer, KafkaRelay, TopicNaming};
 use thalo_postgres::PgEventStore;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::http::{router, AppState};
@@ -110,7 +110,7 @@ impl Running {
 ///
 /// Returns an error when Postgres is unreachable or the listener cannot bind. Broker
 /// outages are retried by the relay and the consumer while the service runs.
-pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result<Running, Error> {
+pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running, Error> {
     let pool = thalo_postgres::sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.pg_max_connections.max(3))
         .connect(&config.database_url)
@@ -161,9 +161,9 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
     info!(%addr, topic, "bank service listening");
 
     // Three parts; when one stops (shutdown, or a fatal error), the others stop too.
-    let stop_all_on_exit = |shutdown: CancellationToken| {
+    let stop_all_on_exit = |shutdown: Shutdown| {
         move |result: Result<(), Error>| {
-            shutdown.cancel();
+            shutdown.trigger();
             result
         }
     };
@@ -187,7 +187,7 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
         let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
         async move {
             let server = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .with_graceful_shutdown(async move { shutdown.triggered().await })
                 .await
                 .map_err(|e| Error::handler("http server", e));
             done(server)
@@ -201,7 +201,7 @@ pub async fn start(config: ServiceConfig, shutdown: CancellationToken) -> Result
             let mut every = tokio::time::interval(PRUNE_COMMANDS_EVERY);
             loop {
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.triggered() => return,
                     _ = every.tick() => match store.prune_commands().await {
                         Ok(0) => {}
                         Ok(pruned) => info!(pruned, "pruned expired idempotency keys"),

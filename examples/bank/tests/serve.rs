@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bank::http::{BalanceView, ErrorBody, StoredEvent};
 use bank::service::{start, ServiceConfig};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
+use thalo::Shutdown;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -31,7 +31,7 @@ async fn commands_over_http_reach_the_read_model_through_kafka() {
         instance_id: format!("bank-test-{id}"),
         ..ServiceConfig::default()
     };
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let running = start(config, shutdown.clone()).await.expect(
         "the service starts (Postgres at DATABASE_URL and a broker at KAFKA_BROKERS are required)",
     );
@@ -145,7 +145,7 @@ async fn commands_over_http_reach_the_read_model_through_kafka() {
         assert_eq!(account.version, row.version);
     }
 
-    shutdown.cancel();
+    shutdown.trigger();
     tokio::time::timeout(Duration::from_secs(30), running.stopped())
         .await
         .expect("the service stops on shutdown")
@@ -169,7 +169,7 @@ async fn bad_input_is_rejected_and_stores_nothing() {
         instance_id: format!("bank-test-{id}"),
         ..ServiceConfig::default()
     };
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let running = start(config, shutdown.clone())
         .await
         .expect("the service starts");
@@ -245,7 +245,7 @@ async fn bad_input_is_rejected_and_stores_nothing() {
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].aggregate_id, "RICH");
 
-    shutdown.cancel();
+    shutdown.trigger();
     running.stopped().await.expect("stopped");
 }
 
@@ -269,7 +269,7 @@ async fn idempotency_keys_make_retries_safe() {
         instance_id: format!("bank-test-{id}"),
         ..ServiceConfig::default()
     };
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let running = start(config, shutdown.clone())
         .await
         .expect("the service starts");
@@ -368,6 +368,6 @@ async fn idempotency_keys_make_retries_safe() {
     assert_eq!(account.version, 3, "open, one deposit, one withdrawal");
     assert_eq!(account.aggregate.balance(), 0);
 
-    shutdown.cancel();
+    shutdown.trigger();
     running.stopped().await.expect("stopped");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
-use thalo_kafka::{shutdown_signal, KafkaConfig, KafkaRelay, TopicNaming, TopicSettings};
+use thalo_kafka::{KafkaConfig, KafkaRelay, TopicNaming, TopicSettings};
 use thalo_postgres::SchemaName;
 use tracing_subscriber::EnvFilter;
 
@@ -131,12 +131,13 @@ async fn run(args: Args) -> Result<(), thalo::Error> {
         .with_batch_size(args.batch_size)
         .with_poll_interval(Duration::from_millis(args.poll_interval_ms))
         .with_delivery_timeout(Duration::from_millis(args.delivery_timeout_ms))
-        .with_topic_settings(TopicSettings {
-            create: !args.no_create_topics,
-            partitions: args.partitions,
-            replication_factor: args.replication_factor,
-        });
-    relay.run(shutdown_signal()).await
+        .with_topic_settings(
+            TopicSettings::default()
+                .with_create(!args.no_create_topics)
+                .with_partitions(args.partitions)
+                .with_replication_factor(args.replication_factor),
+        );
+    relay.run(thalo::Shutdown::on_signal()).await
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler, RawEvent};
+use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler, RawEvent, Shutdown};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -120,7 +120,7 @@ use worker::partition_worker;
 /// ```no_run
 /// # async fn example() -> Result<(), thalo::Error> {
 /// use thalo::{Error, Event, EventEnvelope, EventHandler, RawEvent};
-/// use thalo_kafka::{shutdown_signal, KafkaConsumer, RetryPolicy};
+/// use thalo_kafka::{KafkaConsumer, RetryPolicy};
 ///
 /// # #[derive(Clone, Debug)] struct BankAccountEvent;
 /// # impl Event for BankAccountEvent {
@@ -141,7 +141,7 @@ use worker::partition_worker;
 /// let stats = KafkaConsumer::new("127.0.0.1:9092", "mailer")
 ///     .with_topic("bank_account")
 ///     .with_retry(RetryPolicy::new(3))
-///     .run(Mailer, shutdown_signal())
+///     .run(Mailer, thalo::Shutdown::on_signal())
 ///     .await?;
 /// println!("handled {} events", stats.handled);
 /// # Ok(())
@@ -180,6 +180,7 @@ enum DeadLetterNaming {
 
 /// What a consumer did before it stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumerStats {
     /// Messages handled successfully.
     pub handled: u64,
@@ -380,7 +381,7 @@ impl KafkaConsumer {
     pub async fn run<E, H>(
         self,
         handler: H,
-        shutdown: CancellationToken,
+        shutdown: impl Into<Shutdown>,
     ) -> Result<ConsumerStats, Error>
     where
         E: Event,
@@ -392,7 +393,7 @@ impl KafkaConsumer {
             store: self.store.clone(),
             _event: PhantomData,
         };
-        self.run_with(apply, shutdown).await
+        self.run_with(apply, shutdown.into().into_token()).await
     }
 
     pub(crate) async fn run_with<E, A>(

@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use thalo::Error;
+use thalo::{Error, Shutdown};
 use thalo_postgres::{
     OutboxLag, OutboxLeader, OutboxWaiter, ParkedAggregate, PgEventStore, PgOutbox, SchemaName,
     SkippedEvent,
@@ -103,7 +103,7 @@ pub type RelayLag = OutboxLag;
 /// ```no_run
 /// # async fn example() -> Result<(), thalo::Error> {
 /// use sqlx::PgPool;
-/// use thalo_kafka::{shutdown_signal, KafkaRelay, TopicNaming};
+/// use thalo_kafka::{KafkaRelay, TopicNaming};
 ///
 /// let pool = PgPool::connect("postgres://postgres@127.0.0.1:5432/bank")
 ///     .await
@@ -112,7 +112,7 @@ pub type RelayLag = OutboxLag;
 ///     .with_topic_naming(TopicNaming::prefixed("bank."))
 ///     .with_batch_size(500);
 /// // Runs until Ctrl-C or SIGTERM, then finishes the batch in hand.
-/// relay.run(shutdown_signal()).await?;
+/// relay.run(thalo::Shutdown::on_signal()).await?;
 /// # Ok(())
 /// # }
 /// ```
@@ -153,6 +153,7 @@ struct RelayState {
 
 /// What a relay has done so far (see [`KafkaRelay::status`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RelayStatus {
     /// Whether this relay holds the outbox lock and publishes (the others stand by).
     pub active: bool,
@@ -390,7 +391,8 @@ impl KafkaRelay {
     /// Returns [`Error::Broker`] when the Kafka clients cannot be created (invalid
     /// configuration), and [`Error::Config`] when the relay was built
     /// ([`from_store`](KafkaRelay::from_store)) from a store without an outbox.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+    pub async fn run(&self, shutdown: impl Into<Shutdown>) -> Result<(), Error> {
+        let shutdown = shutdown.into().into_token();
         if self.config.store_without_outbox {
             return Err(Error::config(format!(
                 "the event store in schema `{}` writes no outbox rows \

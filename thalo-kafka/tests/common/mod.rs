@@ -173,11 +173,7 @@ impl TestDb {
 }
 
 pub fn topic_settings() -> TopicSettings {
-    TopicSettings {
-        create: true,
-        partitions: 3,
-        replication_factor: 1,
-    }
+    TopicSettings::default().with_partitions(3)
 }
 
 /// A random topic prefix per test, shared by relay and consumers.

@@ -399,3 +399,18 @@ pub async fn connection() -> PgConnection {
         Err(err) => unreachable(&database_url(), &err),
     }
 }
+
+/// What `apply_exactly_once` reports, as a struct the test can write
+/// (`Applied` is `#[non_exhaustive]`).
+#[derive(Debug)]
+pub struct Counts {
+    pub applied: usize,
+    pub skipped: usize,
+    pub held: usize,
+}
+
+impl PartialEq<Counts> for thalo_postgres::Applied {
+    fn eq(&self, other: &Counts) -> bool {
+        (self.applied, self.skipped, self.held) == (other.applied, other.skipped, other.held)
+    }
+}
