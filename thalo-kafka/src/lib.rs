@@ -122,12 +122,39 @@
 //! and `perl`, whatever OpenSSL the system has (or lacks). GSSAPI (Kerberos) is not
 //! built in.
 //!
+//! ## Metrics and readiness
+//!
+//! The relay and the consumers record through the `metrics` facade (the `thalo_relay_*`,
+//! `thalo_outbox_*`, `thalo_consumer_*` and `thalo_dead_letters_total` metrics, listed
+//! in the `thalo` crate docs); install the application's recorder before they start.
+//! For readiness checks, [`KafkaRelay::status`] says whether a relay runs and leads, and
+//! [`KafkaConsumer::handle`] gives a [`ConsumerHandle`] that says whether a consumer
+//! runs, has joined its group, and which partitions it holds.
+//!
+//! ## Traces
+//!
+//! A message carries its event's W3C trace context ([`thalo::Metadata::traceparent`])
+//! in the headers `traceparent` and `tracestate` (see [`message`]), and
+//! [`decode_raw_message`] puts it back into the metadata. The consumer handles each
+//! batch it takes from a partition in a `consume` span (`topic`, `partition`,
+//! `messages`) and each message in a `handle` span (`topic`, `partition`, `offset`,
+//! `aggregate_type`, `aggregate_id`, `sequence`, `event_type`, `traceparent`). With the
+//! `opentelemetry` feature and `tracing-opentelemetry`'s layer installed, the `handle`
+//! span continues the trace its message names (its parent is the remote span of the
+//! `traceparent`: the `execute` span of the command that stored the event), and the
+//! `consume` span of a batch a projection applies in one transaction links to each of
+//! its messages' contexts.
+//!
 //! ## Feature flags
 //!
 //! - `postgres` (default): [`KafkaRelay`] and [`KafkaConsumer::run_projection`] (pulls in
 //!   `sqlx` and `thalo-postgres`). Without it, the crate has the consumer for plain
 //!   event handlers only.
 //! - `cli` (default): the `thalo-relay` binary.
+//! - `opentelemetry`: consumers' `handle` spans continue the trace of their message's
+//!   `traceparent` as their OpenTelemetry parent (pulls in `opentelemetry` and
+//!   `tracing-opentelemetry`; turns on `thalo/opentelemetry`, so commands that handlers
+//!   run carry the trace on).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -141,10 +168,11 @@ pub mod relay;
 mod backoff;
 mod config;
 mod topic;
+mod trace;
 
 pub use backoff::RetryPolicy;
 pub use config::{KafkaConfig, BROKERS_ENV, CONFIG_FILE_ENV, PROPERTY_ENV_PREFIX};
-pub use consumer::{ConsumerStats, KafkaConsumer};
+pub use consumer::{ConsumerHandle, ConsumerStats, KafkaConsumer};
 pub use message::{decode_message, decode_raw_message, encode_headers, error_chain};
 #[cfg(feature = "postgres")]
 pub use relay::{KafkaRelay, RelayLag, RelayStatus};

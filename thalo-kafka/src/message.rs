@@ -12,10 +12,13 @@
 //! The headers follow the [CloudEvents Kafka protocol binding] in binary content mode
 //! (`ce_id`, `ce_type`, `ce_source`, `ce_specversion`, `ce_time`, `ce_subject`,
 //! `content-type`), so any CloudEvents SDK, in any language, reads a Thalo message as a
-//! CloudEvent. Everything else Thalo knows about the event travels in `thalo_*` headers.
-//! All header values are UTF-8 strings.
+//! CloudEvent. Everything else Thalo knows about the event travels in `thalo_*` headers,
+//! except its [W3C Trace Context], which travels in the headers `traceparent` and
+//! `tracestate` as OpenTelemetry's Kafka instrumentations propagate it, so they continue
+//! the trace too. All header values are UTF-8 strings.
 //!
 //! [CloudEvents Kafka protocol binding]: https://github.com/cloudevents/spec/blob/main/cloudevents/bindings/kafka-protocol-binding.md
+//! [W3C Trace Context]: https://www.w3.org/TR/trace-context/
 
 use std::fmt;
 
@@ -65,6 +68,13 @@ pub mod header {
     /// Prefix of the event's free-form metadata headers: metadata header `user` travels
     /// as `thalo_meta_user`.
     pub const META_PREFIX: &str = "thalo_meta_";
+    /// The W3C Trace Context `traceparent` of the request that caused the event
+    /// ([`Metadata::traceparent`](thalo::Metadata::traceparent)), under its standard
+    /// name, so any instrumented Kafka client continues the trace (it also travels as
+    /// `thalo_meta_traceparent`, with the other metadata headers).
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The W3C Trace Context `tracestate` that goes with [`TRACEPARENT`].
+    pub const TRACESTATE: &str = "tracestate";
 
     /// Dead-letter messages: the error that sent the message there (its whole chain of
     /// causes, `: `-separated).
@@ -104,7 +114,7 @@ pub fn encode_headers(envelope: &EventEnvelope<RawEvent>) -> OwnedHeaders {
     let position = envelope.position.to_string();
     let version = envelope.event.version.to_string();
 
-    let mut headers = OwnedHeaders::new_with_capacity(14 + envelope.metadata.headers.len())
+    let mut headers = OwnedHeaders::new_with_capacity(16 + envelope.metadata.headers.len())
         .insert(str_header(header::CE_SPECVERSION, SPEC_VERSION))
         .insert(str_header(header::CE_ID, &id))
         .insert(str_header(header::CE_TYPE, &envelope.event.event_type))
@@ -127,6 +137,12 @@ pub fn encode_headers(envelope: &EventEnvelope<RawEvent>) -> OwnedHeaders {
         let key = format!("{}{key}", header::META_PREFIX);
         headers = headers.insert(str_header(&key, value));
     }
+    if let Some(traceparent) = envelope.metadata.traceparent() {
+        headers = headers.insert(str_header(header::TRACEPARENT, traceparent));
+        if let Some(tracestate) = envelope.metadata.tracestate() {
+            headers = headers.insert(str_header(header::TRACESTATE, tracestate));
+        }
+    }
     headers
 }
 
@@ -147,6 +163,8 @@ fn str_header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 pub fn decode_raw_message<M: Message>(message: &M) -> Result<EventEnvelope<RawEvent>, Error> {
     let mut required = Required::default();
     let mut metadata = Metadata::default();
+    // The standard headers win over the `thalo_meta_` copies, whatever their order.
+    let (mut traceparent, mut tracestate) = (None, None);
     if let Some(headers) = message.headers() {
         for h in headers.iter() {
             let Some(value) = h.value else { continue };
@@ -174,12 +192,23 @@ pub fn decode_raw_message<M: Message>(message: &M) -> Result<EventEnvelope<RawEv
                 }
                 header::CORRELATION_ID => metadata.correlation_id = Some(parse_uuid(h.key, value)?),
                 header::CAUSATION_ID => metadata.causation_id = Some(parse_uuid(h.key, value)?),
+                header::TRACEPARENT => traceparent = Some(value),
+                header::TRACESTATE => tracestate = Some(value),
                 key => {
                     if let Some(name) = key.strip_prefix(header::META_PREFIX) {
                         metadata.headers.insert(name.to_owned(), value.to_owned());
                     }
                 }
             }
+        }
+    }
+    // Invalid values are dropped, not an error: a trace context is no reason to refuse
+    // an event.
+    if let Some(value) = traceparent.filter(|v| Metadata::is_valid_traceparent(v)) {
+        metadata = metadata.with_traceparent(value);
+        metadata.headers.remove(Metadata::TRACESTATE);
+        if let Some(value) = tracestate {
+            metadata = metadata.with_tracestate(value);
         }
     }
     let payload = message
@@ -395,5 +424,63 @@ mod tests {
         let envelope = envelope();
         let msg = message(Some(encode_headers(&envelope)), None);
         assert!(decode_raw_message(&msg).is_err());
+    }
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn values(headers: &OwnedHeaders, key: &str) -> Vec<String> {
+        headers
+            .iter()
+            .filter(|h| h.key == key)
+            .filter_map(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn trace_context_travels_in_the_standard_headers() {
+        let mut envelope = envelope();
+        envelope.metadata = envelope
+            .metadata
+            .with_traceparent(PARENT)
+            .with_tracestate("rojo=00f067aa0ba902b7");
+        let headers = encode_headers(&envelope);
+        assert_eq!(values(&headers, "traceparent"), [PARENT]);
+        assert_eq!(values(&headers, "tracestate"), ["rojo=00f067aa0ba902b7"]);
+
+        let decoded =
+            decode_raw_message(&message(Some(headers), Some(&envelope.event.payload))).unwrap();
+        assert_eq!(decoded.metadata.traceparent(), Some(PARENT));
+        assert_eq!(decoded.metadata.tracestate(), Some("rojo=00f067aa0ba902b7"));
+        assert_eq!(decoded, envelope);
+
+        // No trace context, no trace headers.
+        let headers = encode_headers(&self::envelope());
+        assert!(values(&headers, "traceparent").is_empty());
+        assert!(values(&headers, "tracestate").is_empty());
+    }
+
+    #[test]
+    fn the_standard_trace_headers_win_and_invalid_ones_are_dropped() {
+        let envelope = envelope();
+        let payload = Some(envelope.event.payload.as_str());
+        // An intermediary that continued the trace rewrote `traceparent`; the
+        // `thalo_meta_` copies (here after it) are older.
+        let newer = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01";
+        let headers = encode_headers(&envelope)
+            .insert(str_header(header::TRACEPARENT, newer))
+            .insert(str_header("thalo_meta_traceparent", PARENT))
+            .insert(str_header("thalo_meta_tracestate", "rojo=1"));
+        let decoded = decode_raw_message(&message(Some(headers), payload)).unwrap();
+        assert_eq!(decoded.metadata.traceparent(), Some(newer));
+        assert_eq!(decoded.metadata.tracestate(), None);
+
+        // A malformed trace context is not a reason to refuse the event.
+        let headers = encode_headers(&envelope)
+            .insert(str_header(header::TRACEPARENT, "00-xyz-01"))
+            .insert(str_header(header::TRACESTATE, "rojo=1"));
+        let decoded = decode_raw_message(&message(Some(headers), payload)).unwrap();
+        assert_eq!(decoded.metadata.traceparent(), None);
+        assert_eq!(decoded.metadata, envelope.metadata);
     }
 }

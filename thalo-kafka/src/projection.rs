@@ -19,6 +19,14 @@
 //! The Kafka offset is only an optimisation (how much is redelivered); the checkpoint in
 //! Postgres is the truth. Two consumers that briefly both hold a partition during a
 //! rebalance are serialised by the checkpoint row locks.
+//!
+//! # Traces
+//!
+//! A batch applied in one transaction is one unit of work: it runs in the consumer's
+//! `consume` span, which (feature `opentelemetry`) links to the trace context of each of
+//! its messages. A message applied on its own (a partition that is not behind, or the
+//! one-by-one retry of a failed batch) runs in its `handle` span, which continues the
+//! trace of its `traceparent` header (see the [crate docs](crate#traces)).
 
 use thalo::{Error, Event, EventEnvelope, RawEvent, Shutdown};
 use thalo_postgres::{PgEventStore, PgProjection};
@@ -120,7 +128,7 @@ impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
     ) -> Result<bool, Error> {
         self.store
             .park_stream(
-                self.projection.name(),
+                &thalo_postgres::checkpoint_key(self.projection.name(), self.projection.version()),
                 &raw.aggregate_type,
                 &raw.aggregate_id,
                 sequence,
@@ -128,6 +136,20 @@ impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
             )
             .await?;
         Ok(true)
+    }
+
+    async fn redrive_requested(&self, _group: &str) -> Result<usize, Error> {
+        let key = thalo_postgres::checkpoint_key(self.projection.name(), self.projection.version());
+        crate::consumer::redrive_requested_with(
+            &self.store,
+            &key,
+            |aggregate_type, aggregate_id| async move {
+                self.store
+                    .redrive_projection(&self.projection, &aggregate_type, &aggregate_id)
+                    .await
+            },
+        )
+        .await
     }
 }
 

@@ -335,24 +335,80 @@ async fn a_failing_projection_parks_one_stream_and_a_redrive_fixes_it() {
     let acc3 = db.balances().await["acc-3"];
     assert_eq!((acc3.1, acc3.2), (2, 2), "acc-3 stopped before its event 3");
 
-    // Still broken: the re-drive fails, nothing changes, the error is kept.
+    // Still broken: the re-drive an operator asks for (`thalo dlq redrive`) is tried by
+    // the running consumer, fails, and is withdrawn; nothing changes, the error is kept.
     let failed = db
         .store
         .redrive_projection(&projection, "account", "acc-3")
         .await
         .expect_err("still broken");
     assert!(matches!(failed, Error::Handler { .. }), "{failed:?}");
-    assert_eq!(db.balances().await["acc-3"].1, 2);
-
-    // Fixed: one re-drive applies 3..7 from the store, once.
-    broken.store(false, Ordering::SeqCst);
-    let redriven = db
+    assert!(db
         .store
-        .redrive_projection(&projection, "account", "acc-3")
+        .request_redrive("balances", "account", "acc-3", "operator: try again")
         .await
-        .expect("redrive")
-        .expect("it was parked");
-    assert_eq!((redriven.applied, redriven.sequence), (5, 7));
+        .expect("request"));
+    eventually(
+        Duration::from_secs(30),
+        "the consumer to try the requested re-drive",
+        || async {
+            db.store
+                .redrive_requests("balances")
+                .await
+                .expect("requests")
+                .is_empty()
+        },
+    )
+    .await;
+    let still = db
+        .store
+        .parked_stream("balances", "account", "acc-3")
+        .await
+        .expect("parked")
+        .expect("still parked");
+    assert_eq!(still.sequence, 3);
+    assert_eq!(db.balances().await["acc-3"].1, 2);
+    let logged: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT action, detail FROM {}.parking_log WHERE aggregate_id = 'acc-3' ORDER BY id",
+        db.schema
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .expect("parking_log");
+    let actions: Vec<&str> = logged.iter().map(|(action, _)| action.as_str()).collect();
+    assert_eq!(actions, ["parked", "redrive_requested", "redrive_failed"]);
+    assert!(
+        logged[2].1.contains("a bug in the projection"),
+        "{logged:?}"
+    );
+
+    // Fixed: the running consumer re-drives the stream on request: 3..7 from the store,
+    // once.
+    broken.store(false, Ordering::SeqCst);
+    assert!(db
+        .store
+        .request_redrive("balances", "account", "acc-3", "operator: fixed in 1.2.3")
+        .await
+        .expect("request"));
+    eventually(
+        Duration::from_secs(30),
+        "the consumer to re-drive acc-3",
+        || async {
+            db.store
+                .parked_stream("balances", "account", "acc-3")
+                .await
+                .expect("parked")
+                .is_none()
+        },
+    )
+    .await;
+    let acc3 = db.balances().await["acc-3"];
+    assert_eq!((acc3.1, acc3.2), (7, 7), "applied 3..7 once");
+    assert!(!db
+        .store
+        .request_redrive("balances", "account", "acc-3", "not parked any more")
+        .await
+        .expect("request"));
     assert!(db
         .store
         .redrive_projection(&projection, "account", "acc-3")

@@ -121,6 +121,10 @@ impl AppendBatch {
 
     /// The positions of the inserted events when the stream was at the expected version
     /// (`version` is the head the statement saw), a conflict otherwise.
+    ///
+    /// Every append that stored its events passes here (alone, keyed, in the caller's
+    /// transaction, or in a group-commit batch), so this is where appends are counted:
+    /// `thalo_appends_total` and `thalo_append_events_total`.
     pub(crate) fn check(
         &self,
         version: i64,
@@ -128,6 +132,11 @@ impl AppendBatch {
     ) -> Result<Vec<i64>, Error> {
         match positions {
             Some(positions) if version == self.expected && positions.len() == self.ids.len() => {
+                let aggregate_type = self.aggregate_type;
+                metrics::counter!("thalo_appends_total", "aggregate_type" => aggregate_type)
+                    .increment(1);
+                metrics::counter!("thalo_append_events_total", "aggregate_type" => aggregate_type)
+                    .increment(positions.len() as u64);
                 Ok(positions)
             }
             _ => Err(Error::Conflict {
@@ -209,6 +218,17 @@ impl Inner {
     }
 
     /// Appends `events` on `executor` (the pool, or a connection outside a transaction).
+    #[tracing::instrument(
+        level = "debug",
+        name = "append",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = %id,
+            expected_version = expected_version,
+            events = events.len(),
+        )
+    )]
     pub(crate) async fn append<'c, A, X>(
         &self,
         executor: X,
@@ -268,6 +288,17 @@ impl Inner {
     }
 
     /// [`Inner::append`] in the caller's transaction, inside a savepoint.
+    #[tracing::instrument(
+        level = "debug",
+        name = "append",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = %id,
+            expected_version = expected_version,
+            events = events.len(),
+        )
+    )]
     pub(crate) async fn append_in<A: Aggregate>(
         &self,
         conn: &mut PgConnection,

@@ -113,6 +113,17 @@ impl Inner {
 
     /// Appends `events` and records `key` in one statement, or, when the key is
     /// recorded already, returns the events it stored.
+    #[tracing::instrument(
+        level = "debug",
+        name = "append",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = %id,
+            expected_version = expected_version,
+            events = events.len(),
+        )
+    )]
     pub(crate) async fn append_once<A: Aggregate>(
         &self,
         conn: &mut PgConnection,

@@ -173,6 +173,17 @@ impl AppendRequest {
 }
 
 /// [`EventStore::append`](thalo::EventStore::append) through the committer.
+#[tracing::instrument(
+    level = "debug",
+    name = "append",
+    skip_all,
+    fields(
+        aggregate_type = A::TYPE,
+        aggregate_id = %id,
+        expected_version = expected_version,
+        events = events.len(),
+    )
+)]
 pub(crate) async fn append<A: Aggregate>(
     inner: &Arc<Inner>,
     group: &GroupState,
@@ -344,6 +355,7 @@ fn rolled_back(err: &sqlx::Error) -> bool {
 impl Inner {
     /// Writes one batch and replies to each of its callers.
     async fn commit_batch(&self, batch: Vec<AppendRequest>) {
+        metrics::histogram!("thalo_group_commit_batch_size").record(batch.len() as f64);
         if batch.len() == 1 {
             // Nothing to share the commit with: the plain append statement is cheaper
             // for the server than the batch statement over arrays of one.

@@ -68,7 +68,9 @@
 //! `stream_checkpoints` (a sequence per projection and stream, and whether the stream is
 //! parked), and for the pipeline's edges `outbox_leader` (the relay leader's epoch),
 //! `outbox_parked` (aggregates the relay holds back), `consumer_parked` (streams a
-//! consumer holds back) and `parking_log` (every park, retry, re-drive and skip). Parking
+//! consumer holds back) and `parking_log` (every park, retry, re-drive and skip); for
+//! idempotent commands `commands`; and `projection_versions` (which version of each
+//! projection is live). Parking
 //! is two tables rather than one because the relay parks an aggregate for everyone and
 //! a consumer parks a stream for itself. The SQL is in `migrations/`; sqlx's
 //! `_sqlx_migrations` lives in the same schema.
@@ -117,6 +119,9 @@
 //! - [`PgEventStore::apply_exactly_once`] is the same protocol for events that arrive
 //!   another way (a Kafka consumer's batch): duplicates and redeliveries are skipped by
 //!   a per-stream sequence stored in the same transaction as the change.
+//! - A projection's [version](PgProjection::version) is rebuilt without downtime beside
+//!   the live one and takes over once caught up ([`ReadModelTable`],
+//!   [`PgSubscription::with_read_model`], [`PgEventStore::promote`]).
 //!
 //! ## Notifications
 //!
@@ -236,6 +241,7 @@ mod snapshot;
 mod sql;
 mod store;
 mod subscription;
+mod versions;
 
 pub use builder::PgEventStoreBuilder;
 pub use group::GroupCommit;
@@ -250,6 +256,7 @@ pub use schema::{SchemaName, SchemaNameError};
 pub use snapshot::SnapshotPolicy;
 pub use store::PgEventStore;
 pub use subscription::PgSubscription;
+pub use versions::{checkpoint_key, ProjectionVersion, ReadModelTable, VersionState};
 
 /// The sqlx this crate is built with, so that projections and callers of
 /// [`PgEventStore::append_in`] use the same types.

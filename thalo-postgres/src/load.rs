@@ -31,7 +31,14 @@ impl Inner {
         self.load_on(&mut conn, id).await
     }
 
-    /// [`Inner::load`] on a given connection.
+    /// [`Inner::load`] on a given connection. Every load passes here: the `load` span
+    /// (`events`: how many were replayed after the snapshot, if one was used).
+    #[tracing::instrument(
+        level = "debug",
+        name = "load",
+        skip_all,
+        fields(aggregate_type = A::TYPE, aggregate_id = %id, events, version)
+    )]
     pub(crate) async fn load_on<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
@@ -57,6 +64,9 @@ impl Inner {
                 "replay without a snapshot reported a bad snapshot",
             ));
         };
+        tracing::Span::current()
+            .record("events", replayed)
+            .record("version", version);
         if let Some(every) = every {
             if replayed >= every {
                 self.save_snapshot(conn, &aggregate, &aggregate_id, version)

@@ -76,6 +76,9 @@ pub(crate) struct ParkingSql {
     update_parked: String,
     log: String,
     read_stream_from: String,
+    request_redrive: String,
+    redrive_requests: String,
+    clear_redrive_request: String,
 }
 
 impl ParkingSql {
@@ -143,6 +146,24 @@ impl ParkingSql {
             log: format!(
                 "INSERT INTO {log} (consumer, aggregate_type, aggregate_id, action, sequence, detail) \
                  VALUES ($1, $2, $3, $4, $5, $6)"
+            ),
+            request_redrive: format!(
+                "WITH requested AS ( \
+                     UPDATE {parked} SET redrive_requested_at = now() \
+                     WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+                     RETURNING sequence) \
+                 INSERT INTO {log} (consumer, aggregate_type, aggregate_id, action, sequence, detail) \
+                 SELECT $1, $2, $3, 'redrive_requested', sequence, $4 FROM requested \
+                 RETURNING sequence"
+            ),
+            redrive_requests: format!(
+                "SELECT aggregate_type, aggregate_id FROM {parked} \
+                 WHERE consumer = $1 AND redrive_requested_at IS NOT NULL \
+                 ORDER BY redrive_requested_at"
+            ),
+            clear_redrive_request: format!(
+                "UPDATE {parked} SET redrive_requested_at = NULL \
+                 WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3"
             ),
             read_stream_from: format!(
                 "SELECT position, event_id, aggregate_type, aggregate_id, sequence, event_type, \
@@ -259,7 +280,8 @@ impl PgEventStore {
         E: Event,
         P: PgProjection<E>,
     {
-        let name = projection.name();
+        let key = crate::checkpoint_key(projection.name(), projection.version());
+        let name = key.as_ref();
         let sql = &self.inner.parking;
         let mut tx = self
             .inner
@@ -641,6 +663,96 @@ pub(crate) async fn hold_in(
         .await
         .map_err(store("counting held events"))?;
     Ok(())
+}
+
+impl PgEventStore {
+    /// Asks the running consumer `consumer` (a projection's checkpoint key or a
+    /// handler's group) to re-drive its parked stream: it picks the request up within a
+    /// second or so and runs [`redrive_projection`](PgEventStore::redrive_projection) or
+    /// [`redrive_handler`](PgEventStore::redrive_handler) with its own code. What
+    /// `thalo dlq redrive` does. Returns whether the stream is parked (and so the request
+    /// was recorded, in `parking_log` too, with `note`).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the database fails.
+    pub async fn request_redrive(
+        &self,
+        consumer: &str,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        note: &str,
+    ) -> Result<bool, Error> {
+        let sql = &self.inner.parking;
+        let requested = stream_query(&sql.request_redrive, consumer, aggregate_type, aggregate_id)
+            .bind(note)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store("requesting a re-drive"))?;
+        Ok(requested.is_some())
+    }
+
+    /// The streams `consumer` was asked to re-drive, oldest request first.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the database fails.
+    pub async fn redrive_requests(&self, consumer: &str) -> Result<Vec<(String, String)>, Error> {
+        sqlx::query_as(&self.inner.parking.redrive_requests)
+            .bind(consumer)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store("reading re-drive requests"))
+    }
+
+    /// Withdraws a re-drive request after a failed attempt, recording `error` in
+    /// `parking_log` (`redrive_failed`); the stream stays parked.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the database fails.
+    pub async fn fail_redrive_request(
+        &self,
+        consumer: &str,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        error: &str,
+    ) -> Result<(), Error> {
+        let sql = &self.inner.parking;
+        let mut tx = self
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(store("beginning to withdraw a re-drive request"))?;
+        stream_query(
+            &sql.clear_redrive_request,
+            consumer,
+            aggregate_type,
+            aggregate_id,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(store("withdrawing a re-drive request"))?;
+        let sequence = self
+            .parked_stream(consumer, aggregate_type, aggregate_id)
+            .await?
+            .map_or(0, |p| p.sequence);
+        log(
+            &mut tx,
+            sql,
+            consumer,
+            (aggregate_type, aggregate_id),
+            "redrive_failed",
+            sequence,
+            error,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(store("committing a withdrawn re-drive request"))?;
+        Ok(())
+    }
 }
 
 async fn log(

@@ -83,9 +83,18 @@ use crate::PgEventStore;
 /// }
 /// ```
 pub trait PgProjection<E: Event>: Send + Sync {
-    /// Stable name, the key of the projection's checkpoints. Changing it rebuilds the
-    /// projection from scratch.
+    /// Stable name, with the [`version`](PgProjection::version) the key of the
+    /// projection's checkpoints ([`checkpoint_key`](crate::checkpoint_key)).
     fn name(&self) -> &str;
+
+    /// The version of the read model (default 1). Give a changed read model a new
+    /// version with tables of its own ([`ReadModelTable`](crate::ReadModelTable)): it is
+    /// built from the start of the store beside the live version and takes over once it
+    /// has caught up (see [`versions`](crate::ReadModelTable) and
+    /// [`PgSubscription::with_read_model`](crate::PgSubscription::with_read_model)).
+    fn version(&self) -> u32 {
+        1
+    }
 
     /// Applies one event to the read model, using only `tx` (an open transaction that
     /// also commits the checkpoint). Must not commit or roll back `tx`.
@@ -183,6 +192,10 @@ pub trait PgProjection<E: Event>: Send + Sync {
 impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
     fn name(&self) -> &str {
         (**self).name()
+    }
+
+    fn version(&self) -> u32 {
+        (**self).version()
     }
 
     fn handle(
@@ -288,7 +301,8 @@ impl PgEventStore {
         if envelopes.is_empty() {
             return Ok(outcome);
         }
-        let name = projection.name();
+        let key = crate::checkpoint_key(projection.name(), projection.version());
+        let name = key.as_ref();
         let sql = &self.inner.sql;
 
         // Sorted and distinct: every applier locks in the same order.

@@ -1,14 +1,18 @@
 //! In-process, exactly-once projection runner over the global log.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thalo::__private::Backoff;
 use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore, Shutdown};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::store;
-use crate::{checkpoint, global, sql, Applied, PgEventStore, PgProjection};
+use crate::{
+    checkpoint, checkpoint_key, global, sql, Applied, PgEventStore, PgProjection, ReadModelTable,
+    VersionState,
+};
 
 /// Feeds one aggregate type's events from a [`PgEventStore`] to a [`PgProjection`],
 /// with exactly-once effects, and follows new events as they are appended.
@@ -56,6 +60,11 @@ pub struct PgSubscription<P, E> {
     aggregate_type: &'static str,
     batch_size: usize,
     idle_timeout: Duration,
+    /// The versioned read model this subscription builds and promotes, if any.
+    read_model: Option<Vec<ReadModelTable>>,
+    /// Whether this subscription's version is settled: live, retired, or not promoted
+    /// once caught up. Nothing more to do about versions.
+    settled: AtomicBool,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -81,8 +90,51 @@ where
             aggregate_type: A::TYPE,
             batch_size: 500,
             idle_timeout: Duration::from_secs(1),
+            read_model: None,
+            settled: AtomicBool::new(false),
             _event: PhantomData,
         }
+    }
+
+    /// Builds the projection's [version](PgProjection::version) of a versioned read model
+    /// and makes it live once it has caught up: blue/green rebuilds without downtime (see
+    /// [`ReadModelTable`]).
+    ///
+    /// The first catch-up registers the version with its `tables` (promoting it at once
+    /// when no version is live yet). While another version is live, this one is built
+    /// from the start of the store into its own tables and checkpoints; the first time a
+    /// catch-up reaches the end of the log, [`PgEventStore::promote`] points the views at
+    /// this version's tables and retires the old version (whose tables stay until
+    /// [`PgEventStore::drop_version`]). Deploy the new version beside the old one; stop
+    /// the old one once the new one is live.
+    ///
+    /// ```no_run
+    /// # use thalo::Error;
+    /// # use thalo_postgres::{PgEventStore, PgProjection, PgSubscription, ReadModelTable};
+    /// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+    /// # pub struct Account { #[identity] id: String }
+    /// # #[thalo::commands] impl Account { pub fn deposit(&self, amount: i64) -> Result<DepositedEvent, Error> { Ok(DepositedEvent { amount }) } }
+    /// # #[thalo::events] impl Account { pub fn deposited(&mut self, amount: i64) { let _ = amount; } }
+    /// # struct Balances { table: ReadModelTable }
+    /// # impl PgProjection<AccountEvent> for Balances {
+    /// #     fn name(&self) -> &str { "balances" }
+    /// #     fn version(&self) -> u32 { self.table.version() }
+    /// #     async fn handle(&self, _: &mut sqlx::PgConnection, _: &thalo::EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
+    /// # }
+    /// # async fn example(store: PgEventStore) -> Result<(), Error> {
+    /// // Version 2 writes balances_v2; readers query the view `balances`.
+    /// let table = ReadModelTable::new(store.schema(), "balances", 2)?;
+    /// // ... CREATE TABLE IF NOT EXISTS {table.table()} ...
+    /// let subscription = PgSubscription::new::<Account>(store.clone(), Balances { table: table.clone() })
+    ///     .with_read_model(vec![table]);
+    /// subscription.run(thalo::Shutdown::on_signal()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_read_model(mut self, tables: Vec<ReadModelTable>) -> Self {
+        self.read_model = Some(tables);
+        self
     }
 
     /// How many events of the global log to read per batch and transaction (default 500).
@@ -117,20 +169,80 @@ where
     }
 
     async fn catch_up_from(&self) -> Result<(Applied, u64), Error> {
+        let registered = self.register().await?;
         let mut total = Applied::default();
         loop {
             let step = self.step().await?;
             total += step.applied;
+            // A batch that was not full read to the end of the log: nothing is known to
+            // wait. A full one says at least one more batch may.
+            let lag = if step.read < self.batch_size {
+                0
+            } else {
+                self.batch_size as u64
+            };
+            thalo::__private::projection_progress(self.projection.name(), step.position, lag);
             if step.read < self.batch_size {
+                if registered {
+                    self.promote().await?;
+                }
                 return Ok((total, step.position));
             }
         }
     }
 
+    /// Registers the versioned read model on the first catch-up; whether there is one.
+    async fn register(&self) -> Result<bool, Error> {
+        let Some(tables) = &self.read_model else {
+            return Ok(false);
+        };
+        if self.settled.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let (name, version) = (self.projection.name(), self.projection.version());
+        match self.store.register_version(name, version, tables).await? {
+            VersionState::Building => {}
+            // Live already, or retired (an old deployment still running): nothing to
+            // promote. Only an operator promotes a retired version back.
+            _ => self.settled.store(true, Ordering::Release),
+        }
+        Ok(true)
+    }
+
+    /// Promotes the read model's version once it has caught up, if it is building and
+    /// newer than the live one.
+    async fn promote(&self) -> Result<(), Error> {
+        let Some(tables) = &self.read_model else {
+            return Ok(());
+        };
+        if self.settled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (name, version) = (self.projection.name(), self.projection.version());
+        if self
+            .store
+            .promote_if_building(name, version, tables)
+            .await?
+        {
+            info!(
+                projection = name,
+                version, "caught up; the new version is live"
+            );
+        } else {
+            debug!(
+                projection = name,
+                version, "caught up; not promoted (not building, or older than the live version)"
+            );
+        }
+        self.settled.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Applies one batch in one transaction.
     async fn step(&self) -> Result<Step, Error> {
         let inner = &self.store.inner;
-        let name = self.projection.name();
+        let key = checkpoint_key(self.projection.name(), self.projection.version());
+        let name = key.as_ref();
         let mut tx = inner
             .pool
             .begin()

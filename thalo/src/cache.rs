@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::Aggregate;
+use crate::{instruments, Aggregate};
 
 /// Counters of a [`Repository`](crate::Repository)'s aggregate cache, from
 /// [`Repository::cache_stats`](crate::Repository::cache_stats).
@@ -102,9 +102,11 @@ impl AggregateCache {
         })
     }
 
-    /// Counts an attempt that appended from the cache, without a load.
-    pub(crate) fn record_hit(&self) {
+    /// Counts an attempt that appended from the cache, without a load (also as
+    /// `thalo_cache_hits_total`).
+    pub(crate) fn record_hit(&self, aggregate_type: &'static str) {
         self.hits.fetch_add(1, Ordering::Relaxed);
+        instruments::cache_hit(aggregate_type);
     }
 
     /// Stores `aggregate` at `version`, unless the cache already holds it at a later
@@ -133,9 +135,11 @@ impl AggregateCache {
         }
     }
 
-    /// Counts an attempt that loads the aggregate from the store.
-    pub(crate) fn record_miss(&self) {
+    /// Counts an attempt that loads the aggregate from the store (also as
+    /// `thalo_cache_misses_total`).
+    pub(crate) fn record_miss(&self, aggregate_type: &'static str) {
         self.misses.fetch_add(1, Ordering::Relaxed);
+        instruments::cache_miss(aggregate_type);
     }
 
     /// Counts a cached aggregate the store found stale.

@@ -14,7 +14,8 @@ use crate::{CommandId, Error, Event};
 /// the message (command or event) that directly caused this one. `command_id` is the
 /// idempotency key of the command that stored the event, set by
 /// [`Repository::execute_once`](crate::Repository::execute_once). `headers` are
-/// free-form strings (user id, tenant, trace context, ...).
+/// free-form strings (user id, tenant, ...); the W3C trace context has its own
+/// accessors ([`with_traceparent`](Metadata::with_traceparent)).
 ///
 /// ```
 /// use thalo::Metadata;
@@ -76,6 +77,76 @@ impl Metadata {
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(key.into(), value.into());
         self
+    }
+
+    /// The [`headers`](Metadata::headers) key of the W3C Trace Context `traceparent`.
+    pub const TRACEPARENT: &'static str = "traceparent";
+    /// The [`headers`](Metadata::headers) key of the W3C Trace Context `tracestate`.
+    pub const TRACESTATE: &'static str = "tracestate";
+
+    /// Sets the [W3C Trace Context](https://www.w3.org/TR/trace-context/) `traceparent`
+    /// of the request that caused the event (header [`TRACEPARENT`](Self::TRACEPARENT)),
+    /// so that whoever handles the event continues its trace: `thalo-kafka` sends it as
+    /// the Kafka header `traceparent` and its consumers start their spans from it.
+    ///
+    /// Only a valid value is stored (see
+    /// [`is_valid_traceparent`](Metadata::is_valid_traceparent)); an invalid one is
+    /// ignored and the metadata is returned unchanged, as the recommendation asks of a
+    /// receiver that cannot parse the header. With `thalo`'s `opentelemetry` feature,
+    /// [`Repository::execute`](crate::Repository::execute) sets it from the current span
+    /// when the caller did not.
+    ///
+    /// ```
+    /// use thalo::Metadata;
+    ///
+    /// let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    /// let metadata = Metadata::new().with_traceparent(parent);
+    /// assert_eq!(metadata.traceparent(), Some(parent));
+    /// assert_eq!(Metadata::new().with_traceparent("not-a-traceparent").traceparent(), None);
+    /// ```
+    #[must_use]
+    pub fn with_traceparent(mut self, value: impl Into<String>) -> Self {
+        let value = value.into();
+        if Self::is_valid_traceparent(&value) {
+            self.headers.insert(Self::TRACEPARENT.to_owned(), value);
+        }
+        self
+    }
+
+    /// The W3C `traceparent`, when the headers hold a valid one.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers
+            .get(Self::TRACEPARENT)
+            .map(String::as_str)
+            .filter(|value| Self::is_valid_traceparent(value))
+    }
+
+    /// Sets the W3C Trace Context `tracestate` (vendor-specific trace data that goes
+    /// with the [`traceparent`](Metadata::with_traceparent); header
+    /// [`TRACESTATE`](Self::TRACESTATE)). Only a value of at most 512 printable ASCII
+    /// characters in at most 32 list members is stored; another is ignored.
+    #[must_use]
+    pub fn with_tracestate(mut self, value: impl Into<String>) -> Self {
+        let value = value.into();
+        if crate::trace::is_valid_tracestate(&value) {
+            self.headers.insert(Self::TRACESTATE.to_owned(), value);
+        }
+        self
+    }
+
+    /// The W3C `tracestate`, when the headers hold a valid one.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.headers
+            .get(Self::TRACESTATE)
+            .map(String::as_str)
+            .filter(|value| crate::trace::is_valid_tracestate(value))
+    }
+
+    /// Whether `value` is a W3C `traceparent` Thalo accepts: version `00`, that is
+    /// `00-<trace id>-<parent id>-<flags>` with 32, 16 and 2 lowercase hex digits, and
+    /// neither id all zeros.
+    pub fn is_valid_traceparent(value: &str) -> bool {
+        crate::trace::is_valid_traceparent(value)
     }
 
     /// Metadata for messages caused by `envelope`: same correlation id (or the envelope's

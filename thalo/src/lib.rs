@@ -120,10 +120,69 @@
 //! their read model in Postgres get exactly-once effects from `thalo-postgres`, which
 //! stores the checkpoint in the same transaction as the read-model change.
 //!
+//! ## Traces
+//!
+//! [`Repository::execute`] and its variants run in an `execute` span (INFO; fields
+//! `aggregate_type`, `aggregate_id`, `attempt`, `outcome`). Events carry the
+//! [W3C Trace Context](https://www.w3.org/TR/trace-context/) of the request that caused
+//! them in their metadata ([`Metadata::with_traceparent`],
+//! [`Metadata::with_tracestate`]); `thalo-kafka` sends it along as the Kafka headers
+//! `traceparent` and `tracestate`, and its consumers continue the trace from it.
+//! Set it yourself from the incoming request, or enable the `opentelemetry` feature:
+//! then, with `tracing-opentelemetry`'s layer installed, a command whose metadata has
+//! no `traceparent` gets its `execute` span's context (the child of the caller's span,
+//! e.g. the HTTP request's).
+//!
+//! ## Metrics
+//!
+//! Thalo records metrics through the [`metrics`](https://docs.rs/metrics) facade and
+//! installs nothing: the application installs the exporter it wants (Prometheus,
+//! StatsD, ...) as the process's recorder. A facade rather than OpenTelemetry metrics,
+//! because any exporter plugs into it, it costs next to nothing without a recorder
+//! (every call is a no-op), and OpenTelemetry is still reachable through a
+//! `metrics` -> OpenTelemetry bridge recorder. Install the recorder before starting the
+//! relay and the consumers: they register their metrics when they start. The bank
+//! example serves them on `GET /metrics` with `metrics-exporter-prometheus`.
+//!
+//! Names are prefixed `thalo_` and carry their unit (`_seconds`, `_total`); labels are
+//! low-cardinality only (aggregate type, outcome, projection, consumer group, topic,
+//! partition), never an aggregate id. The counters follow the per-command and
+//! per-message paths without building labels there: label values are static strings,
+//! or registered once per relay topic and per consumer.
+//!
+//! | metric | type | labels | recorded by | what it counts |
+//! |---|---|---|---|---|
+//! | `thalo_commands_total` | counter | `aggregate_type`, `outcome` | [`Repository`] | commands (`execute*`), by outcome: `stored` (also a command that decided no events), `replayed` (a retry under a used [`CommandId`]), `rejected` (invariant or domain error, also a replayed rejection), `conflict_exhausted` (still conflicting after the last attempt), `error` (anything else) |
+//! | `thalo_command_duration_seconds` | histogram | `aggregate_type` | [`Repository`] | time of one command, retries included |
+//! | `thalo_command_conflicts_total` | counter | `aggregate_type` | [`Repository`] | optimistic-concurrency conflicts that were retried |
+//! | `thalo_cache_hits_total` | counter | `aggregate_type` | [`Repository::with_cache`] | attempts that appended from a cached aggregate (as [`CacheStats::hits`]) |
+//! | `thalo_cache_misses_total` | counter | `aggregate_type` | [`Repository::with_cache`] | attempts that loaded the aggregate (as [`CacheStats::misses`]) |
+//! | `thalo_projection_position` | gauge | `projection` | [`Subscription`], `PgSubscription` | the checkpoint (global position) after the last batch |
+//! | `thalo_projection_lag_events` | gauge | `projection` | [`Subscription`], `PgSubscription` | events known to wait: 0 when the last batch reached the end of the log, the batch size (a lower bound) while catching up |
+//! | `thalo_appends_total` | counter | `aggregate_type` | `PgEventStore` | appends that stored events (plain, keyed, in a transaction, group-committed) |
+//! | `thalo_append_events_total` | counter | `aggregate_type` | `PgEventStore` | events stored |
+//! | `thalo_group_commit_batch_size` | histogram | | `PgEventStore` with group commit | appends per group-commit batch |
+//! | `thalo_outbox_depth` | gauge | | `KafkaRelay` (leader) | outbox rows waiting, measured every `with_lag_log_interval` |
+//! | `thalo_outbox_oldest_age_seconds` | gauge | | `KafkaRelay` (leader) | age of the oldest waiting row (0 when none) |
+//! | `thalo_relay_parked_aggregates` | gauge | | `KafkaRelay` (leader) | aggregates parked in the outbox |
+//! | `thalo_relay_is_leader` | gauge | | `KafkaRelay` | 1 while this process's relay leads the outbox, else 0 |
+//! | `thalo_relay_published_total` | counter | `topic` | `KafkaRelay` | messages Kafka acknowledged |
+//! | `thalo_relay_failed_total` | counter | | `KafkaRelay` | messages Kafka did not acknowledge (kept in the outbox, retried or parked) |
+//! | `thalo_consumer_handled_total` | counter | `consumer`, `outcome` | `KafkaConsumer` | messages by outcome: `applied`, `duplicate` (already applied: dropped or skipped), `parked` (not applied because its stream is parked: the message that parked it and those held behind it), `dead_lettered` (undecodable, written to the dead-letter topic with no stream to park), and `failed`, which counts failed handler attempts (retried, or the stream parked) |
+//! | `thalo_consumer_handle_duration_seconds` | histogram | `consumer` | `KafkaConsumer` | time of one handler call (a projection's batch is one call) |
+//! | `thalo_consumer_lag` | gauge | `consumer`, `topic`, `partition` | `KafkaConsumer` | high watermark minus the consumer's position, per assigned partition, from librdkafka's statistics (every second, no extra requests) |
+//! | `thalo_dead_letters_total` | counter | `consumer` | `KafkaConsumer` | messages written to the dead-letter topic |
+//!
+//! `consumer` is the consumer's group id.
+//!
 //! ## Feature flags
 //!
 //! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]` and
 //!   `#[events]` from `thalo-macros`.
+//! - `opentelemetry`: [`Repository::execute`] and its variants fill
+//!   [`Metadata::traceparent`] (and `tracestate`) from the OpenTelemetry context of
+//!   their `execute` span when the caller did not set one (pulls in `opentelemetry` and
+//!   `tracing-opentelemetry`).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -134,11 +193,13 @@ mod envelope;
 mod error;
 mod event;
 mod handler;
+mod instruments;
 mod memory;
 mod repository;
 mod shutdown;
 mod store;
 mod subscription;
+mod trace;
 
 #[doc(hidden)]
 #[path = "private.rs"]

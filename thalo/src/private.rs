@@ -7,6 +7,9 @@ pub use serde_json;
 /// The subscriptions' retry delays, shared with `thalo-postgres`.
 pub use crate::subscription::Backoff;
 
+/// The projection gauges, shared with `thalo-postgres`'s `PgSubscription`.
+pub use crate::instruments::projection_progress;
+
 use crate::Error;
 
 /// Converts what a command method returns into the aggregate's list of events.

@@ -1,10 +1,13 @@
 //! Load -> handle -> append, with retries on concurrency conflicts.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use tracing::debug;
+use tracing::{debug, Instrument as _};
 
 use crate::cache::{AggregateCache, CacheStats};
+use crate::instruments::{self, CommandOutcome};
+use crate::trace;
 use crate::{
     Aggregate, CommandError, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded,
     Metadata, Once,
@@ -241,8 +244,33 @@ impl<S: EventStore> Repository<S> {
                 .await
                 .map(Once::into_events);
         }
+        let span = trace::execute_span(A::TYPE, id);
+        let metadata = trace::stamp(metadata, &span);
+        let started = Instant::now();
+        let result = self
+            .execute_attempts::<A>(id, command, &metadata)
+            .instrument(span.clone())
+            .await;
+        let outcome = CommandOutcome::of(&result);
+        span.record("outcome", outcome.as_str());
+        instruments::command_finished(A::TYPE, outcome, started);
+        result
+    }
+
+    /// The attempts of [`execute_with`](Repository::execute_with) without a key.
+    async fn execute_attempts<A>(
+        &self,
+        id: &A::Id,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventEnvelope<A::Event>>, Error>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
         let mut attempt = 1;
         loop {
+            tracing::Span::current().record("attempt", attempt);
             let attempted = match &self.cache {
                 None => self
                     .store
@@ -256,6 +284,7 @@ impl<S: EventStore> Repository<S> {
             };
             match attempted {
                 Err(err) if err.is_conflict() && attempt < self.max_attempts => {
+                    instruments::command_conflict(A::TYPE);
                     debug!(
                         aggregate_type = A::TYPE,
                         aggregate_id = %id,
@@ -373,12 +402,22 @@ impl<S: EventStore> Repository<S> {
         A: Aggregate,
         A::Command: Clone,
     {
+        let started = Instant::now();
         let key = CommandKey::new(command_id.clone(), &command);
-        let metadata = metadata.clone().with_command_id(command_id);
+        let span = trace::execute_span(A::TYPE, id);
+        let metadata = trace::stamp(metadata, &span)
+            .into_owned()
+            .with_command_id(command_id);
         let mut attempt = 1;
         loop {
-            match self.attempt_once::<A>(id, &command, &metadata, &key).await {
+            span.record("attempt", attempt);
+            match self
+                .attempt_once::<A>(id, &command, &metadata, &key)
+                .instrument(span.clone())
+                .await
+            {
                 Err(err) if err.is_conflict() && attempt < self.max_attempts => {
+                    instruments::command_conflict(A::TYPE);
                     debug!(
                         aggregate_type = A::TYPE,
                         aggregate_id = %id,
@@ -388,7 +427,15 @@ impl<S: EventStore> Repository<S> {
                     );
                     attempt += 1;
                 }
-                result => return result,
+                result => {
+                    let outcome = match &result {
+                        Ok(Once::Replayed(_)) => CommandOutcome::Replayed,
+                        result => CommandOutcome::of(result),
+                    };
+                    span.record("outcome", outcome.as_str());
+                    instruments::command_finished(A::TYPE, outcome, started);
+                    return result;
+                }
             }
         }
     }
@@ -415,7 +462,7 @@ impl<S: EventStore> Repository<S> {
             if let Some((aggregate, version)) = cache.take::<A>(id) {
                 if let Ok(events) = aggregate.handle(command.clone()) {
                     if !events.is_empty() {
-                        cache.record_hit();
+                        cache.record_hit(A::TYPE);
                         return match self
                             .store
                             .append_once::<A>(id, version, events, metadata, key)
@@ -438,7 +485,7 @@ impl<S: EventStore> Repository<S> {
                     }
                 }
             }
-            cache.record_miss();
+            cache.record_miss(A::TYPE);
         }
 
         let (loaded, once) = self
@@ -473,7 +520,7 @@ impl<S: EventStore> Repository<S> {
         if let Some((aggregate, version)) = cache.take::<A>(id) {
             if let Ok(events) = aggregate.handle(command.clone()) {
                 if !events.is_empty() {
-                    cache.record_hit();
+                    cache.record_hit(A::TYPE);
                     return match self.store.append::<A>(id, version, events, metadata).await {
                         Ok(stored) => {
                             cache_applied(cache, id, aggregate, version, &stored);
@@ -492,7 +539,7 @@ impl<S: EventStore> Repository<S> {
             }
             // Rejected or no events: decide again on the stored aggregate.
         }
-        cache.record_miss();
+        cache.record_miss(A::TYPE);
         let (loaded, stored) = self
             .store
             .load_decide_append::<A, _>(id, metadata, decide(command.clone()))

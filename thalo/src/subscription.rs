@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use crate::{Aggregate, CheckpointStore, Error, Event, EventStore, Projection, Shutdown};
+use crate::{
+    instruments, Aggregate, CheckpointStore, Error, Event, EventStore, Projection, Shutdown,
+};
 
 /// Feeds one aggregate type's events from a store to a [`Projection`], from the
 /// projection's checkpoint on, and follows new events as they are stored.
@@ -165,6 +167,10 @@ where
             let Err(err) = result else {
                 position = last;
                 self.store.save_checkpoint(&name, position).await?;
+                // A batch that was not full read up to the end of the log: nothing is
+                // known to wait. A full one says at least one more batch may.
+                let lag = if full { self.batch_size as u64 } else { 0 };
+                instruments::projection_progress(&name, position, lag);
                 if !full {
                     return Ok(handled);
                 }

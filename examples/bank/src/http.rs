@@ -9,6 +9,8 @@
 //! | `GET /accounts`                 | every balance, from the read model               |
 //! | `GET /accounts/{id}`            | one balance, from the read model                 |
 //! | `GET /healthz`                  | `ok` while the process serves requests (liveness) |
+//! | `GET /readyz`                   | 200 or 503 with every check (readiness, see [`crate::readiness`]) |
+//! | `GET /metrics`                  | Prometheus text format (see [`crate::prometheus`]) |
 //!
 //! Amounts are integer cents. Commands answer with the stored events. Errors answer with
 //! `{"code", "message"}` and store nothing.
@@ -36,6 +38,9 @@
 //! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`; `IDEMPOTENCY_KEY_REUSED`; `REJECTED` for a domain error of another type |
 //! | 500    | `INTERNAL`                                                               |
 //!
+//! A `traceparent` header (W3C Trace Context, with `tracestate`) is stored with the
+//! command's events, so the consumers that handle them continue the caller's trace.
+//!
 //! Reads come from the `bank_balances` table, which the Kafka consumer keeps; they are
 //! eventually consistent with the commands.
 
@@ -45,6 +50,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use thalo::{CommandId, Error, Event as _, EventEnvelope, Metadata, Repository};
 use thalo_postgres::PgEventStore;
@@ -52,6 +58,7 @@ use uuid::Uuid;
 
 use crate::balances::AccountBalance;
 use crate::pg::PgBalances;
+use crate::readiness::Readiness;
 use crate::{BankAccount, BankAccountCommand, BankAccountEvent};
 
 /// What the handlers share.
@@ -61,6 +68,10 @@ pub struct AppState {
     pub repository: Repository<PgEventStore>,
     /// Reads come from this read model.
     pub balances: PgBalances,
+    /// The checks of `GET /readyz`.
+    pub readiness: Readiness,
+    /// What `GET /metrics` renders; without it, `GET /metrics` is 404.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// The request header that makes a command idempotent.
@@ -81,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route("/accounts/{id}/withdraw", post(withdraw))
         .route("/accounts/{id}/close", post(close))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -230,6 +243,24 @@ impl IntoResponse for Executed {
     }
 }
 
+/// `metadata` with the request's W3C trace context (`traceparent`, `tracestate`), if it
+/// has a valid one: the events it stores carry it through Kafka, and the consumers'
+/// spans continue the caller's trace. An invalid value is ignored (the trace restarts
+/// here), not refused.
+fn with_trace_context(metadata: Metadata, headers: &HeaderMap) -> Metadata {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let Some(traceparent) = header(Metadata::TRACEPARENT) else {
+        return metadata;
+    };
+    let metadata = metadata.with_traceparent(traceparent);
+    match header(Metadata::TRACESTATE) {
+        Some(tracestate) if metadata.traceparent().is_some() => {
+            metadata.with_tracestate(tracestate)
+        }
+        _ => metadata,
+    }
+}
+
 /// The request's `Idempotency-Key`, if it has one.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>, Error> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
@@ -253,6 +284,7 @@ async fn execute(
     let metadata = Metadata::new()
         .with_correlation_id(Uuid::new_v4())
         .with_header("source", "bank-http");
+    let metadata = with_trace_context(metadata, headers);
     let (stored, replayed) = match key {
         Some(key) => {
             let once = state
@@ -371,6 +403,40 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// 200 when every check passes, 503 when one fails (and from the moment shutdown
+/// begins); the body lists every check.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let report = state.readiness.check().await;
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+/// The metrics in Prometheus' text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(ErrorBody {
+                code: "NOT_FOUND".to_owned(),
+                message: "metrics are not enabled in this service".to_owned(),
+            }),
+        )
+            .into_response(),
+    }
+}
+
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<BalanceView>>, ApiError> {
     let rows = state.balances.all().await?;
     Ok(Json(rows.into_iter().map(BalanceView::from).collect()))
@@ -387,5 +453,39 @@ async fn show(
             aggregate_id: id,
         }
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_request_trace_context_goes_into_the_metadata() {
+        let metadata = with_trace_context(
+            Metadata::new(),
+            &headers(&[("traceparent", PARENT), ("tracestate", "rojo=1")]),
+        );
+        assert_eq!(metadata.traceparent(), Some(PARENT));
+        assert_eq!(metadata.tracestate(), Some("rojo=1"));
+
+        // None, or an invalid one: nothing is stored, and the request goes on.
+        assert!(with_trace_context(Metadata::new(), &HeaderMap::new()).is_empty());
+        let invalid = headers(&[("traceparent", "00-abc-01"), ("tracestate", "rojo=1")]);
+        assert!(with_trace_context(Metadata::new(), &invalid).is_empty());
     }
 }

@@ -10,6 +10,8 @@ pub mod balances;
 pub mod http;
 pub mod money;
 pub mod pg;
+pub mod prometheus;
+pub mod readiness;
 pub mod service;
 
 pub use account::{BankAccount, BankAccountCommand, BankAccountEvent};

@@ -100,7 +100,53 @@ enum Command {
         /// Connections of the Postgres pool.
         #[arg(long, env = "BANK_PG_MAX_CONNECTIONS", default_value_t = 10)]
         pg_max_connections: u32,
+        /// After SIGTERM or Ctrl-C, how long the service may take to stop gracefully
+        /// (finish in-flight requests, stop the relay and the consumer, commit offsets)
+        /// before it exits anyway, with a warning and a failure status.
+        #[arg(long, env = "BANK_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+        shutdown_timeout_secs: u64,
+        /// Version of the balances read model to write. A version that is not live yet
+        /// is rebuilt from the store while the live one keeps serving reads, and takes
+        /// over once it has caught up (blue/green).
+        #[arg(long, env = "BANK_BALANCES_VERSION", default_value_t = bank::pg::BALANCES_VERSION)]
+        balances_version: u32,
     },
+}
+
+/// Runs until shutdown begins (SIGTERM, Ctrl-C, or a part of the service failing),
+/// then gives the service `timeout` to stop: the HTTP server stops accepting at once
+/// (and `/readyz` answers 503 to what is in flight), in-flight requests finish, the
+/// relay and the consumer stop and commit. Past `timeout` the process exits anyway,
+/// with a warning and a failure status.
+async fn stop_within(
+    running: bank::service::Running,
+    shutdown: &thalo::Shutdown,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let stopped = running.stopped();
+    tokio::pin!(stopped);
+    tokio::select! {
+        result = &mut stopped => {
+            result?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        () = shutdown.triggered() => {}
+    }
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(timeout, stopped).await {
+        Ok(result) => {
+            result?;
+            tracing::info!(elapsed = ?started.elapsed(), "bank service stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_secs = timeout.as_secs(),
+                "the service did not stop within the shutdown timeout; exiting anyway"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -110,8 +156,7 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, found `{text}`"))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -120,7 +165,21 @@ async fn main() -> ExitCode {
         .init();
 
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the Tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // A blocking task still running (a Kafka client waiting out its timeout) must not
+    // hold the exit up: dropping the runtime would wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -139,6 +198,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         instance_id,
         kafka_properties,
         pg_max_connections,
+        shutdown_timeout_secs,
+        balances_version,
     } = command
     {
         // THALO_KAFKA_CONFIG and THALO_KAFKA_<NAME>, then -X.
@@ -151,7 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let Some(database_url) = cli.database_url else {
             anyhow::bail!("`bank serve` needs Postgres: set DATABASE_URL or pass --database-url");
         };
+        // The one recorder of the process, before anything registers a metric.
+        let metrics = bank::prometheus::install()?;
+        let shutdown_timeout = std::time::Duration::from_secs(shutdown_timeout_secs);
         let config = ServiceConfig {
+            metrics: Some(metrics),
+            shutdown_timeout,
             database_url,
             kafka_brokers,
             kafka_properties,
@@ -161,14 +227,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topic_prefix,
             group_id,
             instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
+            balances_version,
         };
-        let running = bank::service::start(config, thalo::Shutdown::on_signal()).await?;
+        let shutdown = thalo::Shutdown::on_signal();
+        let running = bank::service::start(config, shutdown.clone()).await?;
         println!(
             "bank service listening on http://{} (Ctrl-C to stop)",
             running.addr
         );
-        running.stopped().await?;
-        return Ok(ExitCode::SUCCESS);
+        return stop_within(running, &shutdown, shutdown_timeout).await;
     }
     match cli.database_url {
         Some(url) => {
@@ -181,7 +248,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Thalo bank on Postgres ({})\n", redact(&url));
             let bank = Bank {
                 store: store.clone(),
-                read_side: ReadSide::Postgres(PgSubscription::new::<BankAccount>(store, balances)),
+                read_side: ReadSide::Postgres(
+                    PgSubscription::new::<BankAccount>(store, balances.clone())
+                        .with_read_model(vec![balances.read_model()]),
+                ),
             };
             bank.run(command).await
         }

@@ -4,14 +4,21 @@ use std::sync::Arc;
 
 use thalo::{Error, EventEnvelope};
 use thalo_postgres::sqlx::{self, PgConnection, PgPool, Row as _};
-use thalo_postgres::{PgEventStore, PgProjection, SchemaName};
+use thalo_postgres::{PgEventStore, PgProjection, ReadModelTable};
 
 use crate::balances::AccountBalance;
 use crate::BankAccountEvent;
 
-/// The read model's SQL, with the table qualified by the store's validated schema.
+/// The read model's version this build writes by default. Bump it when the read model
+/// changes: `bank serve` then builds the new version beside the live one and switches
+/// reads over once it has caught up (see [`thalo_postgres::ReadModelTable`]).
+pub const BALANCES_VERSION: u32 = 1;
+
+/// The read model's SQL: writes go to the version's table, reads to the view that points
+/// at the live version's table.
 #[derive(Debug)]
 struct Sql {
+    table: ReadModelTable,
     create_table: String,
     open: String,
     add: String,
@@ -26,11 +33,13 @@ const MIN: i64 = i64::MIN;
 const MAX: i64 = i64::MAX;
 
 impl Sql {
-    fn new(schema: &SchemaName) -> Self {
-        // The only string building: a schema name validated by `SchemaName`; every
-        // value is a bound parameter.
-        let table = schema.qualify("bank_balances");
+    fn new(read_model: ReadModelTable) -> Self {
+        // The only string building: names validated by `ReadModelTable` (and its
+        // `SchemaName`); every value is a bound parameter.
+        let table = read_model.table().to_owned();
+        let view = read_model.view().to_owned();
         Sql {
+            table: read_model,
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (
                     account_number TEXT PRIMARY KEY,
@@ -67,20 +76,24 @@ impl Sql {
                 "UPDATE {table} SET closed = true, version = $2, updated_at = now()
                  WHERE account_number = $1"
             ),
+            // Named columns: a later version may add columns without breaking the
+            // statements readers have prepared.
             select_all: format!(
                 "SELECT account_number, owner, balance, closed, version
-                 FROM {table} ORDER BY account_number"
+                 FROM {view} ORDER BY account_number"
             ),
             select_one: format!(
                 "SELECT account_number, owner, balance, closed, version
-                 FROM {table} WHERE account_number = $1"
+                 FROM {view} WHERE account_number = $1"
             ),
         }
     }
 }
 
-/// The `bank_balances` table, kept by a [`PgProjection`]: every change commits in the
-/// same transaction as the projection's checkpoint, so each event counts exactly once.
+/// The `bank_balances` read model, kept by a [`PgProjection`]: every change commits in
+/// the same transaction as the projection's checkpoint, so each event counts exactly
+/// once. Version N writes the table `bank_balances_vN`; reads go through the view
+/// `bank_balances`, which points at the live version's table.
 #[derive(Clone, Debug)]
 pub struct PgBalances {
     pool: PgPool,
@@ -88,19 +101,66 @@ pub struct PgBalances {
 }
 
 impl PgBalances {
-    /// The `bank_balances` table in the store's schema, created if needed.
+    /// The read model's [`BALANCES_VERSION`] in the store's schema, its table created if
+    /// needed.
     ///
     /// # Errors
     ///
     /// Returns the database error.
     pub async fn new(store: &PgEventStore) -> Result<Self, Error> {
-        let sql = Arc::new(Sql::new(store.schema()));
+        Self::with_version(store, BALANCES_VERSION).await
+    }
+
+    /// Version `version` of the read model (its table created if needed). A table
+    /// `bank_balances` from before versions becomes version 1's table.
+    ///
+    /// # Errors
+    ///
+    /// Returns the database error, or [`Error::Config`] for version 0.
+    pub async fn with_version(store: &PgEventStore, version: u32) -> Result<Self, Error> {
+        let read_model = ReadModelTable::new(store.schema(), "bank_balances", version)?;
         let pool = store.pool().clone();
+        // Before versions, the read model was the table `bank_balances` itself.
+        let legacy: Option<String> = sqlx::query_scalar(
+            "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = 'bank_balances'",
+        )
+        .bind(store.schema().as_str())
+        .fetch_optional(&pool)
+        .await
+        .map_err(|e| Error::store("looking for the unversioned bank_balances", e))?;
+        if legacy.as_deref() == Some("r") {
+            let v1 = ReadModelTable::new(store.schema(), "bank_balances", 1)?;
+            sqlx::query(&format!(
+                "ALTER TABLE {} RENAME TO bank_balances_v1",
+                v1.view()
+            ))
+            .execute(&pool)
+            .await
+            .map_err(|e| Error::store("renaming bank_balances to bank_balances_v1", e))?;
+        }
+        let sql = Arc::new(Sql::new(read_model));
         sqlx::query(&sql.create_table)
             .execute(&pool)
             .await
             .map_err(|e| Error::store("creating bank_balances", e))?;
+        // Live at once when no version is (the view exists from the start); otherwise
+        // building, until a subscription with this read model catches up.
+        store
+            .register_version("bank_balances", version, std::slice::from_ref(&sql.table))
+            .await?;
         Ok(PgBalances { pool, sql })
+    }
+
+    /// The version this read model writes.
+    pub fn version(&self) -> u32 {
+        self.sql.table.version()
+    }
+
+    /// The read model's table for this version (and the view readers use), for
+    /// [`PgSubscription::with_read_model`](thalo_postgres::PgSubscription::with_read_model).
+    pub fn read_model(&self) -> ReadModelTable {
+        self.sql.table.clone()
     }
 
     /// Every account, by account number.
@@ -147,6 +207,10 @@ fn to_balance(row: &sqlx::postgres::PgRow) -> Result<AccountBalance, Error> {
 impl PgProjection<BankAccountEvent> for PgBalances {
     fn name(&self) -> &str {
         "bank_balances"
+    }
+
+    fn version(&self) -> u32 {
+        self.sql.table.version()
     }
 
     async fn handle(

@@ -3,19 +3,24 @@
 
 use std::net::SocketAddr;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use thalo::Shutdown;
 use thalo::{AggregateType as _, Error, Repository};
 use thalo_kafka::{KafkaConfig, KafkaConsumer, KafkaRelay, TopicNaming};
-use thalo_postgres::PgEventStore;
+use thalo_postgres::{PgEventStore, PgProjection as _, PgSubscription};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::http::{router, AppState};
-use crate::pg::PgBalances;
+use crate::pg::{PgBalances, BALANCES_VERSION};
+use crate::readiness::Readiness;
 use crate::BankAccount;
 
 /// Accounts the service keeps in memory between commands (`Repository::with_cache`).
 const ACCOUNT_CACHE: usize = 10_000;
+
+/// How often the relay measures the outbox (`thalo_outbox_depth` and its siblings).
+const OUTBOX_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often the service deletes expired idempotency keys.
 const PRUNE_COMMANDS_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
@@ -45,6 +50,17 @@ pub struct ServiceConfig {
     /// takes its partitions back as soon as it rejoins, instead of waiting for the
     /// broker to expire its dead session.
     pub instance_id: String,
+    /// What `GET /metrics` renders: the handle of the Prometheus recorder installed for
+    /// the process ([`crate::prometheus::install`]). `None`: `GET /metrics` is 404.
+    pub metrics: Option<PrometheusHandle>,
+    /// How long a shutdown may take (`bank serve --shutdown-timeout-secs`, default
+    /// 10 s). The relay gets half of it to finish the batch in hand.
+    pub shutdown_timeout: std::time::Duration,
+    /// The balances read model's version (default [`BALANCES_VERSION`]). A version that
+    /// is not live yet is rebuilt from the store beside the live one, takes over reads
+    /// once it has caught up, and is then fed by its own consumer group
+    /// (`<group_id>-v<N>` from version 2 on).
+    pub balances_version: u32,
 }
 
 impl Default for ServiceConfig {
@@ -59,6 +75,9 @@ impl Default for ServiceConfig {
             topic_prefix: String::new(),
             group_id: "bank-balances".to_owned(),
             instance_id: default_instance_id(),
+            metrics: None,
+            shutdown_timeout: std::time::Duration::from_secs(10),
+            balances_version: BALANCES_VERSION,
         }
     }
 }
@@ -87,6 +106,8 @@ pub struct Running {
     pub store: PgEventStore,
     /// The read model, for inspection.
     pub balances: PgBalances,
+    /// The checks of `GET /readyz`, for inspection.
+    pub readiness: Readiness,
     task: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
@@ -120,7 +141,8 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         .schema(config.schema.clone())
         .build()?;
     store.migrate().await?;
-    let balances = PgBalances::new(&store).await?;
+    let balances = PgBalances::with_version(&store, config.balances_version).await?;
+    let rebuild = store.live_version(balances.name()).await? != Some(balances.version());
     // One Kafka configuration for every client, so the relay and the consumer agree on
     // the cluster, its security settings and the topic names.
     let mut kafka = KafkaConfig::new(config.kafka_brokers.clone())
@@ -130,13 +152,31 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
     }
     let topic = kafka.topic_naming().topic(BankAccount::TYPE);
     // A wrong CA, password or address is reported at once, in words; the relay and the
-    // consumer keep retrying (the cluster may just not be up yet).
-    if let Err(err) = kafka.check(std::time::Duration::from_secs(10)).await {
-        tracing::error!(error = %thalo_kafka::error_chain(&err), "Kafka is not reachable yet; the relay and the consumer keep trying");
-    }
+    // consumer keep retrying (the cluster may just not be up yet), and `/readyz` says
+    // so. In the background: the API serves (and answers `/readyz`) meanwhile.
+    tokio::spawn({
+        let kafka = kafka.clone();
+        async move {
+            if let Err(err) = kafka.check(std::time::Duration::from_secs(10)).await {
+                tracing::error!(error = %thalo_kafka::error_chain(&err), "Kafka is not reachable yet; the relay and the consumer keep trying");
+            }
+        }
+    });
 
-    let relay = KafkaRelay::from_store(&store, kafka.brokers()).with_kafka_config(&kafka);
-    let consumer = KafkaConsumer::from_kafka_config(&kafka, config.group_id.clone())
+    let relay = KafkaRelay::from_store(&store, kafka.brokers())
+        .with_kafka_config(&kafka)
+        // The outbox gauges of `/metrics` are this fresh.
+        .with_lag_log_interval(OUTBOX_GAUGES_EVERY)
+        // Within the service's own bound: acknowledgements that do not come by then are
+        // published again after the restart.
+        .with_shutdown_grace(config.shutdown_timeout / 2);
+    // One consumer group per read-model version: a new version's consumer reads the
+    // topic from its start and skips what its rebuild from the store applied.
+    let group_id = match balances.version() {
+        1 => config.group_id.clone(),
+        version => format!("{}-v{version}", config.group_id),
+    };
+    let consumer = KafkaConsumer::from_kafka_config(&kafka, group_id)
         .subscribe::<BankAccount>()
         .with_instance_id(config.instance_id.clone())
         // With static membership a restarted member rejoins under its old identity at
@@ -154,9 +194,19 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
     // Accounts this service has decided on stay in memory, so a command on a known
     // account is one append; a write from elsewhere (another instance, the CLI) shows up
     // as a conflict, and the command is decided again on the reloaded account.
+    let readiness = Readiness::new(
+        store.pool().clone(),
+        &kafka,
+        topic.clone(),
+        relay.clone(),
+        consumer.handle(),
+        shutdown.clone(),
+    );
     let app = router(AppState {
         repository: Repository::new(store.clone()).with_cache(ACCOUNT_CACHE),
         balances: balances.clone(),
+        readiness: readiness.clone(),
+        metrics: config.metrics.clone(),
     });
     info!(%addr, topic, "bank service listening");
 
@@ -175,6 +225,11 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         let (store, balances) = (store.clone(), balances.clone());
         let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
         async move {
+            if rebuild {
+                if let Err(err) = rebuild_from_store(&store, &balances, &shutdown).await {
+                    return done(Err(err));
+                }
+            }
             done(
                 consumer
                     .run_projection(store, balances, shutdown)
@@ -222,6 +277,53 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         addr,
         store,
         balances,
+        readiness,
         task,
     })
+}
+
+/// Builds a balances version that is not live yet from the store, beside the live one
+/// (which keeps serving reads), and makes it live once it has caught up. Store errors are
+/// retried; shutdown stops the rebuild (the next start resumes it from its checkpoint).
+async fn rebuild_from_store(
+    store: &PgEventStore,
+    balances: &PgBalances,
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let version = balances.version();
+    info!(
+        version,
+        "building the balances read model from the store; the live version keeps serving reads"
+    );
+    let started = std::time::Instant::now();
+    let subscription = PgSubscription::new::<BankAccount>(store.clone(), balances.clone())
+        .with_read_model(vec![balances.read_model()])
+        .with_batch_size(1000);
+    loop {
+        let caught_up = tokio::select! {
+            () = shutdown.triggered() => return Ok(()),
+            caught_up = subscription.catch_up() => caught_up,
+        };
+        match caught_up {
+            Ok(applied) => {
+                let live = store.live_version(balances.name()).await?;
+                info!(
+                    version,
+                    live = ?live,
+                    applied = applied.applied,
+                    elapsed = ?started.elapsed(),
+                    "balances read model rebuilt; the consumer takes over"
+                );
+                return Ok(());
+            }
+            Err(err @ Error::Store { .. }) => {
+                tracing::warn!(error = %err, "rebuilding the balances read model failed; retrying");
+                tokio::select! {
+                    () = shutdown.triggered() => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }

@@ -371,3 +371,273 @@ async fn idempotency_keys_make_retries_safe() {
     shutdown.trigger();
     running.stopped().await.expect("stopped");
 }
+
+/// A service configuration isolated by `id` (schema, topics, group, instance).
+fn isolated(id: &str) -> ServiceConfig {
+    ServiceConfig {
+        database_url: env_or(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/thalo_test",
+        ),
+        kafka_brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        schema: format!("bank_{id}"),
+        topic_prefix: format!("test-{id}-"),
+        group_id: format!("bank-balances-{id}"),
+        instance_id: format!("bank-test-{id}"),
+        // One recorder per process, shared by the services of these tests.
+        metrics: Some(bank::prometheus::install().expect("the Prometheus recorder")),
+        ..ServiceConfig::default()
+    }
+}
+
+/// Samples of a Prometheus text exposition: (name, sorted labels) -> value.
+type Samples = std::collections::HashMap<(String, Vec<(String, String)>), f64>;
+
+/// The samples of a Prometheus text exposition.
+fn samples(text: &str) -> Samples {
+    let mut samples = Samples::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').expect("a sample line");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut labels: Vec<(String, String)> = labels
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').expect("label");
+                (k.to_owned(), v.trim_matches('"').to_owned())
+            })
+            .collect();
+        labels.sort();
+        samples.insert(
+            (name.to_owned(), labels),
+            value.parse().expect("a sample value"),
+        );
+    }
+    samples
+}
+
+fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    samples.get(&(name.to_owned(), labels)).copied()
+}
+
+/// `GET /readyz` until it answers `status` (or the deadline passes).
+async fn readiness_until(
+    http: &reqwest::Client,
+    base: &str,
+    status: u16,
+) -> bank::readiness::ReadinessReport {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let got = res.status().as_u16();
+        let report: bank::readiness::ReadinessReport = res.json().await.expect("report");
+        assert_eq!(report.ready, got == 200, "{report:?}");
+        if got == status {
+            return report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz did not answer {status}: {got} {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `/readyz` is 200 once Postgres, the broker, the relay and the consumer are up, and
+/// 503 (shutdown) as soon as shutdown begins; `/metrics` counts the commands, the
+/// relay's messages and the consumer's events of this service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_and_readiness_follow_the_pipeline() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let shutdown = Shutdown::new();
+    let running = start(isolated(&id), shutdown.clone()).await.expect(
+        "the service starts (Postgres at DATABASE_URL and a broker at KAFKA_BROKERS are required)",
+    );
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+
+    let ready = readiness_until(&http, &base, 200).await;
+    let names: Vec<&str> = ready.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["shutdown", "postgres", "kafka", "relay", "consumer"],
+        "{ready:?}"
+    );
+    assert!(ready.checks.iter().all(|c| c.ok), "{ready:?}");
+    let relay = ready.check("relay").expect("relay check");
+    assert!(relay.detail.starts_with("leader"), "{relay:?}");
+
+    let opened = http
+        .post(format!("{base}/accounts"))
+        .json(&json!({"account_number": "M-1", "owner": "Ada", "initial_deposit": 10_00}))
+        .send()
+        .await
+        .expect("open");
+    assert_eq!(opened.status(), 201);
+    let deposited = http
+        .post(format!("{base}/accounts/M-1/deposit"))
+        .json(&json!({"amount": 5_00}))
+        .send()
+        .await
+        .expect("deposit");
+    assert_eq!(deposited.status(), 200);
+
+    // The two events reach the read model through the relay and the consumer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = http
+            .get(format!("{base}/accounts/M-1"))
+            .send()
+            .await
+            .expect("show");
+        if res.status() == 200 {
+            let row: BalanceView = res.json().await.expect("row");
+            if row.version == 2 {
+                assert_eq!(row.balance, 15_00);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the read model did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The counters are bumped right after the work they count: poll briefly.
+    let topic = format!("test-{id}-bank_account");
+    let consumer = format!("bank-balances-{id}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let res = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.expect("body");
+        let metrics = samples(&text);
+        let published = sample(
+            &metrics,
+            "thalo_relay_published_total",
+            &[("topic", &topic)],
+        );
+        let applied = sample(
+            &metrics,
+            "thalo_consumer_handled_total",
+            &[("consumer", &consumer), ("outcome", "applied")],
+        );
+        if published >= Some(2.0) && applied == Some(2.0) {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "published {published:?}, applied {applied:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Shared by the services of this process: at least this test's two commands.
+    let bank = [("aggregate_type", "bank_account")];
+    let stored = sample(
+        &metrics,
+        "thalo_commands_total",
+        &[("aggregate_type", "bank_account"), ("outcome", "stored")],
+    );
+    assert!(stored >= Some(2.0), "{stored:?}");
+    assert!(sample(&metrics, "thalo_appends_total", &bank) >= Some(2.0));
+    assert!(sample(&metrics, "thalo_append_events_total", &bank) >= Some(2.0));
+    // Histograms, with the buckets set for `_seconds`.
+    let commands_timed = sample(
+        &metrics,
+        "thalo_command_duration_seconds_bucket",
+        &[("aggregate_type", "bank_account"), ("le", "+Inf")],
+    );
+    assert!(commands_timed >= Some(2.0), "{commands_timed:?}");
+    let handled_timed = sample(
+        &metrics,
+        "thalo_consumer_handle_duration_seconds_count",
+        &[("consumer", &consumer)],
+    );
+    assert!(handled_timed >= Some(1.0), "{handled_timed:?}");
+    // Nothing went wrong on the way.
+    for outcome in ["failed", "dead_lettered", "parked"] {
+        let n = sample(
+            &metrics,
+            "thalo_consumer_handled_total",
+            &[("consumer", &consumer), ("outcome", outcome)],
+        );
+        assert_eq!(n, Some(0.0), "{outcome}");
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "thalo_dead_letters_total",
+            &[("consumer", &consumer)]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        sample(&metrics, "thalo_relay_is_leader", &[]).is_some(),
+        "the leader gauge is exported"
+    );
+
+    // Shutdown turns readiness off at once (the server stops accepting too, so ask the
+    // checks directly).
+    shutdown.trigger();
+    let report = running.readiness.check().await;
+    assert!(!report.ready);
+    let check = report.check("shutdown").expect("shutdown check");
+    assert!(!check.ok && check.detail == "shutting down", "{check:?}");
+    tokio::time::timeout(Duration::from_secs(30), running.stopped())
+        .await
+        .expect("the service stops on shutdown")
+        .expect("clean stop");
+}
+
+/// With the broker unreachable, `/readyz` is 503 and names the `kafka` check; Postgres
+/// still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_names_an_unreachable_broker() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = ServiceConfig {
+        kafka_brokers: "127.0.0.1:1".to_owned(),
+        ..isolated(&id)
+    };
+    let shutdown = Shutdown::new();
+    let running = start(config, shutdown.clone())
+        .await
+        .expect("the service starts without a broker (Postgres at DATABASE_URL is required)");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+
+    let report = readiness_until(&http, &base, 503).await;
+    let kafka = report.check("kafka").expect("kafka check");
+    assert!(!kafka.ok, "{report:?}");
+    assert!(kafka.detail.contains("127.0.0.1:1"), "{kafka:?}");
+    assert!(report.check("postgres").expect("postgres").ok, "{report:?}");
+    assert!(report.check("shutdown").expect("shutdown").ok, "{report:?}");
+    // The consumer cannot join a group without a broker.
+    assert!(
+        !report.check("consumer").expect("consumer").ok,
+        "{report:?}"
+    );
+
+    shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(30), running.stopped())
+        .await
+        .expect("the service stops on shutdown without a broker")
+        .expect("clean stop");
+}

@@ -97,6 +97,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                 .await
             {
                 Ok(delivery) => {
+                    self.metrics.dead_letters.increment(1);
                     if reason != DeadLetterReason::Held {
                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }

@@ -77,10 +77,16 @@ use crate::topic::{ensure_topics_with, TopicNaming, TopicSettings};
 use crate::RetryPolicy;
 
 mod dead_letter;
+mod handle;
+mod instruments;
 mod offsets;
 mod rebalance;
 mod worker;
 
+pub use handle::ConsumerHandle;
+
+use handle::RunningGuard;
+use instruments::ConsumerMetrics;
 use offsets::{Continuity, Verdict};
 use rebalance::{AbandonGuard, GroupContext};
 use worker::partition_worker;
@@ -163,6 +169,7 @@ pub struct KafkaConsumer {
     instance_id: Option<String>,
     #[cfg(feature = "postgres")]
     store: Option<thalo_postgres::PgEventStore>,
+    handle: ConsumerHandle,
 }
 
 #[derive(Clone, Debug)]
@@ -232,7 +239,15 @@ impl KafkaConsumer {
             instance_id: None,
             #[cfg(feature = "postgres")]
             store: None,
+            handle: ConsumerHandle::default(),
         }
+    }
+
+    /// A view of this consumer's state for readiness checks (running, joined, assigned
+    /// partitions); see [`ConsumerHandle`]. Take it before `run`, which consumes the
+    /// consumer. Clones of a consumer share their handle.
+    pub fn handle(&self) -> ConsumerHandle {
+        self.handle.clone()
     }
 
     /// Static group membership (`group.instance.id`): a stable name for this member,
@@ -421,15 +436,20 @@ impl KafkaConsumer {
         // Subscribing to a topic that does not exist yet would leave the consumer
         // without partitions until its next metadata refresh, minutes later.
         let mut failures = 0;
+        let admin_config = self.admin_config();
         loop {
-            match ensure_topics_with(
-                &self.brokers,
-                &self.admin_config(),
-                &needed,
-                &self.topic_settings,
-            )
-            .await
-            {
+            // Raced with shutdown: against an unreachable broker the request takes its
+            // whole timeout (10 s), which a shutdown should not wait for.
+            let ensured = tokio::select! {
+                ensured = ensure_topics_with(
+                    &self.brokers,
+                    &admin_config,
+                    &needed,
+                    &self.topic_settings,
+                ) => ensured,
+                () = shutdown.cancelled() => return Ok(ConsumerStats::default()),
+            };
+            match ensured {
                 Ok(()) => break,
                 Err(err) => {
                     failures += 1;
@@ -442,7 +462,7 @@ impl KafkaConsumer {
             }
         }
 
-        let context = GroupContext::new(self.group_id.clone());
+        let context = GroupContext::new(self.group_id.clone(), self.handle.clone());
         let consumer: StreamConsumer<GroupContext> = self
             .consumer_config()
             .create_with_context(context)
@@ -459,11 +479,15 @@ impl KafkaConsumer {
             .create()
             .map_err(|e| Error::broker("creating the dead-letter producer", e))?;
         info!(group = self.group_id, ?topics, "consumer started");
+        // Not running any more when this function returns or its future is dropped.
+        self.handle.started();
+        let _running = RunningGuard(self.handle.clone());
 
         let shared = Arc::new(Shared {
             consumer: Arc::clone(&consumer),
             apply,
             dlq_producer,
+            metrics: ConsumerMetrics::new(&self.group_id),
             config: self,
             stats: StatsCounters::default(),
             _event: PhantomData,
@@ -492,6 +516,10 @@ impl KafkaConsumer {
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
         drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Re-drives an operator asked for, one round at a time, beside the workers.
+        let mut redrive_tick = tokio::time::interval(REDRIVE_POLL);
+        redrive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut redriving: Option<tokio::task::JoinHandle<()>> = None;
 
         loop {
             tokio::select! {
@@ -517,6 +545,16 @@ impl KafkaConsumer {
                                 warn!(group = shared.config.group_id, topic = key.0, partition = key.1, error = %err, "cannot seek to fetch skipped offsets again");
                             }
                         }
+                    }
+                }
+                _ = redrive_tick.tick() => {
+                    if redriving.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                        let shared = Arc::clone(&shared);
+                        redriving = Some(tokio::spawn(async move {
+                            if let Err(err) = shared.apply.redrive_requested(&shared.config.group_id).await {
+                                debug!(group = shared.config.group_id, error = %error_chain(&err), "cannot run requested re-drives");
+                            }
+                        }));
                     }
                 }
                 _ = drain_tick.tick(), if !overflow.is_empty() => {
@@ -603,6 +641,11 @@ impl KafkaConsumer {
             }
         }
 
+        // A re-drive in progress rolls back (its transaction never commits) and is asked
+        // for again on the next start: the request stays until it succeeds or fails.
+        if let Some(redrive) = redriving {
+            redrive.abort();
+        }
         // Graceful shutdown: workers finish the message in hand and store its offset;
         // then everything stored is committed, and the consumer leaves the group.
         info!(group = shared.config.group_id, "consumer shutting down");
@@ -755,6 +798,9 @@ const OVERFLOW_FACTOR: usize = 8;
 /// A partition whose worker takes nothing from its queue for this long is paused.
 const STUCK: Duration = Duration::from_millis(500);
 
+/// How often a consumer looks for re-drives an operator requested.
+const REDRIVE_POLL: Duration = Duration::from_secs(1);
+
 /// Moves the messages of partitions that fell behind into their workers' queues as room
 /// frees up, resumes a paused partition once all of its messages are queued, and pauses
 /// a partition whose worker is stuck.
@@ -893,6 +939,58 @@ pub(crate) trait Apply<E: Event>: Send + Sync + 'static {
         let _ = (group, stream);
         async { Ok(true) }
     }
+
+    /// Re-drives the parked streams an operator asked to re-drive (`thalo dlq
+    /// redrive`, `PgEventStore::request_redrive`), with this consumer's own code, and
+    /// returns how many it re-drove. A failed re-drive withdraws its request (the
+    /// stream stays parked; the error is in `parking_log`).
+    fn redrive_requested(&self, group: &str) -> impl Future<Output = Result<usize, Error>> + Send {
+        let _ = group;
+        async { Ok(0) }
+    }
+}
+
+/// Runs the requested re-drives of `consumer` with `redrive`, withdrawing the requests
+/// that fail; how many succeeded.
+#[cfg(feature = "postgres")]
+pub(crate) async fn redrive_requested_with<F, Fut>(
+    store: &thalo_postgres::PgEventStore,
+    consumer: &str,
+    mut redrive: F,
+) -> Result<usize, Error>
+where
+    F: FnMut(String, String) -> Fut,
+    Fut: Future<Output = Result<Option<thalo_postgres::Redriven>, Error>>,
+{
+    let mut done = 0;
+    for (aggregate_type, aggregate_id) in store.redrive_requests(consumer).await? {
+        match redrive(aggregate_type.clone(), aggregate_id.clone()).await {
+            Ok(redriven) => {
+                done += 1;
+                info!(
+                    consumer,
+                    aggregate_type,
+                    aggregate_id,
+                    applied = redriven.map_or(0, |r| r.applied),
+                    "re-drove a parked stream on request"
+                );
+            }
+            Err(err) => {
+                let error = error_chain(&err);
+                warn!(
+                    consumer,
+                    aggregate_type,
+                    aggregate_id,
+                    error,
+                    "a requested re-drive failed; the stream stays parked"
+                );
+                store
+                    .fail_redrive_request(consumer, &aggregate_type, &aggregate_id, &error)
+                    .await?;
+            }
+        }
+    }
+    Ok(done)
 }
 
 struct HandlerApply<H, E> {
@@ -943,6 +1041,19 @@ impl<E: Event, H: EventHandler<E> + 'static> Apply<E> for HandlerApply<H, E> {
             .await?
             .is_some())
     }
+
+    #[cfg(feature = "postgres")]
+    async fn redrive_requested(&self, group: &str) -> Result<usize, Error> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        redrive_requested_with(store, group, |aggregate_type, aggregate_id| async move {
+            store
+                .redrive_handler(group, &self.handler, &aggregate_type, &aggregate_id)
+                .await
+        })
+        .await
+    }
 }
 
 /// Whether an error is an outage (retried without limit) rather than a problem with the
@@ -977,6 +1088,7 @@ pub(crate) struct Shared<E, A> {
     dlq_producer: FutureProducer,
     config: KafkaConsumer,
     stats: StatsCounters,
+    metrics: ConsumerMetrics,
     _event: PhantomData<fn(E)>,
 }
 

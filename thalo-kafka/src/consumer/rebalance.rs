@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use metrics::SharedString;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -15,6 +16,9 @@ use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::handle::ConsumerHandle;
+use super::instruments::record_lag;
+
 /// Consumer callbacks: tracks which partitions have a worker, so a revocation can stop
 /// them, and commits on revocation.
 pub(crate) struct GroupContext {
@@ -24,15 +28,21 @@ pub(crate) struct GroupContext {
     /// Each partition's high watermark, from librdkafka's statistics (no extra
     /// requests): how the consumer tells a quiet partition from a stalled one.
     high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+    /// The assignment, as the consumer's [`ConsumerHandle`] shows it.
+    handle: ConsumerHandle,
+    /// The `consumer` label of `thalo_consumer_lag` (the group id).
+    label: SharedString,
 }
 
 impl GroupContext {
-    pub(crate) fn new(group_id: String) -> Self {
+    pub(crate) fn new(group_id: String, handle: ConsumerHandle) -> Self {
         GroupContext {
+            label: SharedString::from(group_id.clone()),
             group_id,
             partitions: Mutex::default(),
             commit_on_revoke: AtomicBool::new(true),
             high_watermarks: Mutex::default(),
+            handle,
         }
     }
 
@@ -55,6 +65,9 @@ impl GroupContext {
 }
 
 impl ClientContext for GroupContext {
+    /// Every `statistics.interval.ms` (1 s): the high watermarks, and
+    /// `thalo_consumer_lag` of the partitions assigned to this consumer, from what the
+    /// statistics say already (no requests to the broker).
     fn stats(&self, statistics: Statistics) {
         let mut high = self
             .high_watermarks
@@ -62,8 +75,24 @@ impl ClientContext for GroupContext {
             .unwrap_or_else(PoisonError::into_inner);
         for (topic, stats) in statistics.topics {
             for (partition, stats) in stats.partitions {
-                if partition >= 0 && stats.hi_offset >= 0 {
-                    high.insert((topic.clone(), partition), stats.hi_offset);
+                if partition < 0 || stats.hi_offset < 0 {
+                    continue;
+                }
+                high.insert((topic.clone(), partition), stats.hi_offset);
+                // The position: the offset after the last handled message (stored), or
+                // the group's committed offset before this consumer handled any, or
+                // where the fetcher starts in a partition the group never committed.
+                let position = [
+                    stats.stored_offset,
+                    stats.committed_offset,
+                    stats.next_offset,
+                ]
+                .into_iter()
+                .find(|offset| *offset >= 0);
+                if let Some(position) = position {
+                    if self.handle.is_assigned(&topic, partition) {
+                        record_lag(&self.label, &topic, partition, stats.hi_offset - position);
+                    }
                 }
             }
         }
@@ -80,6 +109,7 @@ impl ConsumerContext for GroupContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 info!(group = self.group_id, partitions = ?revoked, "partitions revoked");
+                self.handle.revoke(&revoked);
                 {
                     // Workers of revoked partitions drop their queued messages and stop
                     // after the message in hand.
@@ -108,6 +138,7 @@ impl ConsumerContext for GroupContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 info!(group = self.group_id, partitions = ?assigned, "partitions assigned");
+                self.handle.assign(&assigned);
             }
             Rebalance::Error(err) => warn!(group = self.group_id, error = %err, "rebalance error"),
         }

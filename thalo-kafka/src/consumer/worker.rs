@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use rdkafka::consumer::Consumer;
@@ -28,12 +29,13 @@ use rdkafka::Message;
 use thalo::{Error, Event, EventEnvelope, RawEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, warn, Instrument as _};
 
 use super::dead_letter::DeadLetterReason;
 use super::{is_outage, Apply, Counts, Shared};
 use crate::backoff::sleep_or_cancel;
 use crate::message::{decode_raw_message, error_chain, header};
+use crate::trace;
 
 /// Whether the message was dealt with (its offset may be stored) or the worker was
 /// stopped first (it will be delivered again).
@@ -149,6 +151,7 @@ pub(crate) async fn partition_worker<E: Event, A: Apply<E>>(
                 None => break,
             },
         };
+        let consume = trace::consume_span(&message);
         batch.clear();
         batch.push(message);
         if A::BATCHES {
@@ -160,7 +163,14 @@ pub(crate) async fn partition_worker<E: Event, A: Apply<E>>(
                     Err(_) => break,
                 }
             }
-            if batch.len() > 1 && shared.process_batch(&mut state, &batch).await {
+            consume.record("messages", batch.len() as u64);
+            trace::link_messages(&consume, &batch);
+            if batch.len() > 1
+                && shared
+                    .process_batch(&mut state, &batch)
+                    .instrument(consume.clone())
+                    .await
+            {
                 if let Some(last) = batch.last() {
                     shared.store_offset(last);
                 }
@@ -174,7 +184,11 @@ pub(crate) async fn partition_worker<E: Event, A: Apply<E>>(
             if token.is_cancelled() {
                 return;
             }
-            match shared.handle_one(&mut state, message, &token).await {
+            match shared
+                .handle_one(&mut state, message, &token)
+                .instrument(trace::handle_span(&consume, message))
+                .await
+            {
                 // The guarantee: the offset is stored only now, after the handler
                 // succeeded, or the message was held or dead-lettered (and recorded).
                 Outcome::Done => shared.store_offset(message),
@@ -228,9 +242,11 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                 },
             }
         }
+        let started = Instant::now();
         let result = AssertUnwindSafe(self.apply.apply_batch(&envelopes))
             .catch_unwind()
             .await;
+        self.metrics.handled_in(started.elapsed());
         match result {
             Ok(Ok(counts)) => {
                 if state.seen.len() + changes.len() > FENCE_CAPACITY {
@@ -243,6 +259,9 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     .duplicates
                     .fetch_add(counts.skipped + dropped, Ordering::Relaxed);
                 self.stats.held.fetch_add(counts.held, Ordering::Relaxed);
+                self.metrics.applied.increment(applied);
+                self.metrics.duplicate.increment(counts.skipped + dropped);
+                self.metrics.parked.increment(counts.held);
                 true
             }
             Ok(Err(err)) => {
@@ -272,7 +291,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     error = %error_chain(&err),
                     "cannot decode message; sending it to the dead-letter topic"
                 );
-                return self
+                let outcome = self
                     .dead_letter(
                         message,
                         &error_chain(&err),
@@ -281,6 +300,10 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                         token,
                     )
                     .await;
+                if let Outcome::Done = outcome {
+                    self.metrics.dead_lettered.increment(1);
+                }
+                return outcome;
             }
         };
         let stream = (raw.aggregate_type.clone(), raw.aggregate_id.clone());
@@ -295,6 +318,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     "dropped a message from a deposed relay leader"
                 );
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.metrics.duplicate.increment(1);
                 return Outcome::Done;
             }
             Admit::Duplicate => {
@@ -305,6 +329,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     "dropped a duplicate"
                 );
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.metrics.duplicate.increment(1);
                 return Outcome::Done;
             }
             Admit::Gap { expected } if !A::PARKS_IN_STORE => {
@@ -350,6 +375,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                 };
                 if still {
                     self.stats.held.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.parked.increment(1);
                     let error = format!(
                         "held: event {first} of {} `{}` is parked",
                         raw.aggregate_type, raw.aggregate_id
@@ -394,10 +420,13 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     self.stats
                         .duplicates
                         .fetch_add(counts.skipped, Ordering::Relaxed);
+                    self.metrics.duplicate.increment(counts.skipped);
                 } else if counts.held > 0 {
                     self.stats.held.fetch_add(counts.held, Ordering::Relaxed);
+                    self.metrics.parked.increment(counts.held);
                 } else {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.applied.increment(1);
                 }
                 Outcome::Done
             }
@@ -454,6 +483,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
             }
         };
         self.stats.parked.fetch_add(1, Ordering::Relaxed);
+        self.metrics.parked.increment(1);
         if !A::PARKS_IN_STORE {
             state.parked.insert(
                 (raw.aggregate_type.clone(), raw.aggregate_id.clone()),
@@ -485,6 +515,7 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
         let mut attempts = 0;
         let mut outages = 0;
         loop {
+            let started = Instant::now();
             let result = AssertUnwindSafe(self.apply.apply(envelope))
                 .catch_unwind()
                 .await
@@ -499,10 +530,12 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                         format!("handler panicked: {text}"),
                     ))
                 });
+            self.metrics.handled_in(started.elapsed());
             let err = match result {
                 Ok(counts) => return Processed::Done(counts),
                 Err(err) => err,
             };
+            self.metrics.failed.increment(1);
             let delay = if is_outage(&err) {
                 outages += 1;
                 let delay = self.config.retry.backoff(outages);

@@ -68,6 +68,17 @@ mod publish;
 
 use publish::{AggregateKey, Kafka};
 
+/// `thalo_relay_is_leader`: 1 while this process's relay leads the outbox, else 0.
+const IS_LEADER: &str = "thalo_relay_is_leader";
+/// `thalo_relay_failed_total`: messages Kafka did not acknowledge (kept and retried).
+const FAILED: &str = "thalo_relay_failed_total";
+/// `thalo_outbox_depth`: outbox rows waiting, at the last measurement.
+const OUTBOX_DEPTH: &str = "thalo_outbox_depth";
+/// `thalo_outbox_oldest_age_seconds`: age of the oldest waiting row (0 when none).
+const OUTBOX_OLDEST_AGE: &str = "thalo_outbox_oldest_age_seconds";
+/// `thalo_relay_parked_aggregates`: aggregates parked in the outbox.
+const PARKED_AGGREGATES: &str = "thalo_relay_parked_aggregates";
+
 /// How far the relay is behind the event store (outbox rows waiting, the age of the
 /// oldest, parked aggregates).
 pub type RelayLag = OutboxLag;
@@ -143,6 +154,7 @@ pub(crate) struct RelayConfig {
 
 #[derive(Debug, Default)]
 struct RelayState {
+    running: AtomicBool,
     active: AtomicBool,
     published: AtomicU64,
     batches: AtomicU64,
@@ -155,6 +167,9 @@ struct RelayState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelayStatus {
+    /// Whether [`run`](KafkaRelay::run) is running (leading or standing by); `false`
+    /// before it started and after it returned.
+    pub running: bool,
     /// Whether this relay holds the outbox lock and publishes (the others stand by).
     pub active: bool,
     /// Events published and deleted from the outbox.
@@ -240,7 +255,11 @@ impl KafkaRelay {
         self
     }
 
-    /// How often the active relay logs its lag (default 30 s).
+    /// How often the active relay measures its lag (default 30 s): it logs it and sets
+    /// the `thalo_outbox_depth`, `thalo_outbox_oldest_age_seconds` and
+    /// `thalo_relay_parked_aggregates` gauges (see the crate docs' metrics section).
+    /// Each measurement is one query on the outbox; the relay also measures when it
+    /// takes the lead.
     #[must_use]
     pub fn with_lag_log_interval(mut self, interval: Duration) -> Self {
         self.config.lag_log_interval = interval;
@@ -316,6 +335,7 @@ impl KafkaRelay {
     /// What this relay has done so far. Clones of a relay share their status.
     pub fn status(&self) -> RelayStatus {
         RelayStatus {
+            running: self.state.running.load(Ordering::SeqCst),
             active: self.state.active.load(Ordering::SeqCst),
             published: self.state.published.load(Ordering::SeqCst),
             batches: self.state.batches.load(Ordering::SeqCst),
@@ -403,6 +423,10 @@ impl KafkaRelay {
         let outbox = self.outbox();
         let mut kafka = Kafka::new(&self.config)?;
         let holder = holder_name();
+        metrics::gauge!(IS_LEADER).set(0.0);
+        // Not running (nor leading) any more once this returns or its future is dropped.
+        self.state.running.store(true, Ordering::SeqCst);
+        let _running = Stopped(&self.state);
         let mut failures = 0;
         loop {
             if shutdown.is_cancelled() {
@@ -430,9 +454,11 @@ impl KafkaRelay {
             failures = 0;
             self.state.active.store(true, Ordering::SeqCst);
             self.state.epoch.store(leader.epoch(), Ordering::SeqCst);
+            metrics::gauge!(IS_LEADER).set(1.0);
             info!(schema = %self.config.schema, epoch = leader.epoch(), "relay leads the outbox and is publishing");
             let result = self.lead(&outbox, &mut leader, &mut kafka, &shutdown).await;
             self.state.active.store(false, Ordering::SeqCst);
+            metrics::gauge!(IS_LEADER).set(0.0);
             match result {
                 Ok(()) => {
                     // Shutdown: hand the outbox over at once instead of when the
@@ -471,10 +497,15 @@ impl KafkaRelay {
         // still wakes the relay.
         waiter.connect().await;
         let mut backoff = Backoff::default();
-        let mut last_lag_log = Instant::now();
+        // Measured at once: a new leader's gauges are current from the start.
+        let mut last_lag_log: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            if last_lag_log.is_none_or(|at| at.elapsed() >= self.config.lag_log_interval) {
+                last_lag_log = Some(Instant::now());
+                self.measure_lag(outbox).await;
             }
             // Fencing: a deposed leader publishes nothing more.
             leader.check().await?;
@@ -525,6 +556,7 @@ impl KafkaRelay {
                 self.state
                     .failed
                     .fetch_add(outcome.kept as u64, Ordering::SeqCst);
+                metrics::counter!(FAILED).increment(outcome.kept as u64);
                 for (key, (entry, failure)) in &outcome.failed {
                     if failure.permanent {
                         leader.park(entry, &failure.error).await?;
@@ -544,20 +576,27 @@ impl KafkaRelay {
                 }
                 kafka.recover(&self.config);
             }
+        }
+    }
 
-            if last_lag_log.elapsed() >= self.config.lag_log_interval {
-                last_lag_log = Instant::now();
-                match outbox.lag().await {
-                    Ok(lag) => info!(
-                        pending = lag.pending,
-                        parked = lag.parked,
-                        oldest_age_ms = lag.oldest_age.map_or(0, |a| a.as_millis() as u64),
-                        published = self.state.published.load(Ordering::SeqCst),
-                        "relay lag"
-                    ),
-                    Err(err) => debug!(error = %err, "could not measure the relay lag"),
-                }
+    /// Logs the outbox lag and sets its gauges. A failed measurement leaves the gauges
+    /// as they were: the relay's own loop reports the database being down.
+    async fn measure_lag(&self, outbox: &PgOutbox) {
+        match outbox.lag().await {
+            Ok(lag) => {
+                metrics::gauge!(OUTBOX_DEPTH).set(lag.pending as f64);
+                metrics::gauge!(OUTBOX_OLDEST_AGE)
+                    .set(lag.oldest_age.map_or(0.0, |age| age.as_secs_f64()));
+                metrics::gauge!(PARKED_AGGREGATES).set(lag.parked as f64);
+                info!(
+                    pending = lag.pending,
+                    parked = lag.parked,
+                    oldest_age_ms = lag.oldest_age.map_or(0, |a| a.as_millis() as u64),
+                    published = self.state.published.load(Ordering::SeqCst),
+                    "relay lag"
+                );
             }
+            Err(err) => debug!(error = %err, "could not measure the relay lag"),
         }
     }
 
@@ -578,6 +617,18 @@ impl KafkaRelay {
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = waiter.wait_up_to(until_retry) => {}
+        }
+    }
+}
+
+/// Marks a relay stopped when its `run` ends, however it ends.
+struct Stopped<'a>(&'a RelayState);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+        if self.0.active.swap(false, Ordering::SeqCst) {
+            metrics::gauge!(IS_LEADER).set(0.0);
         }
     }
 }

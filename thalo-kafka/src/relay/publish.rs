@@ -90,6 +90,9 @@ pub(crate) struct Kafka {
     topics: HashSet<String>,
     /// Aggregate type -> topic.
     names: HashMap<String, String>,
+    /// Topic -> its `thalo_relay_published_total` counter, registered once per topic so
+    /// that counting a message costs a lookup, not a label allocation.
+    published: HashMap<String, metrics::Counter>,
 }
 
 impl Kafka {
@@ -109,6 +112,7 @@ impl Kafka {
             admin,
             topics: HashSet::new(),
             names: HashMap::new(),
+            published: HashMap::new(),
         })
     }
 
@@ -127,6 +131,17 @@ impl Kafka {
                 Err(err) => error!(error = %err, "cannot create a new producer; retrying later"),
             }
         }
+    }
+
+    /// Counts a message Kafka acknowledged, under its topic.
+    fn count_published(&mut self, topic: &str) {
+        if let Some(counter) = self.published.get(topic) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!("thalo_relay_published_total", "topic" => topic.to_owned());
+        counter.increment(1);
+        self.published.insert(topic.to_owned(), counter);
     }
 
     fn topic_of(&mut self, naming: &TopicNaming, aggregate_type: &str) -> String {
@@ -276,6 +291,7 @@ impl Kafka {
             }
             match results[i].take() {
                 Some(Ok(())) => {
+                    self.count_published(&topics[i]);
                     outcome.delivered.push(row.id);
                     outcome.succeeded.insert(key);
                 }
