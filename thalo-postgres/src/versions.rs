@@ -257,13 +257,7 @@ impl PgEventStore {
         version: u32,
         tables: &[ReadModelTable],
     ) -> Result<VersionState, Error> {
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(store("beginning a projection version transaction"))?;
-        lock(&mut tx, &self.inner.schema, projection).await?;
+        let mut tx = self.begin_locked(projection).await?;
         let state =
             insert_version(&mut tx, &self.inner.schema, projection, version, tables).await?;
         let state = if state == VersionState::Building
@@ -301,13 +295,7 @@ impl PgEventStore {
         version: u32,
         tables: &[ReadModelTable],
     ) -> Result<(), Error> {
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(store("beginning a projection promotion"))?;
-        lock(&mut tx, &self.inner.schema, projection).await?;
+        let mut tx = self.begin_locked(projection).await?;
         insert_version(&mut tx, &self.inner.schema, projection, version, tables).await?;
         promote_in(&mut tx, &self.inner.schema, projection, version, tables).await?;
         tx.commit()
@@ -326,33 +314,13 @@ impl PgEventStore {
     /// [`Error::Store`] when the database fails.
     pub async fn promote_registered(&self, projection: &str, version: u32) -> Result<(), Error> {
         let schema = &self.inner.schema;
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(store("beginning a projection promotion"))?;
-        lock(&mut tx, schema, projection).await?;
-        let row = sqlx::query(&format!(
-            "SELECT tables, views FROM {} WHERE projection = $1 AND version = $2",
-            schema.qualify("projection_versions")
-        ))
-        .bind(projection)
-        .bind(version_i32(version)?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store("reading a projection version"))?;
-        let Some(row) = row else {
+        let mut tx = self.begin_locked(projection).await?;
+        let Some((_, tables, views)) = registered(&mut tx, schema, projection, version).await?
+        else {
             return Err(Error::config(format!(
                 "projection `{projection}` has no version {version} in schema `{schema}`"
             )));
         };
-        let tables: Vec<String> = row
-            .try_get(0)
-            .map_err(store("decoding a projection version"))?;
-        let views: Vec<String> = row
-            .try_get(1)
-            .map_err(store("decoding a projection version"))?;
         let pairs: Vec<(String, String)> = views.into_iter().zip(tables).collect();
         promote_pairs(&mut tx, schema, projection, version, &pairs).await?;
         tx.commit()
@@ -372,13 +340,7 @@ impl PgEventStore {
         tables: &[ReadModelTable],
     ) -> Result<bool, Error> {
         let schema = &self.inner.schema;
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(store("beginning a projection promotion"))?;
-        lock(&mut tx, schema, projection).await?;
+        let mut tx = self.begin_locked(projection).await?;
         let state = insert_version(&mut tx, schema, projection, version, tables).await?;
         let live = live_in(&mut tx, schema, projection).await?;
         let newer = live.is_none_or(|live| i64::from(live) < i64::from(version));
@@ -401,32 +363,12 @@ impl PgEventStore {
     /// database fails.
     pub async fn drop_version(&self, projection: &str, version: u32) -> Result<bool, Error> {
         let schema = &self.inner.schema;
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(store("beginning to drop a projection version"))?;
-        lock(&mut tx, schema, projection).await?;
-        let row = sqlx::query(&format!(
-            "SELECT state, tables FROM {} WHERE projection = $1 AND version = $2",
-            schema.qualify("projection_versions")
-        ))
-        .bind(projection)
-        .bind(version_i32(version)?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store("reading a projection version"))?;
-        let Some(row) = row else {
+        let mut tx = self.begin_locked(projection).await?;
+        let Some((state, tables, _)) = registered(&mut tx, schema, projection, version).await?
+        else {
             return Ok(false);
         };
-        let state: String = row
-            .try_get(0)
-            .map_err(store("decoding a projection version"))?;
-        let tables: Vec<String> = row
-            .try_get(1)
-            .map_err(store("decoding a projection version"))?;
-        if VersionState::parse(&state)? == VersionState::Live {
+        if state == VersionState::Live {
             return Err(Error::config(format!(
                 "version {version} of projection `{projection}` is live: promote another \
                  version first"
@@ -468,6 +410,51 @@ impl PgEventStore {
             .map_err(store("committing a dropped projection version"))?;
         Ok(true)
     }
+}
+
+impl PgEventStore {
+    /// A transaction holding the lock on `projection`'s versions.
+    async fn begin_locked(
+        &self,
+        projection: &str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
+        let mut tx = self
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(store("beginning a projection version transaction"))?;
+        lock(&mut tx, &self.inner.schema, projection).await?;
+        Ok(tx)
+    }
+}
+
+/// The state, tables and views of a registered version.
+async fn registered(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    projection: &str,
+    version: u32,
+) -> Result<Option<(VersionState, Vec<String>, Vec<String>)>, Error> {
+    let row = sqlx::query(&format!(
+        "SELECT state, tables, views FROM {} WHERE projection = $1 AND version = $2",
+        schema.qualify("projection_versions")
+    ))
+    .bind(projection)
+    .bind(version_i32(version)?)
+    .fetch_optional(conn)
+    .await
+    .map_err(store("reading a projection version"))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let decode = |err| Error::store("decoding a projection version", err);
+    let state: String = row.try_get(0).map_err(decode)?;
+    Ok(Some((
+        VersionState::parse(&state)?,
+        row.try_get(1).map_err(decode)?,
+        row.try_get(2).map_err(decode)?,
+    )))
 }
 
 async fn lock(conn: &mut PgConnection, schema: &SchemaName, projection: &str) -> Result<(), Error> {
