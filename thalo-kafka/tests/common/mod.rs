@@ -287,6 +287,12 @@ impl PgProjection<AccountEvent> for Balances {
 /// arrived or `timeout` passed, then goes on until none arrives for a second (to pick
 /// up duplicates too).
 pub async fn read_topic(topic: &str, count: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    // A group subscribed to a topic that does not exist yet gets no partitions until its
+    // next metadata refresh (minutes), even once the relay has created it: create it
+    // first, as the relay would (an existing topic is success).
+    thalo_kafka::ensure_topics(&brokers(), &[topic.to_owned()], &topic_settings())
+        .await
+        .expect("create the topic to read");
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", random_name("reader"))
