@@ -242,13 +242,15 @@ pub fn decode_raw_message<M: Message>(message: &M) -> Result<EventEnvelope<RawEv
 }
 
 /// Decodes a message written by the relay into the envelope of an `E`, with
-/// [`Event::decode`] (so old schema versions are upcast).
+/// [`Event::decode_from`] and the message's aggregate type (so old schema versions are
+/// upcast, and an [`EventSet`](thalo::EventSet) picks the right aggregate).
 ///
 /// # Errors
 ///
 /// Returns [`Error::Serialization`] when a required header is missing or malformed or
-/// the payload does not match the event, and [`Error::UnknownEventType`] when `E` does
-/// not know the event type.
+/// the payload does not match the event, [`Error::UnknownEventType`] when `E` does
+/// not know the event type, and [`Error::UnknownAggregateType`] when `E` is an event set
+/// without the message's aggregate type.
 pub fn decode_message<E: Event, M: Message>(message: &M) -> Result<EventEnvelope<E>, Error> {
     decode_raw_message(message)?.decode()
 }

@@ -120,7 +120,7 @@ impl Inner {
                 }
                 continue;
             };
-            let event = A::Event::decode(event_type, row.event_version, row.payload)?;
+            let event = A::Event::decode_from(A::TYPE, event_type, row.event_version, row.payload)?;
             aggregate
                 .get_or_insert_with(|| A::new(id.clone()))
                 .apply(event);

@@ -108,14 +108,16 @@ fn metadata(row: &PgRow) -> Result<Metadata, Error> {
     serde_json::from_str(text).map_err(|e| Error::serialization("event metadata", e))
 }
 
-/// Decodes an envelope row, with `event` making the event from type, version and payload.
+/// Decodes an envelope row, with `event` making the event from aggregate type, event
+/// type, version and payload.
 fn envelope<E>(
     row: &PgRow,
-    event: impl FnOnce(&str, u16, &str) -> Result<E, Error>,
+    event: impl FnOnce(&str, &str, u16, &str) -> Result<E, Error>,
 ) -> Result<EventEnvelope<E>, Error> {
     let id: Uuid = get(row, col::EVENT_ID)?;
     let timestamp: DateTime<Utc> = get(row, col::CREATED_AT)?;
     let event = event(
+        get(row, col::AGGREGATE_TYPE)?,
         get(row, col::EVENT_TYPE)?,
         event_version(row, col::EVENT_VERSION)?,
         get(row, col::PAYLOAD)?,
@@ -134,12 +136,12 @@ fn envelope<E>(
 
 /// An envelope with the event decoded into `E`.
 pub(crate) fn decoded<E: Event>(row: &PgRow) -> Result<EventEnvelope<E>, Error> {
-    envelope(row, E::decode)
+    envelope(row, E::decode_from)
 }
 
 /// An envelope with the event kept encoded.
 pub(crate) fn raw(row: &PgRow) -> Result<EventEnvelope<RawEvent>, Error> {
-    envelope(row, |event_type, version, payload| {
+    envelope(row, |_, event_type, version, payload| {
         Ok(RawEvent {
             event_type: event_type.to_owned(),
             version,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thalo::__private::Backoff;
-use thalo::{Aggregate, Error, Event, EventEnvelope, EventStore, Shutdown};
+use thalo::{Aggregate, Error, Event, EventEnvelope, EventSet, EventStore, Shutdown};
 use tracing::{debug, info, warn};
 
 use crate::error::store;
@@ -14,14 +14,16 @@ use crate::{
     VersionState,
 };
 
-/// Feeds one aggregate type's events from a [`PgEventStore`] to a [`PgProjection`],
-/// with exactly-once effects, and follows new events as they are appended.
+/// Feeds the events of one aggregate type ([`new`](PgSubscription::new)), or of several
+/// ([`new_set`](PgSubscription::new_set)), from a [`PgEventStore`] to a
+/// [`PgProjection`], with exactly-once effects, and follows new events as they are
+/// appended.
 ///
 /// Each batch is one transaction: it takes a transaction-scoped advisory lock on the
 /// projection's name (so two runners of the same projection take turns instead of
 /// applying the same batch twice), reads the projection's checkpoint (the `checkpoints`
 /// table, named after the projection) and up to `batch_size` events of the global log
-/// after it, applies the events of the aggregate type with
+/// after it, applies the events of the aggregate types with
 /// [`PgEventStore::apply_exactly_once_in`], saves the checkpoint, and commits. A crash or
 /// an error anywhere rolls back the read-model changes and the checkpoint together, so
 /// the batch is applied again, once, on restart.
@@ -57,7 +59,8 @@ use crate::{
 pub struct PgSubscription<P, E> {
     store: PgEventStore,
     projection: P,
-    aggregate_type: &'static str,
+    /// The aggregate types whose events the projection gets.
+    aggregate_types: &'static [&'static str],
     batch_size: usize,
     idle_timeout: Duration,
     /// The versioned read model this subscription builds and promotes, if any.
@@ -84,10 +87,90 @@ where
 {
     /// A subscription feeding the events of aggregate `A` to `projection`.
     pub fn new<A: Aggregate<Event = E>>(store: PgEventStore, projection: P) -> Self {
+        Self::over(store, projection, const { &[A::TYPE] })
+    }
+
+    /// A subscription feeding the events of every aggregate type of the event set `E`
+    /// (see [`thalo::event_set!`]) to `projection`, in the store's global order, with
+    /// exactly-once effects: a multi-stream projection, whose read model may be keyed by
+    /// anything (an owner, a day), not only by one aggregate.
+    ///
+    /// Each batch is one transaction, as with [`new`](PgSubscription::new): the
+    /// projection's per-stream checkpoints (`stream_checkpoints`, one row per aggregate
+    /// of any of the types) and its one global checkpoint commit with the read-model
+    /// changes. `E` is usually inferred from the projection's `PgProjection<E>` impl;
+    /// name it with `PgSubscription::<_, OwnerEvent>::new_set(..)` otherwise.
+    ///
+    /// ```no_run
+    /// # use thalo::{Error, EventEnvelope};
+    /// # use thalo_postgres::{PgEventStore, PgProjection, PgSubscription};
+    /// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+    /// # pub struct Account { #[identity] id: String }
+    /// # #[thalo::commands] impl Account {
+    /// #     pub fn deposit(&self, owner: String, cents: i64) -> Result<DepositedEvent, Error> { Ok(DepositedEvent { owner, cents }) }
+    /// # }
+    /// # #[thalo::events] impl Account { pub fn deposited(&mut self, owner: String, cents: i64) { let _ = (owner, cents); } }
+    /// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+    /// # pub struct Card { #[identity] id: String }
+    /// # #[thalo::commands] impl Card {
+    /// #     pub fn charge(&self, owner: String, cents: i64) -> Result<ChargedEvent, Error> { Ok(ChargedEvent { owner, cents }) }
+    /// # }
+    /// # #[thalo::events] impl Card { pub fn charged(&mut self, owner: String, cents: i64) { let _ = (owner, cents); } }
+    /// thalo::event_set! {
+    ///     /// What the per-owner view reads.
+    ///     pub enum OwnerEvent {
+    ///         Account(Account),
+    ///         Card(Card),
+    ///     }
+    /// }
+    ///
+    /// struct PerOwner;
+    ///
+    /// impl PgProjection<OwnerEvent> for PerOwner {
+    ///     fn name(&self) -> &str {
+    ///         "per_owner"
+    ///     }
+    ///
+    ///     async fn handle(
+    ///         &self,
+    ///         tx: &mut sqlx::PgConnection,
+    ///         envelope: &EventEnvelope<OwnerEvent>,
+    ///     ) -> Result<(), Error> {
+    ///         let (owner, cents) = match &envelope.event {
+    ///             OwnerEvent::Account(AccountEvent::Deposited(e)) => (&e.owner, e.cents),
+    ///             OwnerEvent::Card(CardEvent::Charged(e)) => (&e.owner, -e.cents),
+    ///         };
+    ///         sqlx::query(
+    ///             "INSERT INTO per_owner (owner, cents) VALUES ($1, $2)
+    ///              ON CONFLICT (owner) DO UPDATE SET cents = per_owner.cents + EXCLUDED.cents",
+    ///         )
+    ///         .bind(owner)
+    ///         .bind(cents)
+    ///         .execute(tx)
+    ///         .await
+    ///         .map_err(|e| Error::store("updating per_owner", e))?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # async fn example(store: PgEventStore) -> Result<(), Error> {
+    /// let subscription = PgSubscription::new_set(store, PerOwner);
+    /// subscription.run(thalo::Shutdown::on_signal()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new_set(store: PgEventStore, projection: P) -> Self
+    where
+        E: EventSet,
+    {
+        Self::over(store, projection, E::aggregate_types())
+    }
+
+    fn over(store: PgEventStore, projection: P, aggregate_types: &'static [&'static str]) -> Self {
         PgSubscription {
             store,
             projection,
-            aggregate_type: A::TYPE,
+            aggregate_types,
             batch_size: 500,
             idle_timeout: Duration::from_secs(1),
             read_model: None,
@@ -162,7 +245,7 @@ where
     /// # Errors
     ///
     /// Returns the projection's error ([`Error::Handler`]), a decoding error for an event
-    /// of the aggregate type that cannot be decoded, or [`Error::Store`]. The failing
+    /// of the aggregate types that cannot be decoded, or [`Error::Store`]. The failing
     /// batch is rolled back; earlier batches stay committed.
     pub async fn catch_up(&self) -> Result<Applied, Error> {
         self.catch_up_from().await.map(|(applied, _)| applied)
@@ -281,7 +364,7 @@ where
         };
         let envelopes = batch
             .iter()
-            .filter(|e| e.aggregate_type == self.aggregate_type)
+            .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
             .map(EventEnvelope::decode)
             .collect::<Result<Vec<EventEnvelope<E>>, Error>>()?;
         let applied = self

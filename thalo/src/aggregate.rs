@@ -10,6 +10,11 @@ use crate::{CommandError, Error, Event};
 /// when the Rust type is renamed. `#[derive(Aggregate)]` uses the snake case of the struct
 /// name (`BankAccount` becomes `bank_account`); override it with
 /// `#[aggregate(name = "account")]`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an aggregate: it has no aggregate type name",
+    label = "not an aggregate",
+    note = "derive it (`#[derive(Aggregate)]` with `#[commands]` and `#[events]`) or implement `thalo::Aggregate` and `thalo::AggregateType`"
+)]
 pub trait AggregateType {
     /// The stable type name, e.g. `bank_account`.
     const TYPE: &'static str;
@@ -104,6 +109,11 @@ pub trait AggregateType {
 /// assert_eq!(counter.value, 5);
 /// assert_eq!(counter.handle(0).unwrap_err().code(), Some("ZERO_INCREMENT"));
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an aggregate",
+    label = "not an aggregate",
+    note = "derive it (`#[derive(Aggregate)]` with `#[commands]` and `#[events]`) or implement `thalo::Aggregate`"
+)]
 pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
     /// The identity of one aggregate instance (`String`, `Uuid`, an integer, a newtype).
     ///

@@ -239,7 +239,10 @@ impl RawEvent {
         })
     }
 
-    /// Decodes into `E`.
+    /// Decodes into `E` with [`Event::decode`], without an aggregate type. Prefer
+    /// [`EventEnvelope::decode`], which knows the aggregate type: an
+    /// [`EventSet`](crate::EventSet) needs it when event type names repeat across its
+    /// aggregates.
     ///
     /// # Errors
     ///
@@ -250,13 +253,22 @@ impl RawEvent {
 }
 
 impl EventEnvelope<RawEvent> {
-    /// Decodes the raw event into `E`, keeping the envelope.
+    /// Decodes the raw event into `E` with [`Event::decode_from`] and the envelope's
+    /// aggregate type (so an [`EventSet`](crate::EventSet) picks the right aggregate),
+    /// keeping the envelope.
     ///
     /// # Errors
     ///
-    /// Returns [`Error::UnknownEventType`] or [`Error::Serialization`].
+    /// Returns [`Error::UnknownEventType`] or [`Error::Serialization`], and
+    /// [`Error::UnknownAggregateType`] when `E` is an event set that does not hold the
+    /// aggregate type.
     pub fn decode<E: Event>(&self) -> Result<EventEnvelope<E>, Error> {
-        let event = self.event.decode()?;
+        let event = E::decode_from(
+            &self.aggregate_type,
+            &self.event.event_type,
+            self.event.version,
+            &self.event.payload,
+        )?;
         Ok(EventEnvelope {
             id: self.id,
             aggregate_type: self.aggregate_type.clone(),

@@ -78,6 +78,20 @@ pub enum Error {
         target: &'static str,
     },
 
+    /// An event of an aggregate type that the [`EventSet`](crate::EventSet) it was
+    /// decoded into does not hold, or (decoding without the aggregate type, with
+    /// [`Event::decode`](crate::Event::decode)) whose type name several aggregates of the
+    /// set share (then `aggregate_type` is empty).
+    #[error("{}", UnknownAggregateDisplay { aggregate_type, event_type, target })]
+    UnknownAggregateType {
+        /// The event's aggregate type (empty when it was not given).
+        aggregate_type: String,
+        /// The stored type name of the event.
+        event_type: String,
+        /// The Rust type that was asked to decode it.
+        target: &'static str,
+    },
+
     /// An event, command or snapshot could not be (de)serialized.
     #[error("could not (de)serialize {what}")]
     Serialization {
@@ -237,6 +251,31 @@ impl fmt::Display for InvariantDisplay<'_> {
         match self.message {
             Some(message) => write!(f, "invariant violated: {} ({message})", self.code),
             None => write!(f, "invariant violated: {}", self.code),
+        }
+    }
+}
+
+struct UnknownAggregateDisplay<'a> {
+    aggregate_type: &'a str,
+    event_type: &'a str,
+    target: &'a str,
+}
+
+impl fmt::Display for UnknownAggregateDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (aggregate_type, event_type, target) =
+            (self.aggregate_type, self.event_type, self.target);
+        if aggregate_type.is_empty() {
+            write!(
+                f,
+                "event type `{event_type}` is known to several aggregates of {target}: \
+                 decode it with its aggregate type (`Event::decode_from`)"
+            )
+        } else {
+            write!(
+                f,
+                "aggregate type `{aggregate_type}` (event `{event_type}`) is not in {target}"
+            )
         }
     }
 }

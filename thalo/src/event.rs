@@ -38,6 +38,53 @@ pub trait Event: Clone + Debug + Send + Sync + 'static {
     /// and [`Error::Serialization`] for a payload that does not match.
     fn decode(event_type: &str, version: u16, payload: &str) -> Result<Self, Error>;
 
+    /// Deserializes a payload stored as `event_type` at schema `version` by an aggregate
+    /// of type `aggregate_type`.
+    ///
+    /// Every decoding site that knows the aggregate type calls this method (stores,
+    /// subscriptions, Kafka consumers, re-drives). The default ignores the aggregate
+    /// type and calls [`Event::decode`], which is right for one aggregate's events.
+    /// Enums that gather the events of several aggregates ([`EventSet`], usually made
+    /// with [`event_set!`](crate::event_set)) override it to pick the aggregate first,
+    /// because type names can repeat across aggregates (`Opened`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Event::decode`]; an event set returns [`Error::UnknownAggregateType`] for an
+    /// aggregate type that is not in the set.
+    fn decode_from(
+        aggregate_type: &str,
+        event_type: &str,
+        version: u16,
+        payload: &str,
+    ) -> Result<Self, Error> {
+        let _ = aggregate_type;
+        Self::decode(event_type, version, payload)
+    }
+
     /// Every type name [`Event::decode`] accepts.
+    ///
+    /// For an [`EventSet`] it is the union of its aggregates' names (each once), which
+    /// alone do not say which aggregate an event came from: see
+    /// [`EventSet::aggregate_types`].
     fn event_types() -> &'static [&'static str];
+}
+
+/// An event enum that gathers the events of several aggregate types, for projections
+/// and handlers that read more than one aggregate type ("multi-stream projections").
+///
+/// Usually generated with [`event_set!`](crate::event_set): one variant per aggregate,
+/// holding that aggregate's event enum. Subscriptions read the events of
+/// [`aggregate_types`](EventSet::aggregate_types) from the global log and decode each
+/// with [`Event::decode_from`], which picks the variant by the envelope's aggregate
+/// type: `thalo::Subscription::new_set`, `thalo_postgres::PgSubscription::new_set`
+/// and `thalo_kafka::KafkaConsumer::subscribe_set`.
+///
+/// Implementing it by hand, override [`Event::decode_from`] to dispatch on the aggregate
+/// type (its default ignores it), and return [`Error::UnknownAggregateType`] for a type
+/// that is not in the set.
+pub trait EventSet: Event {
+    /// The [aggregate type names](crate::AggregateType::TYPE) whose events this set
+    /// holds, in variant order, each once.
+    fn aggregate_types() -> &'static [&'static str];
 }

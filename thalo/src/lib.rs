@@ -84,6 +84,9 @@
 //!   (idempotency key), so a client or a process manager may retry safely.
 //! - [`EventHandler`], [`Projection`] and [`Subscription`]: the read side, in process;
 //!   `thalo-kafka` runs the same handlers from Kafka.
+//! - [`EventSet`] and [`event_set!`]: one event enum over several aggregate types, for
+//!   views across aggregates (multi-stream projections); [`Subscription::new_set`]
+//!   feeds it in the store's global order.
 //!
 //! ## Consistency
 //!
@@ -192,6 +195,7 @@ mod command;
 mod envelope;
 mod error;
 mod event;
+mod event_set;
 mod handler;
 mod instruments;
 mod memory;
@@ -212,7 +216,7 @@ pub use command::{
 };
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
 pub use error::{BoxError, CommandError, Error, Result};
-pub use event::Event;
+pub use event::{Event, EventSet};
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;
 pub use repository::Repository;

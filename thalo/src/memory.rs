@@ -234,7 +234,13 @@ impl EventStore for InMemoryEventStore {
         let mut aggregate = A::new(id.clone());
         let mut version = 0;
         for envelope in self.stream_events::<A>(id, 0) {
-            aggregate.apply(envelope.event.decode::<A::Event>()?);
+            let raw = &envelope.event;
+            aggregate.apply(<A::Event as crate::Event>::decode_from(
+                A::TYPE,
+                &raw.event_type,
+                raw.version,
+                &raw.payload,
+            )?);
             version = envelope.sequence;
         }
         Ok(Loaded { aggregate, version })

@@ -89,6 +89,84 @@ pub fn unknown_event_type(event_type: &str, version: u16, target: &'static str) 
     }
 }
 
+/// The error for an aggregate type an event set does not hold.
+pub fn unknown_aggregate_type(
+    aggregate_type: &str,
+    event_type: &str,
+    target: &'static str,
+) -> Error {
+    Error::UnknownAggregateType {
+        aggregate_type: aggregate_type.to_owned(),
+        event_type: event_type.to_owned(),
+        target,
+    }
+}
+
+/// The aggregate type of the one aggregate of an event set whose events know
+/// `event_type`: what `Event::decode` (which has no aggregate type) needs.
+///
+/// # Errors
+///
+/// [`Error::UnknownEventType`] when no aggregate knows the name,
+/// [`Error::UnknownAggregateType`] (with an empty aggregate type) when several do.
+pub fn only_aggregate_with(
+    event_type: &str,
+    version: u16,
+    target: &'static str,
+    aggregates: &[(&'static str, &'static [&'static str])],
+) -> Result<&'static str, Error> {
+    let mut knowing = aggregates
+        .iter()
+        .filter(|(_, names)| names.contains(&event_type));
+    match (knowing.next(), knowing.next()) {
+        (Some((aggregate_type, _)), None) => Ok(aggregate_type),
+        (None, _) => Err(unknown_event_type(event_type, version, target)),
+        (Some(_), Some(_)) => Err(unknown_aggregate_type("", event_type, target)),
+    }
+}
+
+/// The event type names of an event set: each aggregate's, in order, each name once.
+pub fn union_event_types(per_aggregate: &[&'static [&'static str]]) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for name in per_aggregate.iter().flat_map(|names| names.iter()) {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Fails the build (a const panic) when two aggregates of an event set share a type
+/// name.
+pub const fn assert_distinct_aggregate_types(types: &[&str]) {
+    let mut i = 0;
+    while i < types.len() {
+        let mut j = i + 1;
+        while j < types.len() {
+            if str_eq(types[i], types[j]) {
+                panic!("`event_set!`: two variants hold aggregates with the same type name (`AggregateType::TYPE`); events of one could not be told from the other's");
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Serializes an aggregate snapshot.
 pub fn encode_snapshot<T: serde::Serialize>(
     aggregate_type: &str,

@@ -6,10 +6,12 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::{
-    instruments, Aggregate, CheckpointStore, Error, Event, EventStore, Projection, Shutdown,
+    instruments, Aggregate, CheckpointStore, Error, Event, EventSet, EventStore, Projection,
+    Shutdown,
 };
 
-/// Feeds one aggregate type's events from a store to a [`Projection`], from the
+/// Feeds the events of one aggregate type ([`new`](Subscription::new)), or of several
+/// ([`new_set`](Subscription::new_set)), from a store to a [`Projection`], from the
 /// projection's checkpoint on, and follows new events as they are stored.
 ///
 /// This is the embedded read side: with it an application is a complete CQRS loop with
@@ -74,7 +76,8 @@ use crate::{
 pub struct Subscription<S, P, E> {
     store: S,
     projection: P,
-    aggregate_type: &'static str,
+    /// The aggregate types whose events the projection gets.
+    aggregate_types: &'static [&'static str],
     batch_size: usize,
     idle_timeout: Duration,
     _event: PhantomData<fn() -> E>,
@@ -88,10 +91,29 @@ where
 {
     /// A subscription feeding the events of aggregate `A` to `projection`.
     pub fn new<A: Aggregate<Event = E>>(store: S, projection: P) -> Self {
+        Self::over(store, projection, const { &[A::TYPE] })
+    }
+
+    /// A subscription feeding the events of every aggregate type of the event set `E`
+    /// (see [`event_set!`](crate::event_set)) to `projection`, in the store's global
+    /// order: a multi-stream projection. Each event is decoded into `E` by its
+    /// aggregate type ([`Event::decode_from`]).
+    ///
+    /// `E` is usually inferred from the projection's `Projection<E>` impl; name it with
+    /// `Subscription::<_, _, OwnerEvent>::new_set(..)` when the projection implements
+    /// several. See [`event_set!`](crate::event_set) for an example.
+    pub fn new_set(store: S, projection: P) -> Self
+    where
+        E: EventSet,
+    {
+        Self::over(store, projection, E::aggregate_types())
+    }
+
+    fn over(store: S, projection: P, aggregate_types: &'static [&'static str]) -> Self {
         Subscription {
             store,
             projection,
-            aggregate_type: A::TYPE,
+            aggregate_types,
             batch_size: 500,
             idle_timeout: Duration::from_secs(1),
             _event: PhantomData,
@@ -123,7 +145,7 @@ where
     /// # Errors
     ///
     /// Returns the first error of the store, of the projection ([`Error::Handler`]), or
-    /// of decoding an event of the aggregate type ([`Error::UnknownEventType`],
+    /// of decoding an event of the aggregate types ([`Error::UnknownEventType`],
     /// [`Error::Serialization`]). Events handled before it stay handled: the checkpoint
     /// is saved at the last of them before the error is returned, so the next catch-up
     /// starts at the failing event and hands no event to the projection twice.
@@ -140,7 +162,7 @@ where
             let mut result = Ok(());
             for raw in batch
                 .iter()
-                .filter(|e| e.aggregate_type == self.aggregate_type)
+                .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
             {
                 // A payload that does not decode stops the batch like a failing handler:
                 // the events before it were handled and must be checkpointed, or they

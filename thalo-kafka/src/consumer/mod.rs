@@ -65,7 +65,9 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use thalo::{AggregateType, Error, Event, EventEnvelope, EventHandler, RawEvent, Shutdown};
+use thalo::{
+    AggregateType, Error, Event, EventEnvelope, EventHandler, EventSet, RawEvent, Shutdown,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -283,6 +285,76 @@ impl KafkaConsumer {
         self
     }
 
+    /// Subscribes to the topics of every aggregate type of the event set `M` (see
+    /// [`thalo::event_set!`]), for a handler or projection of `M`: a multi-stream
+    /// projection fed from Kafka.
+    ///
+    /// Each message is decoded into `M` by its aggregate-type header
+    /// ([`Event::decode_from`]), so event type names may
+    /// repeat across the set's aggregates. Order holds per aggregate (all of an
+    /// aggregate's events share a partition of its type's topic), not across
+    /// aggregates or topics: a view that needs the store's global order across
+    /// aggregates runs in process (`thalo_postgres::PgSubscription::new_set`).
+    /// [`run_projection`](KafkaConsumer::run_projection) gives exactly-once effects as
+    /// with one aggregate type: per-stream checkpoints, whatever the stream's type. A
+    /// message of an aggregate type outside the set (a topic shared with other types)
+    /// cannot be decoded, and is parked and dead-lettered like any undecodable message.
+    ///
+    /// ```no_run
+    /// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+    /// # pub struct Account { #[identity] id: String }
+    /// # #[thalo::commands] impl Account {
+    /// #     pub fn open(&self, owner: String) -> Result<OpenedEvent, Error> { Ok(OpenedEvent { owner }) }
+    /// # }
+    /// # #[thalo::events] impl Account { pub fn opened(&mut self, owner: String) { let _ = owner; } }
+    /// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+    /// # pub struct Card { #[identity] id: String }
+    /// # #[thalo::commands] impl Card {
+    /// #     pub fn issue(&self, owner: String) -> Result<IssuedEvent, Error> { Ok(IssuedEvent { owner }) }
+    /// # }
+    /// # #[thalo::events] impl Card { pub fn issued(&mut self, owner: String) { let _ = owner; } }
+    /// use thalo::{Error, EventEnvelope, EventHandler};
+    /// use thalo_kafka::KafkaConsumer;
+    ///
+    /// thalo::event_set! {
+    ///     /// What the welcome mailer reads.
+    ///     pub enum OwnerEvent {
+    ///         Account(Account),
+    ///         Card(Card),
+    ///     }
+    /// }
+    ///
+    /// struct Welcome;
+    ///
+    /// impl EventHandler<OwnerEvent> for Welcome {
+    ///     async fn handle(&self, envelope: &EventEnvelope<OwnerEvent>) -> Result<(), Error> {
+    ///         match &envelope.event {
+    ///             OwnerEvent::Account(AccountEvent::Opened(e)) => println!("welcome, {}", e.owner),
+    ///             OwnerEvent::Card(CardEvent::Issued(e)) => println!("your card, {}", e.owner),
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # async fn example() -> Result<(), Error> {
+    /// // Topics `account` and `card` (with the default topic naming).
+    /// KafkaConsumer::new("127.0.0.1:9092", "welcome")
+    ///     .subscribe_set::<OwnerEvent>()
+    ///     .run(Welcome, thalo::Shutdown::on_signal())
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn subscribe_set<M: EventSet>(mut self) -> Self {
+        self.topics.extend(
+            M::aggregate_types()
+                .iter()
+                .map(|aggregate_type| TopicSource::Aggregate(aggregate_type)),
+        );
+        self
+    }
+
     /// Subscribes to `topic`.
     #[must_use]
     pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
@@ -366,15 +438,21 @@ impl KafkaConsumer {
         &self.group_id
     }
 
-    /// The topics this consumer subscribes to.
+    /// The topics this consumer subscribes to, each once (a custom
+    /// [topic naming](KafkaConsumer::with_topic_naming) may put several aggregate types
+    /// in one topic).
     pub fn topics(&self) -> Vec<String> {
-        self.topics
-            .iter()
-            .map(|t| match t {
+        let mut topics: Vec<String> = Vec::with_capacity(self.topics.len());
+        for source in &self.topics {
+            let topic = match source {
                 TopicSource::Topic(topic) => topic.clone(),
                 TopicSource::Aggregate(aggregate_type) => self.naming.topic(aggregate_type),
-            })
-            .collect()
+            };
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
+        topics
     }
 
     /// The dead-letter topic of `topic`.
