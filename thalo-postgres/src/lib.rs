@@ -69,8 +69,10 @@
 //! parked), and for the pipeline's edges `outbox_leader` (the relay leader's epoch),
 //! `outbox_parked` (aggregates the relay holds back), `consumer_parked` (streams a
 //! consumer holds back) and `parking_log` (every park, retry, re-drive and skip); for
-//! idempotent commands `commands`; and `projection_versions` (which version of each
-//! projection is live). Parking
+//! idempotent commands `commands`; `projection_versions` (which version of each
+//! projection is live); and for process managers ([`PgProcessManager`])
+//! `process_states` (each instance's JSON state, and whether it completed) and
+//! `process_timers` (pending timers, a row each). Parking
 //! is two tables rather than one because the relay parks an aggregate for everyone and
 //! a consumer parks a stream for itself. The SQL is in `migrations/`; sqlx's
 //! `_sqlx_migrations` lives in the same schema.
@@ -194,6 +196,17 @@
 //! `migrations/0002_edges.sql`). [`PgEventStoreBuilder::max_event_bytes`] refuses, at
 //! append time, events too large for the broker to carry.
 //!
+//! ## Process managers and durable timers
+//!
+//! [`PgProcessManager`] runs a [`thalo::ProcessManager`] over the global log: for each
+//! event, the instance's saved state, `react`, the commands through a
+//! [`Repository`](thalo::Repository) under keys derived from the event, then the new
+//! state, the timer changes and the checkpoint in one transaction. A crash before that
+//! commit replays the event with the same keys, so each command is applied once. Timers
+//! are rows of `process_timers`: they survive restarts, fire once (firing is serialized
+//! per process manager by an advisory lock, and its commands are keyed by the timer's
+//! id), and a cancelled timer's row is gone (`tests/process.rs`).
+//!
 //! ## Moving a store to another cluster
 //!
 //! Each event row records the id of the transaction that wrote it, which orders
@@ -233,6 +246,7 @@ mod load;
 mod notify;
 mod outbox;
 mod parking;
+mod process;
 mod projection;
 mod rebase;
 mod row;
@@ -251,6 +265,7 @@ pub use outbox::{
     PgOutbox, SkippedEvent,
 };
 pub use parking::{ParkedStream, Redriven};
+pub use process::{PgProcessManager, ProcessInstance};
 pub use projection::{Applied, PgProjection};
 pub use schema::{SchemaName, SchemaNameError};
 pub use snapshot::SnapshotPolicy;

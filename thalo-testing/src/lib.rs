@@ -2,6 +2,10 @@
 //!
 //! - [`AggregateTest`]: given past events, when a command, then expect events, an error
 //!   code or a state. Failures print a diff of expected and actual events.
+//! - [`ProcessManagerTest`]: given past events of a process manager instance, when an
+//!   event or a timer, then expect commands (by their text), timers, completion or a
+//!   state; a command's rejection is declared with
+//!   [`rejecting`](ProcessManagerTest::rejecting).
 //! - [`conformance`]: the behavioural suite every [`EventStore`](thalo::EventStore)
 //!   implementation must pass, run against the in-memory store here and against
 //!   Postgres in `thalo-postgres`.
@@ -57,9 +61,11 @@
 
 mod aggregate_test;
 pub mod conformance;
+mod process_test;
 #[cfg(feature = "proptest")]
 mod total;
 
 pub use aggregate_test::{AggregateTest, Outcome};
+pub use process_test::{ProcessManagerTest, ProcessOutcome};
 #[cfg(feature = "proptest")]
 pub use total::assert_apply_is_total;

@@ -87,6 +87,13 @@
 //! - [`EventSet`] and [`event_set!`]: one event enum over several aggregate types, for
 //!   views across aggregates (multi-stream projections); [`Subscription::new_set`]
 //!   feeds it in the store's global order.
+//! - [`ProcessManager`], [`Action`] and [`ProcessRunner`]: process managers (sagas)
+//!   that react to the events of several aggregates with commands, executed exactly
+//!   once under keys derived from the causing event, and timers; in memory here,
+//!   durably with `thalo_postgres::PgProcessManager`, tested with
+//!   `thalo_testing::ProcessManagerTest`. Their `react` must be deterministic: a crash
+//!   before the state is saved replays the event, and the same commands under the same
+//!   keys are replayed by the store, not executed again.
 //!
 //! ## Consistency
 //!
@@ -199,6 +206,8 @@ mod event_set;
 mod handler;
 mod instruments;
 mod memory;
+mod process;
+mod process_runner;
 mod repository;
 mod shutdown;
 mod store;
@@ -219,6 +228,8 @@ pub use error::{BoxError, CommandError, Error, Result};
 pub use event::{Event, EventSet};
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;
+pub use process::{Action, Command, ProcessManager};
+pub use process_runner::ProcessRunner;
 pub use repository::Repository;
 pub use shutdown::Shutdown;
 pub use store::{CheckpointStore, Decided, EventStore, Loaded};

@@ -10,6 +10,11 @@ pub use crate::subscription::Backoff;
 /// The projection gauges, shared with `thalo-postgres`'s `PgSubscription`.
 pub use crate::instruments::projection_progress;
 
+/// What process-manager runners share with `thalo-postgres`.
+pub use crate::process::{
+    command_key, execute_actions, handler_error, Effects, TimerChange, MAX_REJECTION_ROUNDS,
+};
+
 use crate::Error;
 
 /// Converts what a command method returns into the aggregate's list of events.

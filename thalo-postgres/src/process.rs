@@ -1,0 +1,709 @@
+//! The durable runner of a process manager: states, timers and checkpoint in Postgres.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, Row};
+use thalo::__private::{execute_actions, handler_error, Backoff, Effects, TimerChange};
+use thalo::{Error, EventEnvelope, EventSet as _, ProcessManager, Repository, Shutdown};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::error::store;
+use crate::{checkpoint, global, sql, PgEventStore, SchemaName};
+
+/// The statements of the process-manager tables of one schema.
+#[derive(Debug)]
+struct ProcessSql {
+    lock_key_prefix: String,
+    load_state: String,
+    save_state: String,
+    set_timer: String,
+    cancel_timer: String,
+    cancel_all_timers: String,
+    delete_timer: String,
+    due_timers: String,
+    next_due: String,
+    pending_timers: String,
+}
+
+impl ProcessSql {
+    fn new(schema: &SchemaName) -> Self {
+        let states = schema.qualify("process_states");
+        let timers = schema.qualify("process_timers");
+        ProcessSql {
+            lock_key_prefix: format!("thalo:process:{schema}:"),
+            load_state: format!(
+                "SELECT state, completed FROM {states} WHERE process_manager = $1 AND instance = $2"
+            ),
+            save_state: format!(
+                "INSERT INTO {states} (process_manager, instance, state, completed, updated_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (process_manager, instance) DO UPDATE
+SET state = EXCLUDED.state, completed = EXCLUDED.completed, updated_at = EXCLUDED.updated_at"
+            ),
+            // Due from the statement's clock, not the transaction's start: the commands
+            // before it may have taken a while.
+            set_timer: format!(
+                "INSERT INTO {timers} (id, process_manager, instance, name, due_at)
+VALUES ($1, $2, $3, $4, clock_timestamp() + make_interval(secs => $5))
+ON CONFLICT (process_manager, instance, name) DO UPDATE
+SET id = EXCLUDED.id, due_at = EXCLUDED.due_at, created_at = now()"
+            ),
+            cancel_timer: format!(
+                "DELETE FROM {timers} WHERE process_manager = $1 AND instance = $2 AND name = $3"
+            ),
+            cancel_all_timers: format!(
+                "DELETE FROM {timers} WHERE process_manager = $1 AND instance = $2"
+            ),
+            delete_timer: format!("DELETE FROM {timers} WHERE id = $1"),
+            due_timers: format!(
+                "SELECT id, instance, name FROM {timers}
+WHERE process_manager = $1 AND due_at <= clock_timestamp()
+ORDER BY due_at, id LIMIT $2"
+            ),
+            next_due: format!(
+                "SELECT EXTRACT(EPOCH FROM (min(due_at) - clock_timestamp()))::float8
+FROM {timers} WHERE process_manager = $1"
+            ),
+            pending_timers: format!(
+                "SELECT name FROM {timers} WHERE process_manager = $1 AND instance = $2 ORDER BY name"
+            ),
+        }
+    }
+}
+
+/// A process manager instance as stored: its state, and whether it completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessInstance<T> {
+    /// The state.
+    pub state: T,
+    /// Whether the instance completed (it ignores later events and has no timers).
+    pub completed: bool,
+}
+
+/// What one batch of events read, before its commit.
+enum Batch<T> {
+    /// No event after the checkpoint.
+    Empty { position: u64 },
+    /// Events read and handled; the states to write.
+    Handled {
+        read: usize,
+        handled: u64,
+        position: u64,
+        states: States<T>,
+    },
+}
+
+/// The states a batch loaded, by instance.
+type States<T> = HashMap<String, Loaded<T>>;
+
+/// An instance's state as loaded in a step, and what to write back.
+struct Loaded<T> {
+    instance: ProcessInstance<T>,
+    dirty: bool,
+}
+
+/// Runs a [`ProcessManager`] durably over a [`PgEventStore`]: feeds it the events of its
+/// event set's aggregate types in global order, executes its commands exactly once
+/// through a [`Repository`], keeps its instances' states in `process_states` and its
+/// timers in `process_timers`, and fires the timers when due, after restarts too.
+///
+/// # Exactly once, step by step
+///
+/// Each batch of events is one transaction that takes a transaction-scoped advisory lock
+/// on the process manager's name (several runners of one process manager take turns;
+/// the lock also serializes timers with events, so an instance's state is never updated
+/// by two of them at once), reads the checkpoint (the `checkpoints` row named after the
+/// process manager: do not give a projection the same name) and the events after it.
+/// For each event of a running instance it calls
+/// [`react`](ProcessManager::react) on the saved state and executes the commands, each
+/// under [`CommandId::caused_by`](thalo::CommandId::caused_by)`(event, step)`, in their
+/// own transactions. Only then does it write the new states, the timer changes and the
+/// checkpoint, and commit. A crash before that commit loses the states and the
+/// checkpoint, not the commands: the next runner reacts to the same events from the same
+/// states, gets the same commands under the same keys, and the store replays them
+/// instead of executing them again. The transaction writes nothing until the end, so it
+/// does not hold back the read horizon of other readers while commands run.
+///
+/// Firing timers works the same way: under the same lock, the due timers are read, each
+/// one's [`on_timer`](ProcessManager::on_timer) runs and its commands are executed under
+/// keys derived from the timer's id, and the state, the timer's deletion and the new
+/// timer changes commit together. A timer fires once, whichever runner and however many
+/// restarts; a cancelled timer's row is gone and never fires.
+///
+/// ```no_run
+/// # use thalo::{Action, Error, EventEnvelope, EventStore, ProcessManager};
+/// # use thalo_postgres::{PgEventStore, PgProcessManager};
+/// # #[derive(thalo::Aggregate, Clone, Debug, Default)]
+/// # pub struct Order { #[identity] id: String }
+/// # #[thalo::commands] impl Order { pub fn place(&self) -> Result<PlacedEvent, Error> { Ok(PlacedEvent {}) } }
+/// # #[thalo::events] impl Order { pub fn placed(&mut self) {} }
+/// # thalo::event_set! { /// Orders.
+/// # pub enum Orders { Order(Order) } }
+/// # struct Expiry;
+/// # impl ProcessManager for Expiry {
+/// #     type Event = Orders;
+/// #     type State = ();
+/// #     fn name(&self) -> &str { "expiry" }
+/// #     fn correlate(&self, e: &EventEnvelope<Orders>) -> Option<String> { Some(e.aggregate_id.clone()) }
+/// #     fn react<S: EventStore>(&self, _: &mut (), _: &EventEnvelope<Orders>) -> Result<Vec<Action<S>>, Error> { Ok(vec![]) }
+/// # }
+/// # async fn example(store: PgEventStore) -> Result<(), Error> {
+/// let runner = PgProcessManager::new(store, Expiry);
+/// runner.run(thalo::Shutdown::on_signal()).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct PgProcessManager<P> {
+    store: PgEventStore,
+    repository: Repository<PgEventStore>,
+    manager: P,
+    sql: ProcessSql,
+    aggregate_types: &'static [&'static str],
+    batch_size: usize,
+    idle_timeout: Duration,
+    /// Test hook: fail this many commits (after the commands ran).
+    fail_before_commit: Option<Arc<AtomicU32>>,
+}
+
+impl<P: ProcessManager> PgProcessManager<P> {
+    /// A runner of `manager` over `store`, whose commands go to `store` too.
+    pub fn new(store: PgEventStore, manager: P) -> Self {
+        let sql = ProcessSql::new(&store.inner.schema);
+        PgProcessManager {
+            repository: Repository::new(store.clone()),
+            store,
+            manager,
+            sql,
+            aggregate_types: P::Event::aggregate_types(),
+            batch_size: 100,
+            idle_timeout: Duration::from_secs(1),
+            fail_before_commit: None,
+        }
+    }
+
+    /// Executes the commands through `repository` (with its cache and attempts) instead
+    /// of a plain one over the store.
+    #[must_use]
+    pub fn with_repository(mut self, repository: Repository<PgEventStore>) -> Self {
+        self.repository = repository;
+        self
+    }
+
+    /// How many events (or due timers) to handle per transaction (default 100).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How long to wait for a notification before polling (default 1 s); due timers
+    /// are fired on time regardless.
+    #[must_use]
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Test hook: the next `failures` transactions fail just before their commit, after
+    /// their commands ran, as a crash would. Not a public API.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fail_before_commit(mut self, failures: Arc<AtomicU32>) -> Self {
+        self.fail_before_commit = Some(failures);
+        self
+    }
+
+    /// The process manager.
+    pub fn manager(&self) -> &P {
+        &self.manager
+    }
+
+    /// The stored instance `instance`, if it has seen an event.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`], or [`Error::Serialization`] for a state that does not decode.
+    pub async fn instance(
+        &self,
+        instance: &str,
+    ) -> Result<Option<ProcessInstance<P::State>>, Error> {
+        let mut conn = self.connection().await?;
+        self.load_state(&mut conn, instance).await
+    }
+
+    /// The names of `instance`'s pending timers, sorted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub async fn timers(&self, instance: &str) -> Result<Vec<String>, Error> {
+        let mut conn = self.connection().await?;
+        sqlx::query_scalar(&self.sql.pending_timers)
+            .bind(self.manager.name())
+            .bind(instance)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(store("reading process timers"))
+    }
+
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Error> {
+        self.store
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(store("acquiring a connection"))
+    }
+
+    async fn load_state(
+        &self,
+        conn: &mut PgConnection,
+        instance: &str,
+    ) -> Result<Option<ProcessInstance<P::State>>, Error> {
+        let row = sqlx::query(&self.sql.load_state)
+            .bind(self.manager.name())
+            .bind(instance)
+            .fetch_optional(conn)
+            .await
+            .map_err(store("loading a process state"))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let state: serde_json::Value = row
+            .try_get("state")
+            .map_err(store("reading a process state"))?;
+        let completed: bool = row
+            .try_get("completed")
+            .map_err(store("reading a process state"))?;
+        let state = serde_json::from_value(state).map_err(|e| {
+            Error::serialization(
+                format!(
+                    "state of process `{}` instance `{instance}`",
+                    self.manager.name()
+                ),
+                e,
+            )
+        })?;
+        Ok(Some(ProcessInstance { state, completed }))
+    }
+
+    async fn begin_locked(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
+        let mut tx = self
+            .store
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(store("beginning a process manager transaction"))?;
+        sqlx::query(sql::ADVISORY_XACT_LOCK)
+            .bind(format!(
+                "{}{}",
+                self.sql.lock_key_prefix,
+                self.manager.name()
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(store("locking the process manager"))?;
+        Ok(tx)
+    }
+
+    /// The state of `instance` for this step: from `states` or the table.
+    async fn state_for<'s>(
+        &self,
+        conn: &mut PgConnection,
+        states: &'s mut States<P::State>,
+        instance: &str,
+    ) -> Result<&'s mut Loaded<P::State>, Error> {
+        if !states.contains_key(instance) {
+            let loaded = self
+                .load_state(conn, instance)
+                .await?
+                .unwrap_or(ProcessInstance {
+                    state: P::State::default(),
+                    completed: false,
+                });
+            states.insert(
+                instance.to_owned(),
+                Loaded {
+                    instance: loaded,
+                    dirty: false,
+                },
+            );
+        }
+        states
+            .get_mut(instance)
+            .ok_or_else(|| Error::config("process state vanished from its cache"))
+    }
+
+    /// Writes the timer changes of `instance` in order.
+    async fn write_timers(
+        &self,
+        conn: &mut PgConnection,
+        instance: &str,
+        effects: &Effects,
+    ) -> Result<(), Error> {
+        let name = self.manager.name();
+        for change in &effects.timers {
+            match change {
+                TimerChange::Set { name: timer, after } => {
+                    sqlx::query(&self.sql.set_timer)
+                        .bind(Uuid::new_v4())
+                        .bind(name)
+                        .bind(instance)
+                        .bind(timer)
+                        .bind(after.as_secs_f64())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(store("setting a process timer"))?;
+                }
+                TimerChange::Cancel { name: timer } => {
+                    sqlx::query(&self.sql.cancel_timer)
+                        .bind(name)
+                        .bind(instance)
+                        .bind(timer)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(store("cancelling a process timer"))?;
+                }
+            }
+        }
+        if effects.completed {
+            sqlx::query(&self.sql.cancel_all_timers)
+                .bind(name)
+                .bind(instance)
+                .execute(&mut *conn)
+                .await
+                .map_err(store("cancelling a completed process's timers"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changed states, then checks the test hook and commits.
+    async fn finish(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        states: States<P::State>,
+    ) -> Result<(), Error> {
+        // Sorted, so that concurrent writers (there are none under the lock, but an
+        // operator may be) lock rows in one order.
+        let mut dirty: Vec<_> = states.into_iter().filter(|(_, s)| s.dirty).collect();
+        dirty.sort_by(|a, b| a.0.cmp(&b.0));
+        for (instance, loaded) in dirty {
+            let state = serde_json::to_value(&loaded.instance.state).map_err(|e| {
+                Error::serialization(format!("state of process `{}`", self.manager.name()), e)
+            })?;
+            sqlx::query(&self.sql.save_state)
+                .bind(self.manager.name())
+                .bind(&instance)
+                .bind(state)
+                .bind(loaded.instance.completed)
+                .execute(&mut *tx)
+                .await
+                .map_err(store("saving a process state"))?;
+        }
+        if let Some(failures) = &self.fail_before_commit {
+            if failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let _ = tx.rollback().await;
+                return Err(Error::store(
+                    "committing a process manager step",
+                    "injected failure before the commit",
+                ));
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(store("committing a process manager step"))
+    }
+
+    /// Handles one batch of events in one transaction: how many events were read, how
+    /// many handled, and the checkpoint after it.
+    async fn step(&self) -> Result<(usize, u64, u64), Error> {
+        let mut tx = self.begin_locked().await?;
+        match self.step_in(&mut tx).await {
+            Ok(Batch::Handled {
+                read,
+                handled,
+                position,
+                states,
+            }) => {
+                self.finish(tx, states).await?;
+                Ok((read, handled, position))
+            }
+            Ok(Batch::Empty { position }) => {
+                // End the transaction now rather than when `tx` is dropped: a dropped
+                // transaction's ROLLBACK waits for its connection's next use, and until
+                // then it holds the lock.
+                tx.rollback()
+                    .await
+                    .map_err(store("ending an empty process manager transaction"))?;
+                Ok((0, 0, position))
+            }
+            Err(err) => {
+                let _ = tx.rollback().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// [`step`](Self::step)'s work in `tx`, up to the commit.
+    async fn step_in(&self, tx: &mut PgConnection) -> Result<Batch<P::State>, Error> {
+        let inner = &self.store.inner;
+        let name = self.manager.name();
+        let position = checkpoint::load(tx, &inner.sql, name).await?.unwrap_or(0);
+        let batch = global::read_all(
+            tx,
+            &inner.sql,
+            position,
+            self.batch_size,
+            inner.horizon_wait,
+        )
+        .await?;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            return Ok(Batch::Empty { position });
+        };
+        let mut states = HashMap::new();
+        let mut timer_writes = Vec::new();
+        let mut handled = 0;
+        for raw in batch
+            .iter()
+            .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
+        {
+            let envelope: EventEnvelope<P::Event> = raw.decode()?;
+            let Some(instance) = self.manager.correlate(&envelope) else {
+                continue;
+            };
+            let loaded = self.state_for(tx, &mut states, &instance).await?;
+            if loaded.instance.completed {
+                continue;
+            }
+            let mut state = loaded.instance.state.clone();
+            let actions = self
+                .manager
+                .react::<PgEventStore>(&mut state, &envelope)
+                .map_err(|e| handler_error(name, e))?;
+            let effects = execute_actions(
+                &self.manager,
+                &self.repository,
+                &mut state,
+                envelope.id,
+                actions,
+            )
+            .await?;
+            loaded.instance.state = state;
+            loaded.instance.completed = effects.completed;
+            loaded.dirty = true;
+            timer_writes.push((instance, effects));
+            handled += 1;
+        }
+        // All writes at the end: until then the transaction has no transaction id and
+        // holds back no reader's horizon while the commands run.
+        for (instance, effects) in &timer_writes {
+            self.write_timers(tx, instance, effects).await?;
+        }
+        checkpoint::save(tx, &inner.sql, name, last).await?;
+        Ok(Batch::Handled {
+            read: batch.len(),
+            handled,
+            position: last,
+            states,
+        })
+    }
+
+    /// Handles every event appended so far that the process manager has not seen, and
+    /// returns how many it handed to the process manager.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] (also from a command), a decoding error, or the process
+    /// manager's ([`Error::Handler`]). The failing batch is rolled back, its commands
+    /// are replayed by the next attempt.
+    pub async fn catch_up(&self) -> Result<u64, Error> {
+        self.catch_up_from().await.map(|(handled, _)| handled)
+    }
+
+    async fn catch_up_from(&self) -> Result<(u64, u64), Error> {
+        let mut total = 0;
+        loop {
+            let (read, handled, position) = self.step().await?;
+            total += handled;
+            if read < self.batch_size {
+                return Ok((total, position));
+            }
+        }
+    }
+
+    /// Fires every timer that is due, in batches, and returns how many fired.
+    ///
+    /// # Errors
+    ///
+    /// As [`catch_up`](PgProcessManager::catch_up); the failing batch's timers stay due.
+    pub async fn fire_due_timers(&self) -> Result<u64, Error> {
+        let mut total = 0;
+        loop {
+            let fired = self.fire_batch().await?;
+            total += fired as u64;
+            if fired < self.batch_size {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn fire_batch(&self) -> Result<usize, Error> {
+        let mut tx = self.begin_locked().await?;
+        match self.fire_in(&mut tx).await {
+            Ok(Some((fired, states))) => {
+                self.finish(tx, states).await?;
+                debug!(process_manager = self.manager.name(), fired, "timers fired");
+                Ok(fired)
+            }
+            Ok(None) => {
+                tx.rollback()
+                    .await
+                    .map_err(store("ending an empty timer transaction"))?;
+                Ok(0)
+            }
+            Err(err) => {
+                let _ = tx.rollback().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// [`fire_batch`](Self::fire_batch)'s work in `tx`, up to the commit; `None` when no
+    /// timer was due.
+    async fn fire_in(
+        &self,
+        tx: &mut PgConnection,
+    ) -> Result<Option<(usize, States<P::State>)>, Error> {
+        let name = self.manager.name();
+        // No row locks: the advisory lock already makes firing exclusive per process
+        // manager, and a row lock would give the transaction an id while the commands
+        // run, holding back every reader's horizon.
+        let rows = sqlx::query(&self.sql.due_timers)
+            .bind(name)
+            .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store("reading due process timers"))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut due = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = row.try_get("id").map_err(store("reading a timer"))?;
+            let instance: String = row.try_get("instance").map_err(store("reading a timer"))?;
+            let timer: String = row.try_get("name").map_err(store("reading a timer"))?;
+            due.push((id, instance, timer));
+        }
+        let mut states = HashMap::new();
+        let mut writes = Vec::new();
+        for (id, instance, timer) in &due {
+            let loaded = self.state_for(tx, &mut states, instance).await?;
+            if loaded.instance.completed {
+                continue;
+            }
+            let mut state = loaded.instance.state.clone();
+            let actions = self
+                .manager
+                .on_timer::<PgEventStore>(&mut state, timer)
+                .map_err(|e| handler_error(name, e))?;
+            let effects =
+                execute_actions(&self.manager, &self.repository, &mut state, *id, actions).await?;
+            loaded.instance.state = state;
+            loaded.instance.completed = effects.completed;
+            loaded.dirty = true;
+            writes.push((instance, effects));
+        }
+        for (id, _, _) in &due {
+            sqlx::query(&self.sql.delete_timer)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(store("deleting a fired process timer"))?;
+        }
+        for (instance, effects) in &writes {
+            self.write_timers(tx, instance, effects).await?;
+        }
+        Ok(Some((due.len(), states)))
+    }
+
+    /// How long until the next timer is due (zero when one is), if there is one.
+    async fn next_due(&self) -> Result<Option<Duration>, Error> {
+        let mut conn = self.connection().await?;
+        let seconds: Option<f64> = sqlx::query_scalar(&self.sql.next_due)
+            .bind(self.manager.name())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(store("reading the next process timer"))?;
+        Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
+    }
+
+    /// One round: catch up, fire due timers; the checkpoint and the time to wait.
+    async fn round(&self) -> Result<(u64, Duration), Error> {
+        let (_, position) = self.catch_up_from().await?;
+        self.fire_due_timers().await?;
+        let wait = match self.next_due().await? {
+            Some(due) => due.min(self.idle_timeout),
+            None => self.idle_timeout,
+        };
+        Ok((position, wait))
+    }
+
+    /// Handles events and fires timers until `shutdown` is triggered, then returns the
+    /// process manager. A transaction in flight at shutdown is rolled back (and replayed
+    /// by the next run, its commands under the same keys).
+    ///
+    /// Store errors (also a command's), and commands that kept conflicting, are logged
+    /// and retried with exponential backoff, 100 ms doubling up to 30 s; the process
+    /// manager's own errors, decoding errors and a reused command key (a `react` that is
+    /// not deterministic) stop the runner.
+    ///
+    /// # Errors
+    ///
+    /// The process manager's error ([`Error::Handler`]) or a decoding error.
+    pub async fn run(self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
+        let shutdown = shutdown.into();
+        let mut backoff = Backoff::new(self.idle_timeout);
+        loop {
+            let round = tokio::select! {
+                () = shutdown.triggered() => return Ok(self.manager),
+                round = self.round() => round,
+            };
+            let (position, wait) = match round {
+                Ok(next) => {
+                    backoff.reset();
+                    next
+                }
+                // A command that kept conflicting is retried like a store error.
+                Err(err) if matches!(err, Error::Store { .. }) || err.is_conflict() => {
+                    let delay = backoff.next_delay();
+                    warn!(
+                        process_manager = self.manager.name(),
+                        error = %err,
+                        retry_in = ?delay,
+                        "process manager failed, retrying"
+                    );
+                    tokio::select! {
+                        () = shutdown.triggered() => return Ok(self.manager),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            tokio::select! {
+                () = shutdown.triggered() => return Ok(self.manager),
+                () = thalo::EventStore::wait_for_events(&self.store, position, wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Process managers on Postgres: `PgProcessManager` executes each command exactly once
+//! across crashes before its commit, fires durable timers once (after a restart, with two
+//! runners at once), never fires a cancelled timer, and drives many instances to the end.
+
+mod common;
+mod transfer;
+
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thalo::{CheckpointStore, Event, EventStore, Repository};
+use thalo_postgres::{PgEventStore, PgProcessManager};
+use transfer::*;
+
+fn runner(store: &PgEventStore, timeout: Duration) -> PgProcessManager<Transfers> {
+    PgProcessManager::new(store.clone(), Transfers { timeout })
+        .with_idle_timeout(Duration::from_millis(50))
+}
+
+async fn open(repo: &Repository<PgEventStore>, wallet: &str, cents: i64) {
+    repo.execute::<Wallet>(&wallet.to_owned(), WalletCommand::Open { cents })
+        .await
+        .unwrap();
+}
+
+async fn start(repo: &Repository<PgEventStore>, id: &str, from: &str, to: &str, approval: bool) {
+    repo.execute::<Transfer>(
+        &id.to_owned(),
+        TransferCommand::Start {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            cents: 30,
+            approval,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn wallet_events(store: &PgEventStore, wallet: &str) -> Vec<&'static str> {
+    store
+        .read_stream::<Wallet>(&wallet.to_owned(), 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event.event_type())
+        .collect()
+}
+
+async fn transfer_events(store: &PgEventStore, id: &str) -> Vec<&'static str> {
+    store
+        .read_stream::<Transfer>(&id.to_owned(), 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event.event_type())
+        .collect()
+}
+
+/// Catches up until `instance` completed (its last events are appended by its own
+/// commands, so several catch-ups are needed).
+async fn until_completed(runner: &PgProcessManager<Transfers>, instance: &str) {
+    for _ in 0..20 {
+        runner.catch_up().await.unwrap();
+        if runner
+            .instance(instance)
+            .await
+            .unwrap()
+            .is_some_and(|i| i.completed)
+        {
+            return;
+        }
+    }
+    panic!("{instance} did not complete");
+}
+
+#[tokio::test]
+async fn commands_are_executed_once_across_crashes_before_the_commit() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    start(&repo, "t-1", "alice", "bob", false).await;
+
+    // Each of the first three transactions fails after its commands ran, as if the
+    // process died before the commit: every event is reacted to again, from the same
+    // state, and its commands are replayed by key.
+    let failures = Arc::new(AtomicU32::new(3));
+    let crashing = runner(&db.store, Duration::from_secs(60)).fail_before_commit(failures.clone());
+    let mut crashed = 0;
+    for _ in 0..3 {
+        match crashing.catch_up().await {
+            Err(err @ thalo::Error::Store { .. }) => {
+                assert!(err.to_string().contains("committing"), "{err}");
+                crashed += 1;
+            }
+            other => panic!("expected the injected failure, got {other:?}"),
+        }
+    }
+    assert_eq!(crashed, 3);
+    assert_eq!(
+        db.store.load_checkpoint("transfers").await.unwrap(),
+        None,
+        "nothing committed"
+    );
+    assert!(crashing.instance("t-1").await.unwrap().is_none());
+
+    // A fresh runner finishes the job.
+    let fresh = runner(&db.store, Duration::from_secs(60));
+    until_completed(&fresh, "t-1").await;
+
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn"]
+    );
+    assert_eq!(
+        wallet_events(&db.store, "bob").await,
+        ["Opened", "Deposited"]
+    );
+    assert_eq!(
+        transfer_events(&db.store, "t-1").await,
+        ["Started", "Completed"]
+    );
+    let instance = fresh.instance("t-1").await.unwrap().unwrap();
+    assert!(instance.completed);
+    assert!(instance.state.withdrawn && instance.state.depositing);
+    assert!(fresh.timers("t-1").await.unwrap().is_empty());
+    let last = db
+        .store
+        .read_all(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .map(|e| e.position);
+    assert_eq!(db.store.load_checkpoint("transfers").await.unwrap(), last);
+}
+
+#[tokio::test]
+async fn a_timer_fires_once_after_a_restart_even_with_two_runners() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    // Needs an approval that never comes: the timeout refunds it.
+    start(&repo, "slow", "alice", "bob", true).await;
+
+    let timeout = Duration::from_millis(200);
+    {
+        let first = runner(&db.store, timeout);
+        first.catch_up().await.unwrap();
+        first.catch_up().await.unwrap(); // sees the withdrawal
+        assert_eq!(first.timers("slow").await.unwrap(), ["timeout"]);
+        assert_eq!(first.fire_due_timers().await.unwrap(), 0, "not due yet");
+        // Stopped before the timer is due.
+    }
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn"]
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two new runners at once (a crash of the first in the middle of firing is
+    // replayed too): it fires once.
+    let (a, b) = (runner(&db.store, timeout), runner(&db.store, timeout));
+    let crashing = runner(&db.store, timeout).fail_before_commit(Arc::new(AtomicU32::new(1)));
+    assert!(crashing.fire_due_timers().await.is_err());
+    let (fired_a, fired_b) = tokio::join!(a.fire_due_timers(), b.fire_due_timers());
+    assert_eq!(fired_a.unwrap() + fired_b.unwrap(), 1);
+    assert_eq!(a.fire_due_timers().await.unwrap(), 0);
+    until_completed(&a, "slow").await;
+
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn", "Refunded"],
+        "refunded once, although the first firing crashed before its commit"
+    );
+    assert_eq!(wallet_events(&db.store, "bob").await, ["Opened"]);
+    assert_eq!(
+        transfer_events(&db.store, "slow").await,
+        ["Started", "Failed"]
+    );
+    let instance = a.instance("slow").await.unwrap().unwrap();
+    assert_eq!(instance.state.failure.as_deref(), Some("timed out"));
+    assert!(a.timers("slow").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_cancelled_timer_never_fires() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    start(&repo, "t-1", "alice", "bob", true).await;
+    let timeout = Duration::from_millis(200);
+    let pm = runner(&db.store, timeout);
+    pm.catch_up().await.unwrap();
+    pm.catch_up().await.unwrap();
+    assert_eq!(pm.timers("t-1").await.unwrap(), ["timeout"]);
+    repo.execute::<Transfer>(&"t-1".to_owned(), TransferCommand::Approve {})
+        .await
+        .unwrap();
+    until_completed(&pm, "t-1").await;
+    assert!(pm.timers("t-1").await.unwrap().is_empty());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn"]
+    );
+    assert_eq!(
+        wallet_events(&db.store, "bob").await,
+        ["Opened", "Deposited"]
+    );
+    assert_eq!(
+        transfer_events(&db.store, "t-1").await,
+        ["Started", "Approved", "Completed"]
+    );
+}
+
+#[tokio::test]
+async fn many_instances_complete_with_two_runners() {
+    let db = common::store_with(20, |b| b).await;
+    let repo = Repository::new(db.store.clone());
+    const N: usize = 50;
+    for i in 0..N {
+        open(&repo, &format!("from-{i}"), 100).await;
+        // Every fifth destination is closed: those transfers are refunded.
+        if i % 5 == 0 {
+            repo.execute::<Wallet>(&format!("to-{i}"), WalletCommand::Close {})
+                .await
+                .unwrap();
+        } else {
+            open(&repo, &format!("to-{i}"), 0).await;
+        }
+    }
+    let stop = thalo::Shutdown::new();
+    let runners: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(runner(&db.store, Duration::from_secs(60)).run(stop.clone())))
+        .collect();
+    let starts: Vec<_> = (0..N)
+        .map(|i| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                start(
+                    &repo,
+                    &format!("t-{i}"),
+                    &format!("from-{i}"),
+                    &format!("to-{i}"),
+                    false,
+                )
+                .await;
+            })
+        })
+        .collect();
+    for s in starts {
+        s.await.unwrap();
+    }
+
+    let probe = runner(&db.store, Duration::from_secs(60));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for i in 0..N {
+        let id = format!("t-{i}");
+        loop {
+            if probe
+                .instance(&id)
+                .await
+                .unwrap()
+                .is_some_and(|i| i.completed)
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} did not complete"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stop.trigger();
+    for r in runners {
+        r.await.unwrap().unwrap();
+    }
+
+    for i in 0..N {
+        let expected: &[&str] = if i % 5 == 0 {
+            &["Opened", "Withdrawn", "Refunded"]
+        } else {
+            &["Opened", "Withdrawn"]
+        };
+        assert_eq!(
+            wallet_events(&db.store, &format!("from-{i}")).await,
+            expected,
+            "from-{i}"
+        );
+        let outcome = if i % 5 == 0 { "Failed" } else { "Completed" };
+        assert_eq!(
+            transfer_events(&db.store, &format!("t-{i}")).await,
+            ["Started", outcome],
+            "t-{i}"
+        );
+        assert!(probe.timers(&format!("t-{i}")).await.unwrap().is_empty());
+    }
+}

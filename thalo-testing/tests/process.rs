@@ -1,0 +1,265 @@
+//! Process managers: given/when/then with `ProcessManagerTest`, and end to end in memory
+//! with `ProcessRunner` over an `InMemoryEventStore`.
+
+mod transfer;
+
+use std::time::Duration;
+
+use thalo::{Error, EventStore as _, InMemoryEventStore, ProcessRunner, Repository};
+use thalo_testing::ProcessManagerTest;
+use transfer::*;
+
+fn transfers() -> Transfers {
+    Transfers {
+        timeout: Duration::from_secs(30),
+    }
+}
+
+fn started(approval: bool) -> StartedEvent {
+    StartedEvent {
+        from: "alice".into(),
+        to: "bob".into(),
+        cents: 30,
+        approval,
+    }
+}
+
+fn withdrawn() -> WithdrawnEvent {
+    WithdrawnEvent {
+        transfer: "t-1".into(),
+        cents: 30,
+    }
+}
+
+#[test]
+fn a_started_transfer_withdraws_and_sets_its_timeout() {
+    ProcessManagerTest::new(transfers())
+        .when::<Transfer>("t-1".into(), started(false))
+        .then_commands(&[r#"withdraw: wallet/alice Withdraw { transfer: "t-1", cents: 30 }"#])
+        .then_timer_set("timeout")
+        .then_running()
+        .then_state(|s| {
+            assert_eq!(
+                (s.from.as_str(), s.to.as_str(), s.cents),
+                ("alice", "bob", 30)
+            );
+        });
+}
+
+#[test]
+fn a_withdrawal_deposits_then_the_deposit_completes() {
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .when::<Wallet>("alice".into(), withdrawn())
+        .then_commands(&[r#"deposit: wallet/bob Deposit { transfer: "t-1", cents: 30 }"#])
+        .then_timer_set("timeout");
+
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .when::<Wallet>(
+            "bob".into(),
+            DepositedEvent {
+                transfer: "t-1".into(),
+                cents: 30,
+            },
+        )
+        .then_commands(&[r#"complete: transfer/t-1 Complete"#])
+        .then_timer_not_set("timeout");
+
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .when::<Transfer>("t-1".into(), CompletedEvent {})
+        .then_commands(&[])
+        .then_completed()
+        .then_timer_not_set("timeout");
+}
+
+#[test]
+fn a_rejected_deposit_is_refunded_at_once() {
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .rejecting("deposit", Error::invariant_code("WALLET_NOT_OPEN"))
+        .when::<Wallet>("alice".into(), withdrawn())
+        .then_commands(&[
+            r#"deposit: wallet/bob Deposit { transfer: "t-1", cents: 30 }"#,
+            r#"refund: wallet/alice Refund { transfer: "t-1", cents: 30 }"#,
+        ])
+        .then_state(|s| {
+            assert!(s.refunding && !s.depositing);
+            assert_eq!(s.failure.as_deref(), Some("WALLET_NOT_OPEN"));
+        });
+
+    // The refund then fails the transfer, with the reason.
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .rejecting("deposit", Error::invariant_code("WALLET_NOT_OPEN"))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .when::<Wallet>(
+            "alice".into(),
+            RefundedEvent {
+                transfer: "t-1".into(),
+                cents: 30,
+            },
+        )
+        .then_commands(&[r#"fail: transfer/t-1 Fail { reason: "WALLET_NOT_OPEN" }"#])
+        .then_timer_not_set("timeout");
+}
+
+#[test]
+fn a_rejected_withdrawal_fails_the_transfer() {
+    ProcessManagerTest::new(transfers())
+        .rejecting("withdraw", Error::invariant_code("INSUFFICIENT_FUNDS"))
+        .when::<Transfer>("t-1".into(), started(false))
+        .then_commands(&[
+            r#"withdraw: wallet/alice Withdraw { transfer: "t-1", cents: 30 }"#,
+            r#"fail: transfer/t-1 Fail { reason: "INSUFFICIENT_FUNDS" }"#,
+        ])
+        .then_timer_not_set("timeout");
+}
+
+#[test]
+fn the_timeout_refunds_a_withdrawal_waiting_for_approval() {
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(true))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .when_timer("timeout")
+        .then_commands(&[r#"refund: wallet/alice Refund { transfer: "t-1", cents: 30 }"#])
+        .then_timer_not_set("timeout")
+        .then_state(|s| assert_eq!(s.failure.as_deref(), Some("timed out")));
+
+    // A late approval after the refund deposits nothing.
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(true))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .given::<Transfer>("t-1".into(), ApprovedEvent {})
+        .when::<Transfer>("t-1".into(), CompletedEvent {})
+        .then_completed();
+}
+
+#[test]
+fn events_of_a_completed_instance_and_uncorrelated_events_are_ignored() {
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .given::<Transfer>("t-1".into(), FailedEvent { reason: "x".into() })
+        .when::<Wallet>("alice".into(), withdrawn())
+        .then_commands(&[])
+        .then_completed();
+
+    ProcessManagerTest::new(transfers())
+        .when::<Wallet>("alice".into(), OpenedEvent { cents: 5 })
+        .then_commands(&[])
+        .then_state(|s| assert_eq!(*s, TransferState::default()));
+}
+
+async fn open(repo: &Repository<InMemoryEventStore>, wallet: &str, cents: i64) {
+    repo.execute::<Wallet>(&wallet.to_owned(), WalletCommand::Open { cents })
+        .await
+        .unwrap();
+}
+
+async fn cents(repo: &Repository<InMemoryEventStore>, wallet: &str) -> i64 {
+    repo.load::<Wallet>(&wallet.to_owned())
+        .await
+        .unwrap()
+        .aggregate
+        .cents()
+}
+
+#[tokio::test]
+async fn in_memory_transfers_complete_refund_and_time_out() {
+    let store = InMemoryEventStore::new();
+    let repo = Repository::new(store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    repo.execute::<Wallet>(&"carol".to_owned(), WalletCommand::Close {})
+        .await
+        .unwrap();
+    let start = |id: &str, to: &str, approval: bool| {
+        let repo = repo.clone();
+        let (id, to) = (id.to_owned(), to.to_owned());
+        async move {
+            repo.execute::<Transfer>(
+                &id,
+                TransferCommand::Start {
+                    from: "alice".into(),
+                    to,
+                    cents: 30,
+                    approval,
+                },
+            )
+            .await
+            .unwrap();
+        }
+    };
+    start("ok", "bob", false).await;
+    start("closed", "carol", false).await;
+    start("slow", "bob", true).await;
+
+    let runner = ProcessRunner::new(
+        repo.clone(),
+        Transfers {
+            timeout: Duration::from_millis(200),
+        },
+    )
+    .with_idle_timeout(Duration::from_millis(20));
+    let stop = thalo::Shutdown::new();
+    let running = tokio::spawn(runner.run(stop.clone()));
+
+    // "ok" completes, "closed" is refunded at once; "slow" waits for an approval that
+    // never comes, and its timeout refunds it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = |id: &'static str| {
+            let repo = repo.clone();
+            async move { repo.load::<Transfer>(&id.to_owned()).await.unwrap().version }
+        };
+        if events("ok").await == 2 && events("closed").await == 2 && events("slow").await == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "transfers did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the runner see the last events, then stop it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.trigger();
+    let runner = running.await.unwrap().unwrap();
+
+    assert_eq!(cents(&repo, "alice").await, 70, "only `ok` moved money");
+    assert_eq!(cents(&repo, "bob").await, 30);
+    for id in ["ok", "closed", "slow"] {
+        assert!(runner.is_completed(id), "{id} completed");
+        assert!(runner.timers(id).is_empty(), "{id} has no timer left");
+    }
+    assert_eq!(
+        runner.state("closed").unwrap().failure.as_deref(),
+        Some("WALLET_NOT_OPEN")
+    );
+    assert_eq!(
+        runner.state("slow").unwrap().failure.as_deref(),
+        Some("timed out")
+    );
+    let alice = repo
+        .store()
+        .read_stream::<Wallet>(&"alice".to_owned(), 0)
+        .await
+        .unwrap();
+    let kinds: Vec<_> = alice
+        .iter()
+        .map(|e| thalo::Event::event_type(&e.event))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Opened",
+            "Withdrawn",
+            "Withdrawn",
+            "Withdrawn",
+            "Refunded",
+            "Refunded"
+        ]
+    );
+}
