@@ -52,6 +52,20 @@ use crate::{Aggregate, CommandId, Error, EventEnvelope, EventSet, EventStore, Re
 /// timer of the same name again replaces it, and completing the instance cancels all its
 /// timers. A timer fires once; its commands are keyed by the timer's own id and the step,
 /// so a firing interrupted by a crash is replayed like an event.
+///
+/// # Races between a timer and an event: let an aggregate decide
+///
+/// Each input's commands are executed once, but the order of inputs is not replayed:
+/// when a crash interrupts a timer's firing (its commands executed, its state not
+/// saved), the restarted runner may handle the instance's next event before firing the
+/// timer again, from a state that does not know the timer's commands ran. If the timer
+/// and the event lead to mutually exclusive commands (refund *or* deposit), both could
+/// then be executed. Make such a choice on an aggregate instead: record the outcome the
+/// process is racing for there (a `Transfer` that accepts either `TimeOut` or
+/// `RecordWithdrawal`, whichever comes first, and rejects the other), and issue the
+/// exclusive commands only in reaction to that aggregate's events. The bank's transfers
+/// (`examples/bank/src/transfer.rs`) are built this way, and their crash test
+/// (`transfers_crash`) checks that no transfer is both paid and refunded.
 pub trait ProcessManager: Send + Sync + 'static {
     /// The events it follows: an [`EventSet`] (declared with
     /// [`event_set!`](crate::event_set); one variant for a single aggregate type).

@@ -176,6 +176,39 @@ impl BankAccount {
         Ok(FundsWithdrawnEvent { amount })
     }
 
+    /// Withdraws `amount` cents for the transfer `transfer` (its first leg), if the
+    /// balance covers it.
+    pub fn withdraw_for_transfer(
+        &self,
+        transfer: String,
+        amount: i64,
+    ) -> Result<TransferWithdrawnEvent, Error> {
+        self.withdraw(amount)?;
+        Ok(TransferWithdrawnEvent { transfer, amount })
+    }
+
+    /// Deposits `amount` cents of the transfer `transfer` (its second leg).
+    pub fn deposit_for_transfer(
+        &self,
+        transfer: String,
+        amount: i64,
+    ) -> Result<TransferDepositedEvent, Error> {
+        self.deposit(amount)?;
+        Ok(TransferDepositedEvent { transfer, amount })
+    }
+
+    /// Pays back `amount` cents the transfer `transfer` withdrew and could not deposit.
+    /// Accepted whatever the account's status: the money was this account's, and a
+    /// refund that could be rejected would leave it nowhere.
+    pub fn refund_transfer(
+        &self,
+        transfer: String,
+        amount: i64,
+    ) -> Result<TransferRefundedEvent, Error> {
+        ensure_positive(amount)?;
+        Ok(TransferRefundedEvent { transfer, amount })
+    }
+
     /// Closes the account, paying out what is left.
     pub fn close_account(&self) -> Result<Vec<BankAccountEvent>, Error> {
         self.ensure_open()?;
@@ -217,6 +250,26 @@ impl BankAccount {
     /// The account was closed.
     pub fn account_closed(&mut self) {
         self.status = Status::Closed;
+    }
+
+    /// Money left for the transfer `transfer`. (Separate events for the legs of a
+    /// transfer: the events stored before transfers existed decode unchanged, and the
+    /// transfer process manager finds its transfer in them.)
+    pub fn transfer_withdrawn(&mut self, transfer: String, amount: i64) {
+        let _ = transfer;
+        self.balance = self.balance.saturating_sub(amount);
+    }
+
+    /// Money arrived by the transfer `transfer`.
+    pub fn transfer_deposited(&mut self, transfer: String, amount: i64) {
+        let _ = transfer;
+        self.balance = self.balance.saturating_add(amount);
+    }
+
+    /// Money of the transfer `transfer` came back.
+    pub fn transfer_refunded(&mut self, transfer: String, amount: i64) {
+        let _ = transfer;
+        self.balance = self.balance.saturating_add(amount);
     }
 }
 
@@ -317,6 +370,21 @@ mod tests {
             any::<i64>().prop_map(|amount| FundsDepositedEvent { amount }.into()),
             any::<i64>().prop_map(|amount| FundsWithdrawnEvent { amount }.into()),
             Just(AccountClosedEvent {}.into()),
+            any::<i64>().prop_map(|amount| TransferWithdrawnEvent {
+                transfer: "T".into(),
+                amount
+            }
+            .into()),
+            any::<i64>().prop_map(|amount| TransferDepositedEvent {
+                transfer: "T".into(),
+                amount
+            }
+            .into()),
+            any::<i64>().prop_map(|amount| TransferRefundedEvent {
+                transfer: "T".into(),
+                amount
+            }
+            .into()),
         ];
         thalo_testing::assert_apply_is_total::<BankAccount>("ACC-1".to_owned(), event, 32);
     }
@@ -437,6 +505,47 @@ mod tests {
     }
 
     #[test]
+    fn transfer_legs_move_money_and_name_their_transfer() {
+        let t = || "T-1".to_owned();
+        account()
+            .given([opened(100)])
+            .when(BankAccountCommand::WithdrawForTransfer {
+                transfer: t(),
+                amount: 30,
+            })
+            .then_events([TransferWithdrawnEvent {
+                transfer: t(),
+                amount: 30,
+            }])
+            .then_state(|a| assert_eq!(a.balance(), 70));
+        account()
+            .given([opened(10)])
+            .when(BankAccountCommand::WithdrawForTransfer {
+                transfer: t(),
+                amount: 30,
+            })
+            .then_error_code("INSUFFICIENT_FUNDS");
+        let closed = || account().given([opened(0)]).given([AccountClosedEvent {}]);
+        closed()
+            .when(BankAccountCommand::DepositForTransfer {
+                transfer: t(),
+                amount: 30,
+            })
+            .then_error_code("ACCOUNT_CLOSED");
+        // A refund is never refused: the money was the account's.
+        closed()
+            .when(BankAccountCommand::RefundTransfer {
+                transfer: t(),
+                amount: 30,
+            })
+            .then_events([TransferRefundedEvent {
+                transfer: t(),
+                amount: 30,
+            }])
+            .then_state(|a| assert_eq!(a.balance(), 30));
+    }
+
+    #[test]
     fn event_type_names_are_stable() {
         use thalo::Event;
         let event: BankAccountEvent = opened(1).into();
@@ -447,7 +556,10 @@ mod tests {
                 "AccountOpened",
                 "FundsDeposited",
                 "FundsWithdrawn",
-                "AccountClosed"
+                "AccountClosed",
+                "TransferWithdrawn",
+                "TransferDeposited",
+                "TransferRefunded"
             ]
         );
         assert_eq!(

@@ -74,6 +74,9 @@ impl Balances {
             }
             BankAccountEvent::FundsDeposited(e) => row.balance += e.amount,
             BankAccountEvent::FundsWithdrawn(e) => row.balance -= e.amount,
+            BankAccountEvent::TransferWithdrawn(e) => row.balance -= e.amount,
+            BankAccountEvent::TransferDeposited(e) => row.balance += e.amount,
+            BankAccountEvent::TransferRefunded(e) => row.balance += e.amount,
             BankAccountEvent::AccountClosed(_) => row.closed = true,
         }
     }

@@ -8,12 +8,25 @@
 //! | `POST /accounts/{id}/close`     |                                                  |
 //! | `GET /accounts`                 | every balance, from the read model               |
 //! | `GET /accounts/{id}`            | one balance, from the read model                 |
+//! | `POST /transfers`               | `{"from", "to", "amount"}`: 202 with the transfer |
+//! | `GET /transfers/{id}`           | one transfer, loaded from its events             |
+//! | `GET /owners/{owner}`           | an owner's total balance and money in flight     |
 //! | `GET /healthz`                  | `ok` while the process serves requests (liveness) |
 //! | `GET /readyz`                   | 200 or 503 with every check (readiness, see [`crate::readiness`]) |
 //! | `GET /metrics`                  | Prometheus text format (see [`crate::prometheus`]) |
 //!
-//! Amounts are integer cents. Commands answer with the stored events. Errors answer with
-//! `{"code", "message"}` and store nothing.
+//! Amounts are integer cents. Commands answer with the stored events (a transfer, with
+//! the transfer: `{"id", "from", "to", "amount", "status", "reason"}`). Errors answer
+//! with `{"code", "message"}` and store nothing.
+//!
+//! ## Transfers
+//!
+//! `POST /transfers` records the request and answers 202 at once; the transfer process
+//! manager then withdraws from `from` and deposits to `to`. `GET /transfers/{id}` shows
+//! where it is: `requested`, `withdrawn`, `completed`, `compensated` (the deposit was
+//! rejected or timed out, and `from` got the money back; `reason` says why) or `failed`
+//! (the withdrawal was rejected, nothing moved). With an `Idempotency-Key` the transfer's
+//! id is derived from the key, so a retry finds the same transfer.
 //!
 //! ## Retrying safely: `Idempotency-Key`
 //!
@@ -35,7 +48,7 @@
 //! | 404    | `NOT_FOUND`                                                              |
 //! | 409    | `CONFLICT`: a concurrency conflict that outlasted the retries             |
 //! | 413    | `BODY_TOO_LARGE` (over 16 KiB), `EVENT_TOO_LARGE` (over the store's limit) |
-//! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`; `IDEMPOTENCY_KEY_REUSED`; `REJECTED` for a domain error of another type |
+//! | 422    | the command's invariant code: `INVALID_ACCOUNT_NUMBER` (1-64 of `A-Z a-z 0-9 - _`), `INVALID_OWNER` (empty, over 200 characters, control characters), `NON_POSITIVE_AMOUNT`, `INSUFFICIENT_FUNDS`, `BALANCE_OVERFLOW`, `ACCOUNT_NOT_OPEN`, `ACCOUNT_CLOSED`, `ACCOUNT_ALREADY_OPENED`, `SAME_ACCOUNT` (a transfer to its own account); `IDEMPOTENCY_KEY_REUSED`; `REJECTED` for a domain error of another type |
 //! | 500    | `INTERNAL`                                                               |
 //!
 //! A `traceparent` header (W3C Trace Context, with `tracestate`) is stored with the
@@ -57,8 +70,10 @@ use thalo_postgres::PgEventStore;
 use uuid::Uuid;
 
 use crate::balances::AccountBalance;
+use crate::owners::{OwnerBalance, PgOwners};
 use crate::pg::PgBalances;
 use crate::readiness::Readiness;
+use crate::transfer::{Transfer, TransferCommand, TransferStatus};
 use crate::{BankAccount, BankAccountCommand, BankAccountEvent};
 
 /// What the handlers share.
@@ -68,6 +83,8 @@ pub struct AppState {
     pub repository: Repository<PgEventStore>,
     /// Reads come from this read model.
     pub balances: PgBalances,
+    /// `GET /owners/{owner}` reads this view.
+    pub owners: PgOwners,
     /// The checks of `GET /readyz`.
     pub readiness: Readiness,
     /// What `GET /metrics` renders; without it, `GET /metrics` is 404.
@@ -91,6 +108,9 @@ pub fn router(state: AppState) -> Router {
         .route("/accounts/{id}/deposit", post(deposit))
         .route("/accounts/{id}/withdraw", post(withdraw))
         .route("/accounts/{id}/close", post(close))
+        .route("/transfers", post(transfer))
+        .route("/transfers/{id}", get(show_transfer))
+        .route("/owners/{owner}", get(show_owner))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -153,6 +173,47 @@ impl From<AccountBalance> for BalanceView {
             balance: b.balance,
             closed: b.closed,
             version: b.version,
+        }
+    }
+}
+
+/// Body of `POST /transfers`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct TransferRequest {
+    /// From this account.
+    pub from: String,
+    /// To this account.
+    pub to: String,
+    /// Cents.
+    pub amount: i64,
+}
+
+/// A transfer, as the API shows it.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct TransferView {
+    /// The transfer's id.
+    pub id: String,
+    /// From this account.
+    pub from: String,
+    /// To this account.
+    pub to: String,
+    /// Cents.
+    pub amount: i64,
+    /// `requested`, `withdrawn`, `completed`, `compensated` or `failed`.
+    pub status: TransferStatus,
+    /// Why it was compensated or failed.
+    pub reason: Option<String>,
+}
+
+impl From<&Transfer> for TransferView {
+    fn from(t: &Transfer) -> Self {
+        TransferView {
+            id: t.id().to_owned(),
+            from: t.from().to_owned(),
+            to: t.to().to_owned(),
+            amount: t.amount(),
+            status: t.status(),
+            reason: t.reason().map(str::to_owned),
         }
     }
 }
@@ -395,6 +456,106 @@ async fn close(
     )
     .await
     .into_response()
+}
+
+/// The namespace of transfer ids derived from idempotency keys.
+const TRANSFER_IDS: Uuid = Uuid::from_u128(0x5d0c_2b8e_61a4_4c1f_9f3e_7a44_b2d1_0e6b);
+
+async fn transfer(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<TransferRequest>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
+    request_transfer(&state, &headers, body)
+        .await
+        .into_response()
+}
+
+async fn request_transfer(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: TransferRequest,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(headers)?;
+    // With a key, the id is the key's: a retry addresses the same transfer, and its
+    // command is replayed from the record.
+    let id = match &key {
+        Some(key) => Uuid::new_v5(&TRANSFER_IDS, key.as_str().as_bytes()),
+        None => Uuid::new_v4(),
+    }
+    .to_string();
+    let command = TransferCommand::Request {
+        from: body.from,
+        to: body.to,
+        amount: body.amount,
+    };
+    let metadata = Metadata::new()
+        .with_correlation_id(Uuid::new_v4())
+        .with_header("source", "bank-http");
+    let metadata = with_trace_context(metadata, headers);
+    let (stored, replayed) = match key {
+        Some(key) => {
+            let once = state
+                .repository
+                .execute_once_with::<Transfer>(&id, key, command, &metadata)
+                .await?;
+            let replayed = once.is_replayed();
+            (once.into_events(), replayed)
+        }
+        None => (
+            state
+                .repository
+                .execute_with::<Transfer>(&id, command, &metadata)
+                .await?,
+            false,
+        ),
+    };
+    // The answer is the transfer as its request left it, replayed or not.
+    let mut transfer = <Transfer as thalo::Aggregate>::new(id);
+    for envelope in &stored {
+        thalo::Aggregate::apply(&mut transfer, envelope.event.clone());
+    }
+    let mut response = (StatusCode::ACCEPTED, Json(TransferView::from(&transfer))).into_response();
+    if replayed {
+        response.headers_mut().insert(
+            HeaderName::from_static(IDEMPOTENT_REPLAYED),
+            HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+async fn show_transfer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TransferView>, ApiError> {
+    let loaded = state.repository.load::<Transfer>(&id).await?;
+    if loaded.version == 0 {
+        return Err(Error::NotFound {
+            aggregate_type: "transfer".into(),
+            aggregate_id: id,
+        }
+        .into());
+    }
+    Ok(Json(TransferView::from(&loaded.aggregate)))
+}
+
+async fn show_owner(
+    State(state): State<AppState>,
+    Path(owner): Path<String>,
+) -> Result<Json<OwnerBalance>, ApiError> {
+    match state.owners.get(&owner).await? {
+        Some(row) => Ok(Json(row)),
+        None => Err(Error::NotFound {
+            aggregate_type: "owner".into(),
+            aggregate_id: owner,
+        }
+        .into()),
+    }
 }
 
 /// Liveness: the process is up and serving requests. (Whether Postgres and the broker

@@ -7,6 +7,7 @@
 //! bank deposit ACC-9 2.50       deposit
 //! bank withdraw ACC-9 1.00      withdraw
 //! bank close ACC-9              close (pays out the balance)
+//! bank transfer ACC-9 ACC-7 1   transfer $1.00 (the transfer process manager moves it)
 //! bank show ACC-9               the account, rebuilt from its events
 //! bank balances                 every account, from the balances projection
 //! bank events [ACC-9]           the stored events
@@ -24,13 +25,14 @@ use bank::balances::AccountBalance;
 use bank::money::{format_cents, parse_cents};
 use bank::pg::PgBalances;
 use bank::service::ServiceConfig;
-use bank::{Balances, BankAccount, BankAccountCommand};
+use bank::transfer::TransferStatus;
+use bank::{Balances, BankAccount, BankAccountCommand, Transfer, TransferCommand, Transfers};
 use clap::{Parser, Subcommand};
 use thalo::{
-    CheckpointStore, Event as _, EventStore, InMemoryEventStore, Metadata, RawEvent, Repository,
-    Subscription,
+    CheckpointStore, Event as _, EventStore, InMemoryEventStore, Metadata, ProcessRunner, RawEvent,
+    Repository, Subscription,
 };
-use thalo_postgres::{PgEventStore, PgSubscription};
+use thalo_postgres::{PgEventStore, PgProcessManager, PgSubscription};
 
 /// A bank built with Thalo.
 #[derive(Debug, Parser)]
@@ -50,7 +52,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Walk through opening accounts, deposits, withdrawals and a rejected command.
+    /// Walk through opening accounts, deposits, withdrawals, a rejected command and
+    /// transfers (one completed, one compensated).
     Demo,
     /// Open an account.
     Open {
@@ -66,14 +69,21 @@ enum Command {
     Withdraw { account: String, amount: String },
     /// Close an account, paying out its balance.
     Close { account: String },
+    /// Transfer money (dollars) between two accounts, and wait until it settles.
+    Transfer {
+        from: String,
+        to: String,
+        amount: String,
+    },
     /// Show an account, rebuilt from its events.
     Show { account: String },
     /// List every account's balance, from the balances projection.
     Balances,
     /// List the stored events, of one account or of all.
     Events { account: Option<String> },
-    /// Run the HTTP service: Postgres event store, outbox relay to Kafka, and the balances
-    /// projection fed from Kafka. Needs DATABASE_URL.
+    /// Run the HTTP service: Postgres event store, outbox relay to Kafka, the balances
+    /// projection fed from Kafka, and the transfer process manager and owners view fed
+    /// from the store. Needs DATABASE_URL.
     Serve {
         /// Kafka bootstrap servers.
         #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -110,6 +120,10 @@ enum Command {
         /// over once it has caught up (blue/green).
         #[arg(long, env = "BANK_BALANCES_VERSION", default_value_t = bank::pg::BALANCES_VERSION)]
         balances_version: u32,
+        /// How long a transfer's deposit may take before the transfer is compensated
+        /// (the money goes back to `from`), in milliseconds.
+        #[arg(long, env = "BANK_TRANSFER_TIMEOUT_MS", default_value_t = 30_000)]
+        transfer_timeout_ms: u64,
     },
 }
 
@@ -200,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         pg_max_connections,
         shutdown_timeout_secs,
         balances_version,
+        transfer_timeout_ms,
     } = command
     {
         // THALO_KAFKA_CONFIG and THALO_KAFKA_<NAME>, then -X.
@@ -228,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             group_id,
             instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
             balances_version,
+            transfer_timeout: std::time::Duration::from_millis(transfer_timeout_ms),
         };
         let shutdown = thalo::Shutdown::on_signal();
         let running = bank::service::start(config, shutdown.clone()).await?;
@@ -248,6 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Thalo bank on Postgres ({})\n", redact(&url));
             let bank = Bank {
                 store: store.clone(),
+                mover: Mover::Postgres(Box::new(PgProcessManager::new(store.clone(), transfers()))),
                 read_side: ReadSide::Postgres(
                     PgSubscription::new::<BankAccount>(store, balances.clone())
                         .with_read_model(vec![balances.read_model()]),
@@ -263,12 +280,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Thalo bank: embedded mode (in-memory store, in-process projection)\n");
             let bank = Bank {
                 store: store.clone(),
+                mover: Mover::Memory(Box::new(ProcessRunner::new(
+                    Repository::new(store.clone()),
+                    transfers(),
+                ))),
                 read_side: ReadSide::Memory(Subscription::new::<BankAccount>(
                     store,
                     Balances::default(),
                 )),
             };
             bank.run(command).await
+        }
+    }
+}
+
+/// The transfer process manager as the CLI runs it: deposits and refunds happen at
+/// once, so the timeout only matters to `bank serve`'s durable timers.
+fn transfers() -> Transfers {
+    Transfers {
+        timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+/// The transfer process manager, in memory or on Postgres (where it takes turns with
+/// `bank serve`'s).
+enum Mover {
+    Memory(Box<ProcessRunner<InMemoryEventStore, Transfers>>),
+    Postgres(Box<PgProcessManager<Transfers>>),
+}
+
+impl Mover {
+    /// Lets the process manager react until nothing is left to do.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        loop {
+            let handled = match self {
+                Mover::Memory(runner) => runner.catch_up().await,
+                Mover::Postgres(manager) => manager.catch_up().await,
+            }
+            .context("running the transfer process manager")?;
+            if handled == 0 {
+                return Ok(());
+            }
         }
     }
 }
@@ -297,6 +349,7 @@ impl ReadSide {
 
 struct Bank<S> {
     store: S,
+    mover: Mover,
     read_side: ReadSide,
 }
 
@@ -338,6 +391,11 @@ where
             Command::Close { account } => {
                 self.execute(&account, BankAccountCommand::CloseAccount)
                     .await?
+            }
+            Command::Transfer { from, to, amount } => {
+                let amount = parse_cents(&amount).map_err(anyhow::Error::msg)?;
+                let id = format!("T-{}", uuid::Uuid::new_v4().simple());
+                self.transfer(&id, &from, &to, amount).await?
             }
             Command::Show { account } => self.show(&account).await?,
             Command::Balances => {
@@ -421,12 +479,77 @@ where
             self.execute(account, command).await?;
         }
         println!();
+        println!("Transfers (the transfer process manager withdraws, deposits, or refunds):");
+        self.transfer("T-1", "ACC-001", "ACC-002", 20_00).await?;
+        self.transfer("T-2", "ACC-001", "ACC-003", 5_00).await?;
+        println!();
         self.print_balances().await?;
         println!();
         self.print_events(None).await?;
         println!();
         self.show("ACC-001").await?;
         Ok(())
+    }
+
+    /// Requests a transfer, lets the process manager settle it, and prints what
+    /// happened. `Ok(false)` when it did not complete.
+    async fn transfer(
+        &mut self,
+        id: &str,
+        from: &str,
+        to: &str,
+        amount: i64,
+    ) -> anyhow::Result<bool> {
+        let repo = Repository::new(self.store.clone());
+        let id = id.to_owned();
+        let requested = repo
+            .execute::<Transfer>(
+                &id,
+                TransferCommand::Request {
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    amount,
+                },
+            )
+            .await;
+        let described = format!("{from} -> {to} {}", format_cents(amount));
+        let after = match requested {
+            Ok(stored) => stored.first().map_or(0, |e| e.position),
+            Err(err) if err.is_rejection() => {
+                println!(
+                    "  rejected {id:<8} {described:<38} -> {}",
+                    err.code().unwrap_or("rejected")
+                );
+                println!("           {err}");
+                return Ok(false);
+            }
+            Err(err) => return Err(err).context("requesting the transfer"),
+        };
+        self.mover.settle().await?;
+        // What the process manager did: the events of this transfer since its request.
+        let mut steps = Vec::new();
+        let mut position = after;
+        loop {
+            let page = self.store.read_all(position, 500).await?;
+            let Some(last) = page.last() else { break };
+            position = last.position;
+            for e in &page {
+                let leg = serde_json::from_str::<serde_json::Value>(&e.event.payload)
+                    .is_ok_and(|payload| payload["transfer"] == id.as_str());
+                if e.aggregate_id == id || leg {
+                    steps.push(format!("{} {}", e.aggregate_id, e.event.event_type));
+                }
+            }
+        }
+        let transfer = repo.load::<Transfer>(&id).await?.aggregate;
+        let status = format!("{:?}", transfer.status()).to_lowercase();
+        let reason = transfer
+            .reason()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        println!("  {id:<8} {described:<38} -> {status}{reason}");
+        println!("           {}", steps.join(", "));
+        Ok(transfer.status() == TransferStatus::Completed)
     }
 
     async fn show(&self, account: &str) -> anyhow::Result<bool> {
@@ -515,6 +638,15 @@ fn describe(command: &BankAccountCommand) -> String {
         BankAccountCommand::Deposit { amount } => format!("deposit {}", format_cents(*amount)),
         BankAccountCommand::Withdraw { amount } => format!("withdraw {}", format_cents(*amount)),
         BankAccountCommand::CloseAccount => "close".to_string(),
+        BankAccountCommand::WithdrawForTransfer { transfer, amount } => {
+            format!("withdraw {} for {transfer}", format_cents(*amount))
+        }
+        BankAccountCommand::DepositForTransfer { transfer, amount } => {
+            format!("deposit {} of {transfer}", format_cents(*amount))
+        }
+        BankAccountCommand::RefundTransfer { transfer, amount } => {
+            format!("refund {} of {transfer}", format_cents(*amount))
+        }
     }
 }
 

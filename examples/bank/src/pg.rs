@@ -234,6 +234,18 @@ impl PgProjection<BankAccountEvent> for PgBalances {
                 .bind(id)
                 .bind(e.amount)
                 .bind(version),
+            BankAccountEvent::TransferWithdrawn(e) => sqlx::query(&self.sql.subtract)
+                .bind(id)
+                .bind(e.amount)
+                .bind(version),
+            BankAccountEvent::TransferDeposited(e) => sqlx::query(&self.sql.add)
+                .bind(id)
+                .bind(e.amount)
+                .bind(version),
+            BankAccountEvent::TransferRefunded(e) => sqlx::query(&self.sql.add)
+                .bind(id)
+                .bind(e.amount)
+                .bind(version),
             BankAccountEvent::AccountClosed(_) => {
                 sqlx::query(&self.sql.close).bind(id).bind(version)
             }

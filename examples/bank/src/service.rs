@@ -1,5 +1,6 @@
 //! The bank service on the real stack: HTTP API -> Postgres event store -> outbox relay
-//! -> Kafka -> consumer -> `bank_balances` read model in Postgres.
+//! -> Kafka -> consumer -> `bank_balances` read model in Postgres; beside them, on the
+//! store, the transfer process manager and the `bank_owners` view.
 
 use std::net::SocketAddr;
 
@@ -7,13 +8,15 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use thalo::Shutdown;
 use thalo::{AggregateType as _, Error, Repository};
 use thalo_kafka::{KafkaConfig, KafkaConsumer, KafkaRelay, TopicNaming};
-use thalo_postgres::{PgEventStore, PgProjection as _, PgSubscription};
+use thalo_postgres::{PgEventStore, PgProcessManager, PgProjection as _, PgSubscription};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::http::{router, AppState};
+use crate::owners::PgOwners;
 use crate::pg::{PgBalances, BALANCES_VERSION};
 use crate::readiness::Readiness;
+use crate::transfer::Transfers;
 use crate::BankAccount;
 
 /// Accounts the service keeps in memory between commands (`Repository::with_cache`).
@@ -61,6 +64,10 @@ pub struct ServiceConfig {
     /// once it has caught up, and is then fed by its own consumer group
     /// (`<group_id>-v<N>` from version 2 on).
     pub balances_version: u32,
+    /// How long a transfer's deposit may take before the transfer is compensated
+    /// (`bank serve --transfer-timeout-ms`, default 30 s). A durable timer: it fires
+    /// after restarts too.
+    pub transfer_timeout: std::time::Duration,
 }
 
 impl Default for ServiceConfig {
@@ -78,6 +85,7 @@ impl Default for ServiceConfig {
             metrics: None,
             shutdown_timeout: std::time::Duration::from_secs(10),
             balances_version: BALANCES_VERSION,
+            transfer_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -106,6 +114,8 @@ pub struct Running {
     pub store: PgEventStore,
     /// The read model, for inspection.
     pub balances: PgBalances,
+    /// The balances-by-owner view, for inspection.
+    pub owners: PgOwners,
     /// The checks of `GET /readyz`, for inspection.
     pub readiness: Readiness,
     task: tokio::task::JoinHandle<Result<(), Error>>,
@@ -124,8 +134,9 @@ impl Running {
     }
 }
 
-/// Starts the service: migrates the store, creates the read model, and runs the relay,
-/// the balances consumer and the HTTP API until `shutdown` is cancelled.
+/// Starts the service: migrates the store, creates the read models, and runs the relay,
+/// the balances consumer, the transfer process manager, the owners view and the HTTP
+/// API until `shutdown` is cancelled.
 ///
 /// # Errors
 ///
@@ -142,6 +153,7 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         .build()?;
     store.migrate().await?;
     let balances = PgBalances::with_version(&store, config.balances_version).await?;
+    let owners = PgOwners::new(&store).await?;
     let rebuild = store.live_version(balances.name()).await? != Some(balances.version());
     // One Kafka configuration for every client, so the relay and the consumer agree on
     // the cluster, its security settings and the topic names.
@@ -205,12 +217,13 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
     let app = router(AppState {
         repository: Repository::new(store.clone()).with_cache(ACCOUNT_CACHE),
         balances: balances.clone(),
+        owners: owners.clone(),
         readiness: readiness.clone(),
         metrics: config.metrics.clone(),
     });
     info!(%addr, topic, "bank service listening");
 
-    // Three parts; when one stops (shutdown, or a fatal error), the others stop too.
+    // Five parts; when one stops (shutdown, or a fatal error), the others stop too.
     let stop_all_on_exit = |shutdown: Shutdown| {
         move |result: Result<(), Error>| {
             shutdown.trigger();
@@ -237,6 +250,23 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
                     .map(|_| ()),
             )
         }
+    });
+    // Transfers: the process manager and the owners view follow the store itself (not
+    // Kafka), in its global order; each commits its effects with its checkpoint.
+    let process_task = tokio::spawn({
+        let manager = PgProcessManager::new(
+            store.clone(),
+            Transfers {
+                timeout: config.transfer_timeout,
+            },
+        );
+        let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
+        async move { done(manager.run(shutdown).await.map(|_| ())) }
+    });
+    let owners_task = tokio::spawn({
+        let subscription = PgSubscription::new_set(store.clone(), owners.clone());
+        let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
+        async move { done(subscription.run(shutdown).await.map(|_| ())) }
     });
     let server_task = tokio::spawn({
         let (shutdown, done) = (shutdown.clone(), stop_all_on_exit(shutdown.clone()));
@@ -271,12 +301,17 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         let server = server_task.await.map_err(joined("http server"))?;
         let relay = relay_task.await.map_err(joined("relay"))?;
         let consumer = consumer_task.await.map_err(joined("consumer"))?;
-        server.and(relay).and(consumer)
+        let process = process_task
+            .await
+            .map_err(joined("transfer process manager"))?;
+        let owners = owners_task.await.map_err(joined("owners view"))?;
+        server.and(relay).and(consumer).and(process).and(owners)
     });
     Ok(Running {
         addr,
         store,
         balances,
+        owners,
         readiness,
         task,
     })

@@ -38,11 +38,11 @@ fn the_walk_through_persists_and_a_second_run_sees_the_first() {
     assert!(ok, "{first}");
     assert!(first.contains("Thalo bank on Postgres"), "{first}");
     assert!(
-        balance_line(&first, "ACC-001").contains("$142.50"),
+        balance_line(&first, "ACC-001").contains("$122.50"),
         "{first}"
     );
     assert!(
-        balance_line(&first, "ACC-002").contains("$15.00"),
+        balance_line(&first, "ACC-002").contains("$35.00"),
         "{first}"
     );
     assert!(
@@ -53,13 +53,15 @@ fn the_walk_through_persists_and_a_second_run_sees_the_first() {
     let (ok, second) = bank(&schema, &[]);
     assert!(ok, "{second}");
     assert!(second.contains("ACCOUNT_ALREADY_OPENED"), "{second}");
-    // The second run's deposit lands on the first run's balance.
+    assert!(second.contains("TRANSFER_ALREADY_REQUESTED"), "{second}");
+    // The second run's deposit lands on the first run's balance (after its transfer of
+    // $20.00 from ACC-001 to ACC-002; the transfer compensated moved nothing).
     assert!(
-        balance_line(&second, "ACC-001").contains("$185.00"),
+        balance_line(&second, "ACC-001").contains("$165.00"),
         "{second}"
     );
     assert!(
-        balance_line(&second, "ACC-002").contains("$5.00"),
+        balance_line(&second, "ACC-002").contains("$25.00"),
         "{second}"
     );
 }
@@ -96,6 +98,22 @@ fn subcommands_work_on_the_same_store() {
 
     let (ok, out) = bank(&schema, &["show", "NOPE"]);
     assert!(!ok && out.contains("no such account"), "{out}");
+
+    // A transfer: the CLI runs the process manager until it settles.
+    let (ok, out) = bank(&schema, &["open", "ACC-8", "Alan"]);
+    assert!(ok, "{out}");
+    let (ok, out) = bank(&schema, &["transfer", "ACC-9", "ACC-8", "2.50"]);
+    assert!(ok && out.contains("-> completed"), "{out}");
+    let (ok, out) = bank(&schema, &["close", "ACC-8"]);
+    assert!(ok, "{out}");
+    let (ok, out) = bank(&schema, &["transfer", "ACC-9", "ACC-8", "1"]);
+    assert!(
+        !ok && out.contains("-> compensated (ACCOUNT_CLOSED)"),
+        "{out}"
+    );
+    let (ok, out) = bank(&schema, &["balances"]);
+    assert!(ok, "{out}");
+    assert!(balance_line(&out, "ACC-9").contains("$10.00"), "{out}");
 }
 
 /// The Postgres read model uses checked arithmetic that saturates like

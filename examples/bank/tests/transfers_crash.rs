@@ -1,0 +1,434 @@
+//! Transfers through crashes: clients request many concurrent transfers between a few
+//! accounts (some to closed accounts), retrying each with the same `Idempotency-Key`
+//! until it is accepted, while the `bank serve` binary is SIGKILLed and restarted three
+//! times. Once it settles, the store shows that money was conserved, every transfer
+//! finished (completed, compensated, or failed with nothing moved), no command was
+//! applied twice and no timer fired twice (no transfer refunded twice). Twice: with a
+//! 1.5 s transfer timeout, and with a 1 ms one, where most deposits race their timer.
+
+// Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
+#![allow(clippy::inconsistent_digit_grouping)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::{PgPool, Row};
+use tokio::process::{Child, Command};
+
+/// How long the transfers may take to settle after the last restart.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Accounts with money, and what each was opened with (the only money from outside).
+const ACCOUNTS: [&str; 4] = ["ACC-0", "ACC-1", "ACC-2", "ACC-3"];
+const INITIAL: i64 = 500_00;
+
+/// Accounts closed before the transfers start: transfers to them are compensated.
+const CLOSED: [&str; 2] = ["SHUT-0", "SHUT-1"];
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+struct Service {
+    port: u16,
+    envs: Vec<(&'static str, String)>,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_bank"))
+            .arg("serve")
+            .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the bank service");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let http = reqwest::Client::new();
+        loop {
+            let url = format!("http://127.0.0.1:{}/healthz", self.port);
+            if http.get(&url).send().await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no commit, no unlock.
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("SIGKILL");
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// One transfer as the store tells it: its last event, and its account legs.
+#[derive(Debug, Default)]
+struct Settled {
+    amount: i64,
+    outcome: Option<String>,
+    reason: Option<String>,
+    withdrawn: usize,
+    deposited: usize,
+    refunded: usize,
+}
+
+async fn transfers(pool: &PgPool, schema: &str) -> BTreeMap<String, Settled> {
+    let mut transfers: BTreeMap<String, Settled> = BTreeMap::new();
+    let rows = sqlx::query(&format!(
+        "SELECT aggregate_type, aggregate_id, event_type, payload::text
+         FROM \"{schema}\".events ORDER BY position"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("events");
+    for row in rows {
+        let (kind, id, event): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let payload: serde_json::Value =
+            serde_json::from_str(&row.get::<String, _>(3)).expect("payload");
+        if kind == "transfer" {
+            let t = transfers.entry(id).or_default();
+            match event.as_str() {
+                "TransferRequested" => t.amount = payload["amount"].as_i64().expect("amount"),
+                "TransferCompleted" | "TransferCompensated" | "TransferFailed" => {
+                    assert!(t.outcome.is_none(), "a transfer finished twice");
+                    t.outcome = Some(event);
+                    t.reason = payload["reason"].as_str().map(str::to_owned);
+                }
+                _ => {}
+            }
+        } else if let Some(transfer) = payload["transfer"].as_str() {
+            let t = transfers.entry(transfer.to_owned()).or_default();
+            match event.as_str() {
+                "TransferWithdrawn" => t.withdrawn += 1,
+                "TransferDeposited" => t.deposited += 1,
+                "TransferRefunded" => t.refunded += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    transfers
+}
+
+/// Every account's balance, folded from its events.
+async fn balances(pool: &PgPool, schema: &str) -> BTreeMap<String, i64> {
+    sqlx::query(&format!(
+        "SELECT aggregate_id,
+                sum(CASE event_type
+                    WHEN 'AccountOpened' THEN (payload->>'initial_deposit')::bigint
+                    WHEN 'FundsDeposited' THEN (payload->>'amount')::bigint
+                    WHEN 'FundsWithdrawn' THEN -(payload->>'amount')::bigint
+                    WHEN 'TransferWithdrawn' THEN -(payload->>'amount')::bigint
+                    WHEN 'TransferDeposited' THEN (payload->>'amount')::bigint
+                    WHEN 'TransferRefunded' THEN (payload->>'amount')::bigint
+                    ELSE 0 END)::bigint
+         FROM \"{schema}\".events WHERE aggregate_type = 'bank_account' GROUP BY aggregate_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("balances")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Posts until the service gives an answer that is not a failure to retry: the same
+/// key every time, so a request that was stored before a crash is replayed, not
+/// repeated.
+async fn until_answered(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent = http
+            .post(url)
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await;
+        if let Ok(res) = sent {
+            let status = res.status().as_u16();
+            if status < 500 && status != 409 {
+                if let Ok(body) = res.json().await {
+                    return (status, body);
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{key} was never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deposits well within the timeout: transfers complete, or are compensated at once
+/// when the deposit is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfers_survive_sigkill_exactly_once() {
+    let outcomes = crash_under_transfers(1500).await;
+    assert!(
+        outcomes.get("completed").is_some_and(|n| *n > 0),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .get("compensated ACCOUNT_CLOSED")
+            .is_some_and(|n| *n > 0),
+        "{outcomes:?}"
+    );
+}
+
+/// A 1 ms timeout: the timer fires before the process manager sees most withdrawals
+/// (durable timers through the kills), and refunds them once; the deposit that would
+/// have followed never happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timers_survive_sigkill_exactly_once() {
+    let outcomes = crash_under_transfers(1).await;
+    assert!(
+        outcomes
+            .get("compensated TIMED_OUT")
+            .is_some_and(|n| *n > 0),
+        "{outcomes:?}"
+    );
+}
+
+/// Runs the transfers through three SIGKILLs with the transfer timeout `timeout_ms`,
+/// checks every invariant, and returns how many transfers ended how (`completed`,
+/// `compensated <reason>`, `failed <reason>`).
+async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let database_url = env_or(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/thalo_test",
+    );
+    let schema = format!("bank_{id}");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut service = Service {
+        port,
+        envs: vec![
+            ("DATABASE_URL", database_url.clone()),
+            ("KAFKA_BROKERS", env_or("KAFKA_BROKERS", "127.0.0.1:9092")),
+            ("BANK_SCHEMA", schema.clone()),
+            ("BANK_LISTEN", format!("127.0.0.1:{port}")),
+            ("BANK_TOPIC_PREFIX", format!("transfers-crash-{id}-")),
+            ("BANK_GROUP_ID", format!("bank-balances-{id}")),
+            ("BANK_INSTANCE_ID", format!("bank-transfers-crash-{id}")),
+            ("BANK_TRANSFER_TIMEOUT_MS", timeout_ms.to_string()),
+        ],
+        log: std::env::temp_dir().join(format!("bank-transfers-crash-{id}.log")),
+        child: None,
+    };
+    let pool = PgPool::connect(&database_url)
+        .await
+        .expect("Postgres at DATABASE_URL (these tests never skip)");
+    service.spawn().await;
+
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    for (i, account) in ACCOUNTS.iter().chain(&CLOSED).enumerate() {
+        let initial = if account.starts_with("ACC") {
+            INITIAL
+        } else {
+            0
+        };
+        let owner = format!("Owner {}", i % 3);
+        let body = json!({"account_number": account, "owner": owner, "initial_deposit": initial});
+        let (status, _) = until_answered(
+            &http,
+            &format!("{base}/accounts"),
+            &format!("open-{account}"),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 201, "{account}");
+    }
+    for account in CLOSED {
+        let url = format!("{base}/accounts/{account}/close");
+        let (status, _) =
+            until_answered(&http, &url, &format!("close-{account}"), &json!({})).await;
+        assert_eq!(status, 200, "{account}");
+    }
+
+    // Clients: each requests transfers one after the other, retrying each with its key
+    // until it is accepted, through the kills.
+    let running = Arc::new(AtomicBool::new(true));
+    let accepted: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let clients: Vec<_> = (0..6_usize)
+        .map(|client| {
+            let (http, url) = (http.clone(), format!("{base}/transfers"));
+            let (running, accepted) = (Arc::clone(&running), Arc::clone(&accepted));
+            tokio::spawn(async move {
+                let mut n = 0_usize;
+                while running.load(Ordering::SeqCst) {
+                    let from = ACCOUNTS[(client + n) % ACCOUNTS.len()];
+                    let to = if n % 5 == 4 {
+                        CLOSED[(client + n) % CLOSED.len()]
+                    } else {
+                        ACCOUNTS[(client + n + 1 + n % 3) % ACCOUNTS.len()]
+                    };
+                    // Up to $150.00: some withdrawals find too little.
+                    let amount = ((client * 7 + n * 13) % 150 + 1) as i64 * 1_00;
+                    let key = format!("transfer-{client}-{n}");
+                    let body = json!({"from": from, "to": to, "amount": amount});
+                    let (status, answer) = until_answered(&http, &url, &key, &body).await;
+                    assert_eq!(status, 202, "{key}: {answer}");
+                    let id = answer["id"].as_str().expect("id").to_owned();
+                    accepted.lock().unwrap().insert(key, id);
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        service.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.spawn().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    running.store(false, Ordering::SeqCst);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let restarted = Instant::now();
+    let accepted = accepted.lock().unwrap().clone();
+    let ids: BTreeSet<String> = accepted.values().cloned().collect();
+    assert_eq!(ids.len(), accepted.len(), "one transfer per key");
+    assert!(
+        accepted.len() > 50,
+        "the load ran: {} transfers",
+        accepted.len()
+    );
+
+    // Settle: every accepted transfer finishes.
+    let settled = loop {
+        let settled = transfers(&pool, &schema).await;
+        let open: Vec<_> = ids
+            .iter()
+            .filter(|id| settled.get(*id).is_none_or(|t| t.outcome.is_none()))
+            .collect();
+        if open.is_empty() {
+            break settled;
+        }
+        assert!(
+            restarted.elapsed() < BOUND,
+            "{} transfers did not settle within {BOUND:?}, e.g. {:?}\n{}",
+            open.len(),
+            settled.get(open[0]),
+            std::fs::read_to_string(&service.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "{} transfers settled {:?} after the last restart",
+        ids.len(),
+        restarted.elapsed()
+    );
+
+    // Exactly the accepted transfers were stored, and each finished as it should.
+    let stored: BTreeSet<String> = settled.keys().cloned().collect();
+    assert_eq!(
+        stored, ids,
+        "the store holds exactly the accepted transfers"
+    );
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, t) in &settled {
+        let outcome = t.outcome.as_deref().expect("settled");
+        let name = outcome.trim_start_matches("Transfer").to_lowercase();
+        let name = match &t.reason {
+            Some(reason) => format!("{name} {reason}"),
+            None => name,
+        };
+        *outcomes.entry(name).or_default() += 1;
+        let legs = (t.withdrawn, t.deposited, t.refunded);
+        match outcome {
+            "TransferCompleted" => assert_eq!(legs, (1, 1, 0), "{id}: {t:?}"),
+            "TransferCompensated" => assert_eq!(legs, (1, 0, 1), "{id}: {t:?}"),
+            "TransferFailed" => {
+                assert_eq!(legs, (0, 0, 0), "{id}: nothing moved: {t:?}");
+                assert_eq!(t.reason.as_deref(), Some("INSUFFICIENT_FUNDS"), "{id}");
+            }
+            other => panic!("{id}: {other}"),
+        }
+    }
+    eprintln!("timeout {timeout_ms} ms: {outcomes:?}");
+    // Money is conserved: what is in the accounts is what came in from outside.
+    let balances = balances(&pool, &schema).await;
+    let total: i64 = balances.values().sum();
+    assert_eq!(total, INITIAL * ACCOUNTS.len() as i64, "{balances:?}");
+    assert!(balances.values().all(|b| *b >= 0), "{balances:?}");
+    for account in CLOSED {
+        assert_eq!(balances[account], 0, "{account} got nothing");
+    }
+
+    // No command was applied twice: no two events under one command id.
+    let twice: Vec<(String, i64)> = sqlx::query(&format!(
+        "SELECT metadata->>'command_id', count(*) FROM \"{schema}\".events
+         WHERE metadata ? 'command_id' GROUP BY 1 HAVING count(*) > 1"
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("command ids")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    assert!(twice.is_empty(), "commands applied twice: {twice:?}");
+
+    // The process manager sees the transfers' last events and completes every
+    // instance, which leaves no timer to fire.
+    loop {
+        let (timers, unfinished): (i64, i64) = sqlx::query(&format!(
+            "SELECT (SELECT count(*) FROM \"{schema}\".process_timers),
+                    (SELECT count(*) FROM \"{schema}\".process_states WHERE NOT completed)"
+        ))
+        .fetch_one(&pool)
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("process tables");
+        if (timers, unfinished) == (0, 0) {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < BOUND,
+            "{timers} timers and {unfinished} running instances left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    service.kill().await;
+    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await;
+    let _ = std::fs::remove_file(&service.log);
+    outcomes
+}
