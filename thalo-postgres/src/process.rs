@@ -20,6 +20,7 @@ struct ProcessSql {
     lock_key_prefix: String,
     load_state: String,
     save_state: String,
+    mark_pending: String,
     set_timer: String,
     cancel_timer: String,
     cancel_all_timers: String,
@@ -36,13 +37,21 @@ impl ProcessSql {
         ProcessSql {
             lock_key_prefix: format!("thalo:process:{schema}:"),
             load_state: format!(
-                "SELECT state, completed FROM {states} WHERE process_manager = $1 AND instance = $2"
+                "SELECT state, completed, pending FROM {states} WHERE process_manager = $1 AND instance = $2"
             ),
             save_state: format!(
                 "INSERT INTO {states} (process_manager, instance, state, completed, updated_at)
 VALUES ($1, $2, $3, $4, now())
 ON CONFLICT (process_manager, instance) DO UPDATE
-SET state = EXCLUDED.state, completed = EXCLUDED.completed, updated_at = EXCLUDED.updated_at"
+SET state = EXCLUDED.state, completed = EXCLUDED.completed, pending = NULL,
+    updated_at = EXCLUDED.updated_at"
+            ),
+            // Only the marker: an existing row keeps its saved state; a new one gets the
+            // default state ($3), which is what an instance without a row starts from.
+            mark_pending: format!(
+                "INSERT INTO {states} (process_manager, instance, state, completed, pending)
+VALUES ($1, $2, $3, false, $4)
+ON CONFLICT (process_manager, instance) DO UPDATE SET pending = EXCLUDED.pending"
             ),
             // Due from the statement's clock, not the transaction's start: the commands
             // before it may have taken a while.
@@ -105,6 +114,57 @@ type States<T> = HashMap<String, Loaded<T>>;
 struct Loaded<T> {
     instance: ProcessInstance<T>,
     dirty: bool,
+    /// The inputs handled in this step, in order (the replayed ones first): the
+    /// `pending` marker written before an input's commands run.
+    inputs: Vec<Input>,
+    /// The timers replayed from the marker: their rows are deleted with the commit, and
+    /// they do not fire again in this step.
+    replayed: Vec<Uuid>,
+    /// In a timer step: the marker holds events of a crashed batch, which the next
+    /// batch replays first; the instance's timers wait until then.
+    blocked: bool,
+}
+
+/// An input of a process manager instance, as the `pending` marker records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Input {
+    /// The event at this global position.
+    Event { position: u64 },
+    /// The timer with this id and name.
+    Timer { id: Uuid, name: String },
+}
+
+impl Input {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Input::Event { position } => {
+                serde_json::json!({ "kind": "event", "position": position })
+            }
+            Input::Timer { id, name } => {
+                serde_json::json!({ "kind": "timer", "id": id.to_string(), "name": name })
+            }
+        }
+    }
+
+    fn from_json(value: &serde_json::Value) -> Option<Input> {
+        match value.get("kind")?.as_str()? {
+            "event" => Some(Input::Event {
+                position: value.get("position")?.as_u64()?,
+            }),
+            "timer" => Some(Input::Timer {
+                id: value.get("id")?.as_str()?.parse().ok()?,
+                name: value.get("name")?.as_str()?.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What a step is handling: its kind decides what a pending marker means for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Events,
+    Timers,
 }
 
 /// Runs a [`ProcessManager`] durably over a [`PgEventStore`]: feeds it the events of its
@@ -128,6 +188,17 @@ struct Loaded<T> {
 /// states, gets the same commands under the same keys, and the store replays them
 /// instead of executing them again. The transaction writes nothing until the end, so it
 /// does not hold back the read horizon of other readers while commands run.
+///
+/// Replaying the same input is not enough: the inputs of an instance must be replayed
+/// in their original order, or a timer whose refund ran before a crash could be
+/// overtaken by the instance's next event, which would deposit from a state that lost
+/// the refund. So before an input's commands run, the runner records the instance's
+/// inputs of this step in its `pending` column, committed on its own (one statement per
+/// input with commands; the row is created with the default state if needed), and the
+/// commit that saves the state clears it. A step that loads an instance with a pending
+/// timer fires that timer again first, from the saved state, under its keys; a timer
+/// step that finds pending events leaves the instance's timers due until the next batch
+/// has replayed those events (it reads them again from the unchanged checkpoint).
 ///
 /// Firing timers works the same way: under the same lock, the due timers are read, each
 /// one's [`on_timer`](ProcessManager::on_timer) runs and its commands are executed under
@@ -224,7 +295,8 @@ impl<P: ProcessManager> PgProcessManager<P> {
         &self.manager
     }
 
-    /// The stored instance `instance`, if it has seen an event.
+    /// The stored instance `instance`, if it has seen an input (its state is the default
+    /// while its first input is pending).
     ///
     /// # Errors
     ///
@@ -234,7 +306,10 @@ impl<P: ProcessManager> PgProcessManager<P> {
         instance: &str,
     ) -> Result<Option<ProcessInstance<P::State>>, Error> {
         let mut conn = self.connection().await?;
-        self.load_state(&mut conn, instance).await
+        Ok(self
+            .load_state(&mut conn, instance)
+            .await?
+            .map(|(instance, _)| instance))
     }
 
     /// The names of `instance`'s pending timers, sorted.
@@ -265,7 +340,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
         &self,
         conn: &mut PgConnection,
         instance: &str,
-    ) -> Result<Option<ProcessInstance<P::State>>, Error> {
+    ) -> Result<Option<(ProcessInstance<P::State>, Vec<Input>)>, Error> {
         let row = sqlx::query(&self.sql.load_state)
             .bind(self.manager.name())
             .bind(instance)
@@ -281,6 +356,21 @@ impl<P: ProcessManager> PgProcessManager<P> {
         let completed: bool = row
             .try_get("completed")
             .map_err(store("reading a process state"))?;
+        let pending: Option<serde_json::Value> = row
+            .try_get("pending")
+            .map_err(store("reading a process state"))?;
+        let pending = match pending {
+            None => Vec::new(),
+            Some(value) => value
+                .as_array()
+                .and_then(|inputs| inputs.iter().map(Input::from_json).collect())
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "process `{}` instance `{instance}` has a malformed pending marker",
+                        self.manager.name()
+                    ))
+                })?,
+        };
         let state = serde_json::from_value(state).map_err(|e| {
             Error::serialization(
                 format!(
@@ -290,7 +380,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
                 e,
             )
         })?;
-        Ok(Some(ProcessInstance { state, completed }))
+        Ok(Some((ProcessInstance { state, completed }, pending)))
     }
 
     async fn begin_locked(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
@@ -314,31 +404,135 @@ impl<P: ProcessManager> PgProcessManager<P> {
     }
 
     /// The state of `instance` for this step: from `states` or the table.
+    ///
+    /// An instance first loaded with a pending marker had inputs whose commands may have
+    /// run without their state being saved (a crash before the commit). To replay them
+    /// in their original order, whatever this step is: the marker's timers are fired
+    /// again first (their effects go to `writes`), from the saved state, under the same
+    /// keys; the marker's events are replayed by the next event batch, which reads them
+    /// again from the unchanged checkpoint before anything else of the instance, so a
+    /// timer step leaves such an instance's timers due (`blocked`) until then.
     async fn state_for<'s>(
         &self,
         conn: &mut PgConnection,
         states: &'s mut States<P::State>,
         instance: &str,
+        kind: StepKind,
+        writes: &mut Vec<(String, Effects)>,
     ) -> Result<&'s mut Loaded<P::State>, Error> {
         if !states.contains_key(instance) {
-            let loaded = self
-                .load_state(conn, instance)
-                .await?
-                .unwrap_or(ProcessInstance {
+            let (loaded, pending) = self.load_state(conn, instance).await?.unwrap_or((
+                ProcessInstance {
                     state: P::State::default(),
                     completed: false,
-                });
-            states.insert(
-                instance.to_owned(),
-                Loaded {
-                    instance: loaded,
-                    dirty: false,
                 },
-            );
+                Vec::new(),
+            ));
+            let mut loaded = Loaded {
+                instance: loaded,
+                dirty: false,
+                inputs: Vec::new(),
+                replayed: Vec::new(),
+                blocked: false,
+            };
+            let has_events = pending.iter().any(|i| matches!(i, Input::Event { .. }));
+            if kind == StepKind::Timers && has_events {
+                loaded.blocked = true;
+            } else {
+                // A marker's timers precede its events: a step handles either kind.
+                for input in pending {
+                    let Input::Timer { id, name } = input else {
+                        break;
+                    };
+                    debug!(
+                        process_manager = self.manager.name(),
+                        instance,
+                        timer = %name,
+                        "replaying a timer interrupted before its commit"
+                    );
+                    if let Some(effects) = self.fire(&mut loaded, instance, id, &name).await? {
+                        writes.push((instance.to_owned(), effects));
+                    }
+                    loaded.replayed.push(id);
+                    loaded.dirty = true;
+                }
+            }
+            states.insert(instance.to_owned(), loaded);
         }
         states
             .get_mut(instance)
             .ok_or_else(|| Error::config("process state vanished from its cache"))
+    }
+
+    /// Records, in its own transaction, that `loaded`'s inputs are being handled: before
+    /// the commands of the last one run, so that a crash leaves the marker behind.
+    async fn mark_pending(&self, instance: &str, loaded: &Loaded<P::State>) -> Result<(), Error> {
+        let default = serde_json::to_value(P::State::default()).map_err(|e| {
+            Error::serialization(format!("state of process `{}`", self.manager.name()), e)
+        })?;
+        let pending = serde_json::Value::Array(loaded.inputs.iter().map(Input::to_json).collect());
+        let mut conn = self.connection().await?;
+        sqlx::query(&self.sql.mark_pending)
+            .bind(self.manager.name())
+            .bind(instance)
+            .bind(default)
+            .bind(pending)
+            .execute(&mut *conn)
+            .await
+            .map_err(store("marking a process input as pending"))?;
+        Ok(())
+    }
+
+    /// Hands `input`'s actions to the process manager's repository for `loaded`, marking
+    /// the input pending first if it has commands; the new state goes to `loaded`.
+    async fn apply(
+        &self,
+        loaded: &mut Loaded<P::State>,
+        instance: &str,
+        input: Input,
+        cause: Uuid,
+        mut state: P::State,
+        actions: Vec<thalo::Action<PgEventStore>>,
+    ) -> Result<Effects, Error> {
+        loaded.inputs.push(input);
+        if actions
+            .iter()
+            .any(|a| matches!(a, thalo::Action::Command(_)))
+        {
+            self.mark_pending(instance, loaded).await?;
+        }
+        let effects =
+            execute_actions(&self.manager, &self.repository, &mut state, cause, actions).await?;
+        loaded.instance.state = state;
+        loaded.instance.completed = effects.completed;
+        loaded.dirty = true;
+        Ok(effects)
+    }
+
+    /// Fires the timer `id` (`name`) of `loaded`: its effects, `None` for a completed
+    /// instance.
+    async fn fire(
+        &self,
+        loaded: &mut Loaded<P::State>,
+        instance: &str,
+        id: Uuid,
+        name: &str,
+    ) -> Result<Option<Effects>, Error> {
+        if loaded.instance.completed {
+            return Ok(None);
+        }
+        let mut state = loaded.instance.state.clone();
+        let actions = self
+            .manager
+            .on_timer::<PgEventStore>(&mut state, name)
+            .map_err(|e| handler_error(self.manager.name(), e))?;
+        let input = Input::Timer {
+            id,
+            name: name.to_owned(),
+        };
+        self.apply(loaded, instance, input, id, state, actions)
+            .await
+            .map(Some)
     }
 
     /// Writes the timer changes of `instance` in order.
@@ -481,7 +675,15 @@ impl<P: ProcessManager> PgProcessManager<P> {
             let Some(instance) = self.manager.correlate(&envelope) else {
                 continue;
             };
-            let loaded = self.state_for(tx, &mut states, &instance).await?;
+            let loaded = self
+                .state_for(
+                    tx,
+                    &mut states,
+                    &instance,
+                    StepKind::Events,
+                    &mut timer_writes,
+                )
+                .await?;
             if loaded.instance.completed {
                 continue;
             }
@@ -490,22 +692,18 @@ impl<P: ProcessManager> PgProcessManager<P> {
                 .manager
                 .react::<PgEventStore>(&mut state, &envelope)
                 .map_err(|e| handler_error(name, e))?;
-            let effects = execute_actions(
-                &self.manager,
-                &self.repository,
-                &mut state,
-                envelope.id,
-                actions,
-            )
-            .await?;
-            loaded.instance.state = state;
-            loaded.instance.completed = effects.completed;
-            loaded.dirty = true;
+            let input = Input::Event {
+                position: raw.position,
+            };
+            let effects = self
+                .apply(loaded, &instance, input, envelope.id, state, actions)
+                .await?;
             timer_writes.push((instance, effects));
             handled += 1;
         }
         // All writes at the end: until then the transaction has no transaction id and
         // holds back no reader's horizon while the commands run.
+        self.delete_replayed_timers(tx, &states).await?;
         for (instance, effects) in &timer_writes {
             self.write_timers(tx, instance, effects).await?;
         }
@@ -606,34 +804,54 @@ impl<P: ProcessManager> PgProcessManager<P> {
         }
         let mut states = HashMap::new();
         let mut writes = Vec::new();
+        let mut fired = Vec::with_capacity(due.len());
         for (id, instance, timer) in &due {
-            let loaded = self.state_for(tx, &mut states, instance).await?;
-            if loaded.instance.completed {
+            let loaded = self
+                .state_for(tx, &mut states, instance, StepKind::Timers, &mut writes)
+                .await?;
+            if loaded.blocked {
                 continue;
             }
-            let mut state = loaded.instance.state.clone();
-            let actions = self
-                .manager
-                .on_timer::<PgEventStore>(&mut state, timer)
-                .map_err(|e| handler_error(name, e))?;
-            let effects =
-                execute_actions(&self.manager, &self.repository, &mut state, *id, actions).await?;
-            loaded.instance.state = state;
-            loaded.instance.completed = effects.completed;
-            loaded.dirty = true;
-            writes.push((instance, effects));
+            // A completed instance's timer is deleted unfired; a replayed one is done.
+            fired.push(*id);
+            if loaded.replayed.contains(id) {
+                continue;
+            }
+            if let Some(effects) = self.fire(loaded, instance, *id, timer).await? {
+                writes.push((instance.clone(), effects));
+            }
         }
-        for (id, _, _) in &due {
+        if fired.is_empty() && states.values().all(|s| !s.dirty) {
+            return Ok(None);
+        }
+        for id in &fired {
             sqlx::query(&self.sql.delete_timer)
                 .bind(id)
                 .execute(&mut *tx)
                 .await
                 .map_err(store("deleting a fired process timer"))?;
         }
+        self.delete_replayed_timers(tx, &states).await?;
         for (instance, effects) in &writes {
             self.write_timers(tx, instance, effects).await?;
         }
-        Ok(Some((due.len(), states)))
+        Ok(Some((fired.len(), states)))
+    }
+
+    /// Deletes the rows of the timers that `states` replayed from pending markers.
+    async fn delete_replayed_timers(
+        &self,
+        tx: &mut PgConnection,
+        states: &States<P::State>,
+    ) -> Result<(), Error> {
+        for id in states.values().flat_map(|s| &s.replayed) {
+            sqlx::query(&self.sql.delete_timer)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(store("deleting a replayed process timer"))?;
+        }
+        Ok(())
     }
 
     /// How long until the next timer is due (zero when one is), if there is one.

@@ -58,6 +58,24 @@ async fn transfer_events(store: &PgEventStore, id: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// Catches up until `instance` saw its withdrawal (appended by its own command; an
+/// event can be held back for a while by other tests' transactions).
+async fn until_withdrawn(runner: &PgProcessManager<Transfers>, instance: &str) {
+    for _ in 0..50 {
+        runner.catch_up().await.unwrap();
+        if runner
+            .instance(instance)
+            .await
+            .unwrap()
+            .is_some_and(|i| i.state.withdrawn)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{instance} did not see its withdrawal");
+}
+
 /// Catches up until `instance` completed (its last events are appended by its own
 /// commands, so several catch-ups are needed).
 async fn until_completed(runner: &PgProcessManager<Transfers>, instance: &str) {
@@ -104,7 +122,12 @@ async fn commands_are_executed_once_across_crashes_before_the_commit() {
         None,
         "nothing committed"
     );
-    assert!(crashing.instance("t-1").await.unwrap().is_none());
+    // At most the marker of the inputs in flight (replayed by the next runner), next to
+    // the default state.
+    if let Some(instance) = crashing.instance("t-1").await.unwrap() {
+        assert_eq!(instance.state, TransferState::default());
+        assert!(!instance.completed);
+    }
 
     // A fresh runner finishes the job.
     let fresh = runner(&db.store, Duration::from_secs(60));
@@ -148,8 +171,7 @@ async fn a_timer_fires_once_after_a_restart_even_with_two_runners() {
     let timeout = Duration::from_millis(200);
     {
         let first = runner(&db.store, timeout);
-        first.catch_up().await.unwrap();
-        first.catch_up().await.unwrap(); // sees the withdrawal
+        until_withdrawn(&first, "slow").await;
         assert_eq!(first.timers("slow").await.unwrap(), ["timeout"]);
         assert_eq!(first.fire_due_timers().await.unwrap(), 0, "not due yet");
         // Stopped before the timer is due.
@@ -194,8 +216,7 @@ async fn a_cancelled_timer_never_fires() {
     start(&repo, "t-1", "alice", "bob", true).await;
     let timeout = Duration::from_millis(200);
     let pm = runner(&db.store, timeout);
-    pm.catch_up().await.unwrap();
-    pm.catch_up().await.unwrap();
+    until_withdrawn(&pm, "t-1").await;
     assert_eq!(pm.timers("t-1").await.unwrap(), ["timeout"]);
     repo.execute::<Transfer>(&"t-1".to_owned(), TransferCommand::Approve {})
         .await
@@ -302,4 +323,143 @@ async fn many_instances_complete_with_two_runners() {
         );
         assert!(probe.timers(&format!("t-{i}")).await.unwrap().is_empty());
     }
+}
+
+/// The balance of `wallet`, from its events.
+async fn balance(store: &PgEventStore, wallet: &str) -> i64 {
+    store
+        .read_stream::<Wallet>(&wallet.to_owned(), 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| match &e.event {
+            WalletEvent::Opened(e) => e.cents,
+            WalletEvent::Withdrawn(e) => -e.cents,
+            WalletEvent::Deposited(e) => e.cents,
+            WalletEvent::Refunded(e) => e.cents,
+            WalletEvent::Closed(_) => 0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_timer_interrupted_after_its_commands_is_replayed_before_the_next_event() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    start(&repo, "t-1", "alice", "bob", true).await;
+
+    let timeout = Duration::from_millis(200);
+    let first = runner(&db.store, timeout);
+    until_withdrawn(&first, "t-1").await; // waiting for the approval
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The timeout fires and refunds alice, then the runner dies before its commit: the
+    // saved state still says "withdrawn, waiting for the approval".
+    let crashing = runner(&db.store, timeout).fail_before_commit(Arc::new(AtomicU32::new(1)));
+    let err = crashing.fire_due_timers().await.unwrap_err();
+    assert!(format!("{err:?}").contains("injected failure"), "{err:?}");
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn", "Refunded"]
+    );
+    // The approval arrives before a restarted runner fires the timer again; a runner
+    // catches up on events before it fires timers. Reacting to `Refunded` and `Approved`
+    // from the saved state would deposit too: the interrupted firing is replayed first.
+    repo.execute::<Transfer>(&"t-1".to_owned(), TransferCommand::Approve {})
+        .await
+        .unwrap();
+    let restarted = runner(&db.store, timeout);
+    until_completed(&restarted, "t-1").await;
+    assert_eq!(restarted.fire_due_timers().await.unwrap(), 0);
+
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn", "Refunded"],
+        "refunded once"
+    );
+    assert_eq!(
+        wallet_events(&db.store, "bob").await,
+        ["Opened"],
+        "not deposited after the refund"
+    );
+    assert_eq!(
+        balance(&db.store, "alice").await + balance(&db.store, "bob").await,
+        100,
+        "money conserved"
+    );
+    assert_eq!(
+        transfer_events(&db.store, "t-1").await,
+        ["Started", "Approved", "Failed"]
+    );
+    let instance = restarted.instance("t-1").await.unwrap().unwrap();
+    assert_eq!(instance.state.failure.as_deref(), Some("timed out"));
+    assert!(!instance.state.depositing);
+    assert!(restarted.timers("t-1").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_event_interrupted_after_its_commands_is_replayed_before_a_timer() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    open(&repo, "alice", 100).await;
+    open(&repo, "bob", 0).await;
+    start(&repo, "t-1", "alice", "bob", false).await;
+
+    let timeout = Duration::from_millis(200);
+    let first = runner(&db.store, timeout);
+    // Started: withdraws, sets the timeout; the withdrawal is not handled yet.
+    for _ in 0..50 {
+        first.catch_up().await.unwrap();
+        if first.instance("t-1").await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let instance = first.instance("t-1").await.unwrap().unwrap();
+    assert!(!instance.state.withdrawn);
+    // The withdrawal's batch deposits to bob, then the runner dies before its commit.
+    let crashing = runner(&db.store, timeout).fail_before_commit(Arc::new(AtomicU32::new(1)));
+    let mut crashed = false;
+    for _ in 0..20 {
+        if let Err(err) = crashing.catch_up().await {
+            assert!(format!("{err:?}").contains("injected failure"), "{err:?}");
+            crashed = true;
+            break;
+        }
+    }
+    assert!(crashed);
+    assert_eq!(
+        wallet_events(&db.store, "bob").await,
+        ["Opened", "Deposited"]
+    );
+    // The timeout is due before a runner read the withdrawal again: firing it from the
+    // saved state ("not withdrawn yet") would fail a transfer whose money moved. It waits
+    // until the interrupted batch is replayed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = runner(&db.store, timeout);
+    assert_eq!(restarted.fire_due_timers().await.unwrap(), 0);
+    assert_eq!(restarted.timers("t-1").await.unwrap(), ["timeout"]);
+    until_completed(&restarted, "t-1").await;
+    assert_eq!(restarted.fire_due_timers().await.unwrap(), 0);
+
+    assert_eq!(
+        wallet_events(&db.store, "alice").await,
+        ["Opened", "Withdrawn"]
+    );
+    assert_eq!(
+        wallet_events(&db.store, "bob").await,
+        ["Opened", "Deposited"],
+        "deposited once"
+    );
+    assert_eq!(
+        balance(&db.store, "alice").await + balance(&db.store, "bob").await,
+        100,
+        "money conserved"
+    );
+    assert_eq!(
+        transfer_events(&db.store, "t-1").await,
+        ["Started", "Completed"]
+    );
+    assert!(restarted.timers("t-1").await.unwrap().is_empty());
 }

@@ -53,18 +53,22 @@ use crate::{Aggregate, CommandId, Error, EventEnvelope, EventSet, EventStore, Re
 /// timers. A timer fires once; its commands are keyed by the timer's own id and the step,
 /// so a firing interrupted by a crash is replayed like an event.
 ///
-/// # Races between a timer and an event: let an aggregate decide
+/// # Races between a timer and an event
 ///
-/// Each input's commands are executed once, but the order of inputs is not replayed:
-/// when a crash interrupts a timer's firing (its commands executed, its state not
-/// saved), the restarted runner may handle the instance's next event before firing the
-/// timer again, from a state that does not know the timer's commands ran. If the timer
-/// and the event lead to mutually exclusive commands (refund *or* deposit), both could
-/// then be executed. Make such a choice on an aggregate instead: record the outcome the
-/// process is racing for there (a `Transfer` that accepts either `TimeOut` or
-/// `RecordWithdrawal`, whichever comes first, and rejects the other), and issue the
-/// exclusive commands only in reaction to that aggregate's events. The bank's transfers
-/// (`examples/bank/src/transfer.rs`) are built this way, and their crash test
+/// An instance's inputs (events and timers) are handled one at a time, and after a
+/// crash they are replayed in their original order: the durable runner records an
+/// input as pending, in its own transaction, before executing its commands, and clears
+/// the mark in the transaction that saves the state. If a crash interrupts a timer's
+/// firing (its commands executed, its state not saved), the next runner fires that
+/// timer again, from the saved state and under the same keys, before it hands the
+/// instance any other input; an interrupted batch of events is replayed before any of
+/// the instance's timers fires. So a state that chose one of two mutually exclusive
+/// commands (refund *or* deposit) never meets the other input without knowing the
+/// choice. Deciding such a race on an aggregate is still a good design when the outcome
+/// is part of the domain and others must see it: record it there (a `Transfer` that
+/// accepts either `TimeOut` or `RecordWithdrawal`, whichever comes first, and rejects
+/// the other), and issue the exclusive commands in reaction to that aggregate's events,
+/// as the bank's transfers (`examples/bank/src/transfer.rs`) do; their crash test
 /// (`transfers_crash`) checks that no transfer is both paid and refunded.
 pub trait ProcessManager: Send + Sync + 'static {
     /// The events it follows: an [`EventSet`] (declared with
