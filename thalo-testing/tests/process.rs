@@ -119,6 +119,30 @@ fn a_rejected_withdrawal_fails_the_transfer() {
 }
 
 #[test]
+fn a_timeout_before_the_withdrawal_is_seen_refunds_it_when_it_is() {
+    // The withdrawal succeeded, but the timer fires before its event is handled: nothing
+    // to refund yet, and failing now would lose the money.
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .when_timer("timeout")
+        .then_commands(&[])
+        .then_state(|s| assert!(s.timed_out && !s.withdrawn));
+
+    ProcessManagerTest::new(transfers())
+        .with_state(TransferState {
+            id: "t-1".into(),
+            from: "alice".into(),
+            to: "bob".into(),
+            cents: 30,
+            timed_out: true,
+            ..TransferState::default()
+        })
+        .when::<Wallet>("alice".into(), withdrawn())
+        .then_commands(&[r#"refund: wallet/alice Refund { transfer: "t-1", cents: 30 }"#])
+        .then_state(|s| assert_eq!(s.failure.as_deref(), Some("timed out")));
+}
+
+#[test]
 fn the_timeout_refunds_a_withdrawal_waiting_for_approval() {
     ProcessManagerTest::new(transfers())
         .given::<Transfer>("t-1".into(), started(true))

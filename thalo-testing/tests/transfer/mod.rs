@@ -167,6 +167,9 @@ pub struct TransferState {
     pub depositing: bool,
     pub refunding: bool,
     pub failure: Option<String>,
+    /// The timeout fired before the withdrawal was seen: refund it when it is.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 impl TransferState {
@@ -258,7 +261,9 @@ impl ProcessManager for Transfers {
             }
             Money::Wallet(WalletEvent::Withdrawn(_)) => {
                 state.withdrawn = true;
-                if state.approval && !state.approved {
+                if state.timed_out {
+                    state.refund("timed out")
+                } else if state.approval && !state.approved {
                     Vec::new()
                 } else {
                     state.deposit()
@@ -302,7 +307,11 @@ impl ProcessManager for Transfers {
         Ok(if state.withdrawn {
             state.refund("timed out")
         } else {
-            state.fail("timed out")
+            // The withdrawal succeeded (a rejected one cancels the timer in the same
+            // step) but its event is not handled yet: refund it when it is, rather than
+            // fail now and lose the money withdrawn.
+            state.timed_out = true;
+            Vec::new()
         })
     }
 
