@@ -3,6 +3,9 @@
 //! runners at once), never fires a cancelled timer, and drives many instances to the end.
 
 mod common;
+// The same fixture as thalo-testing's process-manager tests: one definition of the
+// example process manager for both runners.
+#[path = "../../thalo-testing/tests/transfer/mod.rs"]
 mod transfer;
 
 use std::sync::atomic::AtomicU32;

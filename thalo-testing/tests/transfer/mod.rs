@@ -1,5 +1,5 @@
 //! A small transfer process manager over two aggregate types, `Wallet` and `Transfer`,
-//! for the process-manager tests. (`thalo-postgres/tests/transfer/mod.rs` is a copy.)
+//! for the process-manager tests. (`thalo-postgres/tests/process.rs` includes this file too.)
 //!
 //! A transfer withdraws from `from`, then deposits to `to` (after an approval, for a
 //! transfer that needs one), then completes. A rejected withdrawal fails it; a rejected
