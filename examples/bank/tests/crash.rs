@@ -4,72 +4,20 @@
 //! consumer its partitions back: a dead member's session is never expired by some
 //! brokers (tansu 0.6), and only after `session.timeout.ms` by others.
 
+mod common;
+
+use common::{env_or, Service};
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::{PgPool, Row};
-use tokio::process::{Child, Command};
 
 /// How long the read model may take to match the store after the last restart.
 const BOUND: Duration = Duration::from_secs(30);
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-struct Service {
-    port: u16,
-    envs: Vec<(&'static str, String)>,
-    log: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Service {
-    async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_bank"))
-            .arg("serve")
-            .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn the bank service");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let http = reqwest::Client::new();
-        loop {
-            let url = format!("http://127.0.0.1:{}/accounts", self.port);
-            if http.get(&url).send().await.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not start: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown, no commit, no unlock.
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().expect("SIGKILL");
-            let _ = child.wait().await;
-        }
-    }
-}
 
 /// The fold of the stored events: account -> (balance, version).
 async fn folded(pool: &PgPool, schema: &str) -> HashMap<String, (i64, i64)> {

@@ -5,6 +5,9 @@
 // Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
 #![allow(clippy::inconsistent_digit_grouping)]
 
+mod common;
+
+use common::env_or;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,10 +17,6 @@ use bank::service::{start, Running, ServiceConfig};
 use serde_json::json;
 use thalo::Shutdown;
 use thalo_postgres::VersionState;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 fn config(id: &str, balances_version: u32) -> ServiceConfig {
     ServiceConfig {

@@ -4,16 +4,15 @@
 // Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
 #![allow(clippy::inconsistent_digit_grouping)]
 
+mod common;
+
+use common::env_or;
 use std::time::{Duration, Instant};
 
 use bank::http::{BalanceView, ErrorBody, StoredEvent};
 use bank::service::{start, ServiceConfig};
 use serde_json::json;
 use thalo::Shutdown;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_over_http_reach_the_read_model_through_kafka() {

@@ -2,6 +2,9 @@
 //! once, the request in flight still gets its answer, the relay and the consumer stop,
 //! and the process exits with success.
 
+mod common;
+
+use common::env_or;
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,10 +15,6 @@ use tokio::process::Command;
 
 /// `--shutdown-timeout-secs` of the service under test.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_request_in_flight_and_exits_within_the_bound() {

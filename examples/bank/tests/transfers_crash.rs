@@ -9,16 +9,17 @@
 // Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
 #![allow(clippy::inconsistent_digit_grouping)]
 
+mod common;
+
+use common::{env_or, Service};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::{PgPool, Row};
-use tokio::process::{Child, Command};
 
 /// How long the transfers may take to settle after the last restart.
 const BOUND: Duration = Duration::from_secs(30);
@@ -29,59 +30,6 @@ const INITIAL: i64 = 500_00;
 
 /// Accounts closed before the transfers start: transfers to them are compensated.
 const CLOSED: [&str; 2] = ["SHUT-0", "SHUT-1"];
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-struct Service {
-    port: u16,
-    envs: Vec<(&'static str, String)>,
-    log: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Service {
-    async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_bank"))
-            .arg("serve")
-            .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn the bank service");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let http = reqwest::Client::new();
-        loop {
-            let url = format!("http://127.0.0.1:{}/healthz", self.port);
-            if http.get(&url).send().await.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not start: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown, no commit, no unlock.
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().expect("SIGKILL");
-            let _ = child.wait().await;
-        }
-    }
-}
 
 /// One transfer as the store tells it: its last event, and its account legs.
 #[derive(Debug, Default)]

@@ -1,0 +1,65 @@
+//! Shared by the bank's integration tests: the environment, and `bank serve` run as a
+//! process that a test can SIGKILL and start again.
+
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// An environment variable, or `default`.
+pub fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// `bank serve` as a child process, configured by `envs`, logging to `log`.
+pub struct Service {
+    pub port: u16,
+    pub envs: Vec<(&'static str, String)>,
+    pub log: std::path::PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Service {
+    /// Starts the service and waits until it answers `GET /healthz`.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_bank"))
+            .arg("serve")
+            .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the bank service");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let http = reqwest::Client::new();
+        loop {
+            let url = format!("http://127.0.0.1:{}/healthz", self.port);
+            if http.get(&url).send().await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no commit, no unlock.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("SIGKILL");
+            let _ = child.wait().await;
+        }
+    }
+}
