@@ -173,6 +173,14 @@ if [ "$status" -eq 0 ]; then
     cargo test -p thalo -p thalo-kafka --features opentelemetry --lib --test trace_context 2>&1 | tee -a "$out"
     status=${PIPESTATUS[0]}
 fi
+if [ "$status" -eq 0 ]; then
+    # The `thalo-relay` binary is behind thalo-kafka's `cli` feature, off by default (and
+    # so off under `--workspace`): its unit tests, and the test that runs it
+    # (`relay_binary`, `required-features = ["cli"]`), run here.
+    log "running the thalo-relay binary's tests (feature cli)"
+    cargo test -p thalo-kafka --features cli --bin thalo-relay --test relay_binary 2>&1 | tee -a "$out"
+    status=${PIPESTATUS[0]}
+fi
 set -e
 
 if [ "$status" -ne 0 ]; then

@@ -325,10 +325,10 @@ async fn run(
             }
         }
         turn += 1;
-        // The next fault waits until the pipeline has recovered from this one (the read
-        // model moves again): faults are injected one at a time, not piled on a service
-        // that is still rejoining its consumer group.
-        match checks::wait_for_progress(admin, schema, Duration::from_secs(30)).await? {
+        // The next fault waits until the pipeline has recovered from this one (a write
+        // made after it shows in the read model): faults are injected one at a time, not
+        // piled on a service that is still rejoining its consumer group.
+        match checks::wait_for_recovery(admin, schema, Duration::from_secs(30)).await? {
             Some(took) => faults.slowest_recovery = faults.slowest_recovery.max(took),
             None => faults.unrecovered += 1,
         }

@@ -217,7 +217,10 @@ impl Service {
         let (id, generation) = (&self.id, if self.stable_group { 0 } else { self.starts });
         let child = Command::new(&self.binary)
             .arg("serve")
-            .env("BANK_GROUP_ID", format!("bank-balances-{id}-g{generation}"))
+            .env(
+                "BANK_GROUP_PREFIX",
+                format!("bank-faults-{id}-g{generation}."),
+            )
             .env(
                 "BANK_INSTANCE_ID",
                 format!("bank-faults-{id}-g{generation}"),

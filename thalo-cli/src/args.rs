@@ -73,6 +73,12 @@ pub(crate) struct KafkaArgs {
     #[arg(long, env = "THALO_TOPIC_PREFIX", global = true, default_value = "")]
     pub topic_prefix: String,
 
+    /// Prefix of the projections' consumer groups, as given to their consumers
+    /// (`KafkaConfig::with_group_prefix`): the group of a Kafka-fed projection is
+    /// `<prefix><checkpoint key>`, e.g. `balances` or `balances@v2`.
+    #[arg(long, env = "THALO_GROUP_PREFIX", global = true, default_value = "")]
+    pub group_prefix: String,
+
     /// How long to wait for Kafka to answer, in milliseconds.
     // No `THALO_KAFKA_*` variable: `KafkaConfig::from_env` reads those as properties.
     #[arg(long, global = true, default_value_t = 5_000)]
@@ -118,9 +124,9 @@ pub(crate) enum Command {
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// A Kafka consumer group to report (repeatable). By default: the names of the
-    /// Kafka-fed projections and handlers found in `stream_checkpoints`, which are
-    /// their group ids unless configured otherwise.
+    /// A Kafka consumer group to report (repeatable). By default: the groups of the
+    /// Kafka-fed projections found in `stream_checkpoints`, `<--group-prefix><checkpoint
+    /// key>`, as their consumers derive them.
     #[arg(long = "group", value_name = "GROUP")]
     pub groups: Vec<String>,
 
@@ -317,7 +323,8 @@ pub(crate) struct ResetArgs {
     #[arg(long)]
     pub reset_group: bool,
     /// The consumer group to delete with `--reset-group` (default: the projection's
-    /// name).
+    /// own, `<--group-prefix><name>`; name a group here that a projection used before
+    /// groups were derived from its name).
     #[arg(long, requires = "reset_group", value_name = "GROUP")]
     pub group: Option<String>,
 }

@@ -128,7 +128,9 @@ impl Kafka {
         for (key, value) in &args.properties {
             config = config.set(key.as_str(), value.as_str());
         }
-        let config = config.with_topic_naming(TopicNaming::prefixed(args.topic_prefix.as_str()));
+        let config = config
+            .with_topic_naming(TopicNaming::prefixed(args.topic_prefix.as_str()))
+            .with_group_prefix(args.group_prefix.as_str());
         Ok(Kafka {
             config,
             timeout: Duration::from_millis(args.kafka_timeout_ms.max(1)),
@@ -157,6 +159,12 @@ impl Kafka {
     /// The topic of an aggregate type.
     pub(crate) fn topic(&self, aggregate_type: &str) -> String {
         self.config.topic_naming().topic(aggregate_type)
+    }
+
+    /// The consumer group of the Kafka-fed projection with checkpoint key `key`, as its
+    /// consumer derives it: `<group prefix><key>`.
+    pub(crate) fn projection_group(&self, key: &str) -> String {
+        thalo_kafka::projection_group_id(self.config.group_prefix(), key)
     }
 
     /// Checks that the cluster answers, with the client's reason in words if not.

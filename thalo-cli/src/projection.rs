@@ -276,8 +276,11 @@ async fn reset(store: &Store, global: &Global, args: ResetArgs) -> Result<ResetR
     // checkpoints resuming mid-topic: it would park every stream on a gap.)
     let (mut group_deleted, mut group_missing) = (None, None);
     if args.reset_group {
-        let group = args.group.clone().unwrap_or_else(|| args.name.clone());
         let kafka = Kafka::new(&global.kafka)?;
+        let group = args
+            .group
+            .clone()
+            .unwrap_or_else(|| kafka.projection_group(&args.name));
         if kafka.delete_group(&group).await? {
             group_deleted = Some(group);
         } else {

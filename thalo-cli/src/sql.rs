@@ -5,14 +5,6 @@
 
 use thalo_postgres::SchemaName;
 
-/// The advisory lock name the relay leader holds (`thalo_kafka.relay.<schema>.outbox`).
-/// It is private to `thalo_postgres::PgOutbox`, but stable by design: old and new
-/// relays must exclude each other (see `OutboxSql::lock_name` in `outbox.rs`, and
-/// `leader_pid` in `thalo-postgres/tests/outbox.rs`, which matches it the same way).
-pub(crate) fn relay_lock_name(schema: &SchemaName) -> String {
-    format!("thalo_kafka.relay.{schema}.outbox")
-}
-
 /// The statements of one schema.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -20,9 +12,6 @@ pub(crate) struct Sql {
     pub table_exists: &'static str,
     /// The highest global position (0 for an empty store).
     pub head: String,
-    /// Whether a session holds the relay's advisory lock (`$1` its name): the leader
-    /// recorded in `outbox_leader` is alive.
-    pub relay_lock_held: &'static str,
     /// Store-fed readers (a row in `checkpoints`): name, position, updated_at, events
     /// after the checkpoint in global order, age of the oldest of them (seconds).
     pub store_fed: String,
@@ -71,10 +60,6 @@ impl Sql {
         Sql {
             table_exists: "SELECT to_regclass($1) IS NOT NULL",
             head: format!("SELECT COALESCE(max(position), 0) FROM {events}"),
-            relay_lock_held: "SELECT EXISTS (SELECT 1 FROM pg_locks \
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND ((classid::int8 << 32) | objid::int8) = hashtextextended($1, 0))",
             // The reader's cursor is the event at its position, or the last one before
             // it, and it reads on in `(transaction_id, position)` order (see
             // `thalo-postgres/src/global.rs`): exactly these are the events it has not
@@ -188,9 +173,5 @@ mod tests {
                 );
             }
         }
-        assert_eq!(
-            relay_lock_name(&schema),
-            "thalo_kafka.relay.ops_test.outbox"
-        );
     }
 }

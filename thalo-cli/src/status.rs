@@ -16,7 +16,6 @@ use crate::kafka::{GroupLag, Kafka};
 use crate::output::{self, section, table, Report};
 use crate::parked::ParkedReport;
 use crate::projection::{self, Kind, ProjectionView};
-use crate::sql::relay_lock_name;
 use crate::store::Store;
 
 #[derive(Debug, Serialize)]
@@ -182,11 +181,7 @@ pub(crate) async fn run(store: &Store, global: &Global, args: StatusArgs) -> Res
     let outbox = store.store.outbox();
     let lag = outbox.lag().await?;
     let leader = outbox.leader().await?;
-    let lock_held: bool = sqlx::query_scalar(store.sql.relay_lock_held)
-        .bind(relay_lock_name(&store.schema))
-        .fetch_one(&store.pool)
-        .await
-        .map_err(CliError::sql("looking for the relay's lock"))?;
+    let lock_held = outbox.is_led().await?;
     let parked = ParkedReport::load(store).await?;
     let projections = projection::list(store).await?;
 
@@ -212,11 +207,11 @@ pub(crate) async fn run(store: &Store, global: &Global, args: StatusArgs) -> Res
             Ok(()) => {
                 let mut groups = args.groups.clone();
                 if groups.is_empty() {
-                    // Kafka-fed projections use their name as group id by default.
+                    // A Kafka-fed projection's group derives from its checkpoint key.
                     groups = projections
                         .iter()
                         .filter(|p| p.kind == Kind::KafkaFed)
-                        .map(|p| p.name.clone())
+                        .map(|p| client.projection_group(&p.name))
                         .collect();
                 }
                 let topics = store

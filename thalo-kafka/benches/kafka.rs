@@ -322,7 +322,8 @@ async fn main() -> anyhow::Result<()> {
     // 2c. Projection consumer: the same topic into Postgres, exactly once.
     let stop_consumer = CancellationToken::new();
     let consumer_task = tokio::spawn(
-        KafkaConsumer::new(brokers.clone(), name("balances"))
+        KafkaConsumer::for_projection(brokers.clone())
+            .with_group_prefix(format!("{}.", name("bench")))
             .with_topic(topic.clone())
             .with_topic_settings(settings.clone())
             .run_projection(

@@ -26,8 +26,9 @@ pub const CONFIG_FILE_ENV: &str = "THALO_KAFKA_CONFIG";
 pub const PROPERTY_ENV_PREFIX: &str = "THALO_KAFKA_";
 
 /// Where the Kafka cluster is and how to talk to it: bootstrap servers, any librdkafka
-/// properties (TLS, SASL, timeouts, ...) and the topic naming. The relay
-/// ([`KafkaRelay::with_kafka_config`](crate::KafkaRelay::with_kafka_config)) and the
+/// properties (TLS, SASL, timeouts, ...), the topic naming and the prefix of the
+/// projections' consumer groups ([`with_group_prefix`](KafkaConfig::with_group_prefix)).
+/// The relay ([`KafkaRelay::with_kafka_config`](crate::KafkaRelay::with_kafka_config)) and the
 /// consumer ([`KafkaConsumer::from_kafka_config`](crate::KafkaConsumer::from_kafka_config))
 /// take the same one, and its properties reach every client they create: the relay's
 /// producer and admin client, the consumer, its dead-letter producer and its admin
@@ -58,6 +59,7 @@ pub struct KafkaConfig {
     brokers: String,
     properties: BTreeMap<String, String>,
     topic_naming: TopicNaming,
+    group_prefix: String,
 }
 
 impl KafkaConfig {
@@ -166,6 +168,32 @@ impl KafkaConfig {
         self
     }
 
+    /// Puts `prefix` in front of the consumer group of every projection run by a
+    /// consumer built from this configuration: a projection's group is
+    /// `<prefix><checkpoint key>` (`prod.balances`, `prod.balances@v2`; see
+    /// [`projection_group_id`](crate::projection_group_id)). Use it when several
+    /// deployments (staging and production, two services with a projection of the same
+    /// name) share a Kafka cluster. Default: no prefix. The `group_id` given to
+    /// [`KafkaConsumer::from_kafka_config`](crate::KafkaConsumer::from_kafka_config) for a
+    /// plain handler is used as given.
+    ///
+    /// ```
+    /// use thalo_kafka::KafkaConfig;
+    ///
+    /// let config = KafkaConfig::new("broker:9092").with_group_prefix("prod.");
+    /// assert_eq!(config.group_prefix(), "prod.");
+    /// ```
+    #[must_use]
+    pub fn with_group_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.group_prefix = prefix.into();
+        self
+    }
+
+    /// The prefix of projections' consumer groups (empty by default).
+    pub fn group_prefix(&self) -> &str {
+        &self.group_prefix
+    }
+
     /// The bootstrap servers.
     pub fn brokers(&self) -> &str {
         &self.brokers
@@ -257,6 +285,7 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("properties", &properties)
             .field("topic_naming", &self.topic_naming)
+            .field("group_prefix", &self.group_prefix)
             .finish()
     }
 }

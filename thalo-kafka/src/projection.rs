@@ -27,17 +27,151 @@
 //! its messages. A message applied on its own (a partition that is not behind, or the
 //! one-by-one retry of a failed batch) runs in its `handle` span, which continues the
 //! trace of its `traceparent` header (see the [crate docs](crate#traces)).
+//!
+//! # One identity: checkpoints and consumer group
+//!
+//! A projection is known by its *checkpoint key*: its [`name`](PgProjection::name) for
+//! version 1, `name@vN` for [`version`](PgProjection::version) N
+//! ([`thalo_postgres::checkpoint_key`]). The key names its stream checkpoints and parked
+//! streams in Postgres, and its Kafka consumer group: `<group prefix><checkpoint key>`
+//! ([`projection_group_id`]; the prefix is empty unless set with
+//! [`KafkaConfig::with_group_prefix`](crate::KafkaConfig::with_group_prefix) or
+//! [`KafkaConsumer::with_group_prefix`]). Nothing else names a projection's group, so
+//! the two cannot drift apart:
+//!
+//! - **Renaming a projection, or bumping its version**, gives it new (empty) checkpoints
+//!   *and* a new consumer group. A new group starts at the earliest offset still in
+//!   Kafka, so the projection is handed every event its topics still hold, from the
+//!   beginning, and applies each once. (A stream whose first events the topics no
+//!   longer hold, past their retention, parks on the gap: build such a projection from
+//!   the store first, as below.) The old group and the old checkpoints stay until they
+//!   are deleted (`thalo projection reset <old name> --yes --reset-group`).
+//! - **The read model's tables are not touched.** A renamed projection that writes the
+//!   same tables applies every event again on top of the rows that are there. To rebuild
+//!   a read model, give the projection a new version that writes tables of its own
+//!   (`thalo_postgres::ReadModelTable`: `balances_v2` beside `balances_v1`), build it
+//!   from the store (events older than the topics' retention are only there), promote
+//!   it, and then run it here: its group is new, and it skips, by the stream
+//!   checkpoints the rebuild left, every event the rebuild applied (see
+//!   `thalo_postgres`'s `versions` docs and `PgSubscription::with_read_model`).
+//! - **Moving from an explicit group.** Before groups were derived, a projection's
+//!   group was the string given to [`KafkaConsumer::new`]. The first start under the
+//!   derived group reads the topics again from the earliest offset; the checkpoints skip
+//!   every event applied already (counted in [`ConsumerStats::duplicates`]), so this
+//!   costs a re-read, not a re-application. The old group holds nothing but offsets:
+//!   delete it with the broker's tools once the new one has caught up.
+//!
+//! # Errors
+//!
+//! Which errors of a projection are retried and which park its stream (and go to the
+//! dead-letter topic) is said once, in the
+//! [crate docs](crate#errors-in-handlers-retry-or-dead-letter).
 
 use thalo::{Error, Event, EventEnvelope, RawEvent, Shutdown};
 use thalo_postgres::{PgEventStore, PgProjection};
+use tracing::warn;
 
 use crate::consumer::{Apply, Counts};
-use crate::{ConsumerStats, KafkaConsumer};
+use crate::{ConsumerStats, KafkaConfig, KafkaConsumer};
+
+/// The Kafka consumer group of the projection with checkpoint key `checkpoint_key`
+/// ([`thalo_postgres::checkpoint_key`]): `<group_prefix><checkpoint_key>`. This is the
+/// group [`KafkaConsumer::run_projection`] joins; `thalo status` reports the lag of the
+/// same groups.
+///
+/// ```
+/// use thalo_kafka::projection_group_id;
+/// use thalo_postgres::checkpoint_key;
+///
+/// assert_eq!(projection_group_id("", &checkpoint_key("balances", 1)), "balances");
+/// assert_eq!(projection_group_id("prod.", &checkpoint_key("balances", 2)), "prod.balances@v2");
+/// ```
+pub fn projection_group_id(group_prefix: &str, checkpoint_key: &str) -> String {
+    format!("{group_prefix}{checkpoint_key}")
+}
 
 impl KafkaConsumer {
+    /// A consumer of the cluster at `brokers` for a Postgres projection, run with
+    /// [`run_projection`](KafkaConsumer::run_projection). It takes no group id: the
+    /// group is derived from the projection (see the
+    /// [module docs](crate::projection#one-identity-checkpoints-and-consumer-group)).
+    pub fn for_projection(brokers: impl Into<String>) -> Self {
+        KafkaConsumer::new(brokers, String::new())
+    }
+
+    /// A consumer for a Postgres projection with the brokers, every property, the topic
+    /// naming and the [group prefix](KafkaConfig::with_group_prefix) of `config`. Build
+    /// the relay from the same configuration.
+    pub fn for_projection_from_kafka_config(config: &KafkaConfig) -> Self {
+        KafkaConsumer::from_kafka_config(config, String::new())
+    }
+
+    /// Puts `prefix` in front of the consumer group of the projection this consumer
+    /// runs (default: none, or the [`KafkaConfig`]'s): group `<prefix><checkpoint key>`.
+    #[must_use]
+    pub fn with_group_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.group_prefix = prefix.into();
+        self
+    }
+
+    /// The consumer group [`run_projection`](KafkaConsumer::run_projection) joins for
+    /// `projection`: `<group prefix><checkpoint key>` ([`projection_group_id`]).
+    ///
+    /// ```
+    /// # use thalo::{Error, EventEnvelope};
+    /// # #[derive(Clone, Debug)] pub enum AccountEvent { Opened }
+    /// # impl thalo::Event for AccountEvent {
+    /// #     fn event_type(&self) -> &'static str { "Opened" }
+    /// #     fn encode(&self) -> Result<String, Error> { Ok("{}".into()) }
+    /// #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> { Ok(AccountEvent::Opened) }
+    /// #     fn event_types() -> &'static [&'static str] { &["Opened"] }
+    /// # }
+    /// use thalo_kafka::{KafkaConfig, KafkaConsumer};
+    /// use thalo_postgres::PgProjection;
+    ///
+    /// struct Balances;
+    ///
+    /// impl PgProjection<AccountEvent> for Balances {
+    ///     fn name(&self) -> &str {
+    ///         "balances"
+    ///     }
+    ///
+    ///     fn version(&self) -> u32 {
+    ///         2
+    ///     }
+    ///
+    ///     async fn handle(
+    ///         &self,
+    ///         _tx: &mut sqlx::PgConnection,
+    ///         _envelope: &EventEnvelope<AccountEvent>,
+    ///     ) -> Result<(), Error> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let kafka = KafkaConfig::new("127.0.0.1:9092").with_group_prefix("bank.");
+    /// let consumer = KafkaConsumer::for_projection_from_kafka_config(&kafka);
+    /// assert_eq!(consumer.projection_group_id(&Balances), "bank.balances@v2");
+    /// ```
+    pub fn projection_group_id<E, P>(&self, projection: &P) -> String
+    where
+        E: Event,
+        P: PgProjection<E>,
+    {
+        projection_group_id(
+            &self.group_prefix,
+            &thalo_postgres::checkpoint_key(projection.name(), projection.version()),
+        )
+    }
+
     /// Runs `projection` on the subscribed topics with exactly-once effects, until
-    /// `shutdown` is cancelled (see the [module docs](crate::projection)). Use the
-    /// projection's name as the group id.
+    /// `shutdown` is cancelled (see the [module docs](crate::projection)), as a member of
+    /// the projection's own consumer group, `<group prefix><checkpoint key>`
+    /// ([`projection_group_id`](KafkaConsumer::projection_group_id)). Build the consumer
+    /// with [`for_projection`](KafkaConsumer::for_projection) or
+    /// [`for_projection_from_kafka_config`](KafkaConsumer::for_projection_from_kafka_config);
+    /// a group id given to [`new`](KafkaConsumer::new) is not used (a warning says so
+    /// when it differs).
     ///
     /// Messages that are already waiting in a partition's queue are applied together in
     /// one transaction (up to [`with_max_batch`](KafkaConsumer::with_max_batch)); when
@@ -61,9 +195,10 @@ impl KafkaConsumer {
     /// #     fn name(&self) -> &str { "balances" }
     /// #     async fn handle(&self, _: &mut PgConnection, _: &EventEnvelope<AccountEvent>) -> Result<(), Error> { Ok(()) }
     /// # }
-    /// use thalo_kafka::{KafkaConsumer};
+    /// use thalo_kafka::KafkaConsumer;
     ///
-    /// KafkaConsumer::new("127.0.0.1:9092", "balances")
+    /// // Consumer group `balances`: the projection's checkpoint key.
+    /// KafkaConsumer::for_projection("127.0.0.1:9092")
     ///     .with_topic("bank_account")
     ///     .run_projection(store, Balances, thalo::Shutdown::on_signal())
     ///     .await?;
@@ -75,7 +210,7 @@ impl KafkaConsumer {
     ///
     /// As [`KafkaConsumer::run`].
     pub async fn run_projection<E, P>(
-        self,
+        mut self,
         store: PgEventStore,
         projection: P,
         shutdown: impl Into<Shutdown>,
@@ -84,6 +219,18 @@ impl KafkaConsumer {
         E: Event,
         P: PgProjection<E> + 'static,
     {
+        let group = self.projection_group_id(&projection);
+        if !self.group_id.is_empty() && self.group_id != group {
+            warn!(
+                given = self.group_id,
+                group,
+                projection = projection.name(),
+                "a projection runs in its own consumer group, derived from its name and \
+                 version; the group id given to the consumer is not used (build it with \
+                 `KafkaConsumer::for_projection`)"
+            );
+        }
+        self.group_id = group;
         self.run_with(
             ProjectionApply { store, projection },
             shutdown.into().into_token(),
@@ -111,7 +258,7 @@ impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
             .apply_exactly_once(&self.projection, envelopes)
             .await?;
         Ok(Counts {
-            skipped: applied.skipped as u64,
+            duplicates: applied.duplicates as u64,
             held: applied.held as u64,
         })
     }
@@ -150,28 +297,5 @@ impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
             },
         )
         .await
-    }
-}
-
-/// Whether a database error is an outage that retrying will get past.
-pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 53: insufficient resources; 57P: operator
-            // intervention (shutdown, crash); 40001/40P01: serialization failure and
-            // deadlock, which succeed when retried.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || code == "40001"
-                || code == "40P01"
-        }),
-        _ => false,
     }
 }

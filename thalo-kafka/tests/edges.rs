@@ -47,7 +47,13 @@ impl EventHandler<AccountEvent> for Recorder {
     }
 }
 
-async fn deposit(store: &PgEventStore, id: &str, version: u64, metadata: &Metadata) {
+/// Appends a deposit of 1 at `version`; returns the stored event.
+async fn deposit(
+    store: &PgEventStore,
+    id: &str,
+    version: u64,
+    metadata: &Metadata,
+) -> Vec<EventEnvelope<AccountEvent>> {
     store
         .append::<Account>(
             &id.to_owned(),
@@ -56,7 +62,7 @@ async fn deposit(store: &PgEventStore, id: &str, version: u64, metadata: &Metada
             metadata,
         )
         .await
-        .expect("append");
+        .expect("append")
 }
 
 fn spawn_relay(
@@ -275,35 +281,49 @@ async fn a_failing_projection_parks_one_stream_and_a_redrive_fixes_it() {
 
     let (relay_stop, relay_task) = spawn_relay(db.relay(&naming));
     let consumer_stop = CancellationToken::new();
-    let consumer_task = tokio::spawn(consumer(&naming).run_projection(
+    let consumer_task = tokio::spawn(projection_consumer(&naming).run_projection(
         db.store.clone(),
         projection.clone(),
         consumer_stop.clone(),
     ));
 
-    eventually(Duration::from_secs(60), "the healthy accounts", || async {
-        let balances = db.balances().await;
-        accounts
-            .iter()
-            .filter(|id| *id != "acc-3")
-            .all(|id| balances.get(id).is_some_and(|b| b.1 == 6))
-    })
-    .await;
-    eventually(Duration::from_secs(30), "acc-3 to be parked", || async {
-        !db.store
-            .parked_streams(Some("balances"))
-            .await
-            .expect("parked")
-            .is_empty()
-    })
-    .await;
+    // The healthy accounts are applied whole.
+    let healthy: Vec<&String> = accounts.iter().filter(|id| *id != "acc-3").collect();
+    let mut stored = Vec::new();
+    for id in &healthy {
+        stored.extend(db.store.read_stream::<Account>(id, 0).await.expect("read"));
+    }
+    db.store
+        .wait_until_projected(&projection, &stored, Duration::from_secs(60))
+        .await
+        .expect("the healthy accounts are applied");
+    let balances = db.balances().await;
+    for id in &healthy {
+        assert_eq!(balances[*id], (6, 6, 6, 0), "{id}");
+    }
+    // Waiting for acc-3 ends at once with an error when its stream is parked.
+    let acc3 = db
+        .store
+        .read_stream::<Account>(&"acc-3".to_owned(), 0)
+        .await
+        .expect("read");
+    let parked = db
+        .store
+        .wait_until_projected(&projection, &acc3, Duration::from_secs(30))
+        .await
+        .expect_err("acc-3 is parked at its event 3");
+    assert!(
+        matches!(&parked, Error::Handler { .. }) && format!("{parked:?}").contains("is parked"),
+        "{parked:?}"
+    );
     // More events of the parked account, and of a healthy one: held and applied.
     deposit(&db.store, "acc-3", 6, &Metadata::default()).await;
-    deposit(&db.store, "acc-0", 6, &Metadata::default()).await;
-    eventually(Duration::from_secs(30), "acc-0's new event", || async {
-        db.balances().await.get("acc-0").is_some_and(|b| b.1 == 7)
-    })
-    .await;
+    let acc0 = deposit(&db.store, "acc-0", 6, &Metadata::default()).await;
+    db.store
+        .wait_until_projected(&projection, &acc0, Duration::from_secs(30))
+        .await
+        .expect("acc-0's new event is applied");
+    assert_eq!(db.balances().await["acc-0"], (7, 7, 7, 0));
     eventually(
         Duration::from_secs(30),
         "acc-3's events to be held",
@@ -419,18 +439,17 @@ async fn a_failing_projection_parks_one_stream_and_a_redrive_fixes_it() {
     deposit(&db.store, "acc-3", 7, &Metadata::default()).await;
     let mut all = accounts.clone();
     all.sort();
-    let expected = fold(&db.store, &all).await;
-    eventually(
-        Duration::from_secs(30),
-        "the read model to equal the fold",
-        || async {
-            let balances = db.balances().await;
-            expected
-                .iter()
-                .all(|(id, (b, n, last))| balances.get(id) == Some(&(*b, *n, *last, 0)))
-        },
-    )
-    .await;
+    db.wait_until_projected(Duration::from_secs(30)).await;
+    let expected: HashMap<String, (i64, i64, i64, i64)> = fold(&db.store, &all)
+        .await
+        .into_iter()
+        .map(|(id, (balance, events, last))| (id, (balance, events, last, 0)))
+        .collect();
+    assert_eq!(
+        db.balances().await,
+        expected,
+        "the read model equals the fold"
+    );
     assert!(db
         .store
         .parked_streams(None)

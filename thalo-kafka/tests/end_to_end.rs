@@ -23,7 +23,7 @@ async fn projection_matches_the_aggregates() {
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
         async move { relay.run(shutdown).await }
     });
-    let consumer_task = tokio::spawn(consumer(&naming).run_projection(
+    let consumer_task = tokio::spawn(projection_consumer(&naming).run_projection(
         db.store.clone(),
         db.projection(),
         shutdown.clone(),
@@ -31,16 +31,22 @@ async fn projection_matches_the_aggregates() {
 
     // 20 accounts, a mix of deposits and withdrawals, some rejected by invariants.
     let accounts: Vec<String> = (0..20).map(|i| format!("acc-{i}")).collect();
+    let mut stored = Vec::new();
     for round in 0..10_i64 {
         for (i, id) in accounts.iter().enumerate() {
             let amount = (i as i64 + 1) * 10 + round;
-            repo.execute::<Account>(id, AccountCommand::Deposit { amount })
-                .await
-                .expect("deposit");
+            stored.extend(
+                repo.execute::<Account>(id, AccountCommand::Deposit { amount })
+                    .await
+                    .expect("deposit"),
+            );
             if round % 3 == 2 {
-                let _ = repo
+                if let Ok(withdrawn) = repo
                     .execute::<Account>(id, AccountCommand::Withdraw { amount: amount * 2 })
-                    .await;
+                    .await
+                {
+                    stored.extend(withdrawn);
+                }
             }
         }
     }
@@ -54,16 +60,13 @@ async fn projection_matches_the_aggregates() {
         );
     }
     let total_events: i64 = expected.values().map(|(_, v)| v).sum();
+    assert_eq!(stored.len() as i64, total_events);
 
-    eventually(
-        Duration::from_secs(60),
-        "the projection to catch up",
-        || async {
-            let balances = db.balances().await;
-            balances.values().map(|r| r.1).sum::<i64>() >= total_events
-        },
-    )
-    .await;
+    // Read-your-writes through the whole pipeline: the events the commands stored.
+    db.store
+        .wait_until_projected(&db.projection(), &stored, Duration::from_secs(60))
+        .await
+        .expect("the projection applies every stored event");
 
     let balances = db.balances().await;
     for (id, (balance, version)) in &expected {

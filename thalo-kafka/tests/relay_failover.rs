@@ -75,11 +75,10 @@ async fn relay_killed_mid_batch_loses_nothing() {
     let total = fill(&db, aggregates, per_aggregate, 0).await;
 
     let shutdown = CancellationToken::new();
-    let consumer_task = tokio::spawn(consumer(&naming).run_projection(
-        db.store.clone(),
-        db.projection(),
-        shutdown.clone(),
-    ));
+    let consumer = projection_consumer(&naming);
+    let consumer_handle = consumer.handle();
+    let consumer_task =
+        tokio::spawn(consumer.run_projection(db.store.clone(), db.projection(), shutdown.clone()));
 
     // First relay: killed (task aborted, its session and producer dropped) while it is
     // in the middle of publishing.
@@ -128,12 +127,7 @@ async fn relay_killed_mid_batch_loses_nothing() {
 
     // The projection is exact: duplicates were skipped.
     let expected_balance = (1..=per_aggregate as i64).sum::<i64>();
-    eventually(
-        Duration::from_secs(60),
-        "the projection to catch up",
-        || async { db.balances().await.values().map(|r| r.1).sum::<i64>() >= total as i64 },
-    )
-    .await;
+    db.wait_until_projected(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (key, (balance, events, last, out_of_order)) in db.balances().await {
         assert_eq!(
@@ -153,6 +147,7 @@ async fn relay_killed_mid_batch_loses_nothing() {
     // published already, as a relay that crashed before deleting them would have left
     // them. They are published again and the projection skips them.
     let republish = 300;
+    let skipped_before = consumer_handle.stats().duplicates;
     sqlx::query(&format!(
         "INSERT INTO {schema}.outbox (position) SELECT position FROM {schema}.events ORDER BY position LIMIT {republish}",
         schema = db.schema
@@ -166,9 +161,14 @@ async fn relay_killed_mid_batch_loses_nothing() {
         || async { db.outbox_len().await == 0 },
     )
     .await;
-    // Give the consumer time to receive them (they change nothing, so there is nothing
-    // to wait for).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // They change nothing in the read model: the consumer's live count of skipped
+    // duplicates shows that it received them.
+    eventually(
+        Duration::from_secs(30),
+        "the consumer to skip the republished events",
+        || async { consumer_handle.stats().duplicates >= skipped_before + republish },
+    )
+    .await;
     let before = db.balances().await;
 
     shutdown.cancel();

@@ -212,28 +212,31 @@ async fn relay_and_consumer_run_over_tls_and_a_wrong_ca_is_a_clear_error() {
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
         async move { relay.run(shutdown).await }
     });
-    let consumer = KafkaConsumer::from_kafka_config(&config, random_name("group"))
+    let consumer = KafkaConsumer::for_projection_from_kafka_config(&config)
+        .with_group_prefix(format!("{}.", random_name("group")))
         .with_topic_settings(topic_settings())
         .subscribe::<Account>();
     let consumer_task =
         tokio::spawn(consumer.run_projection(db.store.clone(), db.projection(), shutdown.clone()));
 
     let repo = Repository::new(db.store.clone());
+    let mut stored = Vec::new();
     for i in 0..20_i64 {
-        repo.execute::<Account>(
-            &format!("acc-{}", i % 4),
-            AccountCommand::Deposit { amount: i + 1 },
-        )
-        .await
-        .expect("deposit");
+        stored.extend(
+            repo.execute::<Account>(
+                &format!("acc-{}", i % 4),
+                AccountCommand::Deposit { amount: i + 1 },
+            )
+            .await
+            .expect("deposit"),
+        );
     }
-    eventually(
-        Duration::from_secs(60),
-        "the projection over TLS",
-        || async { db.balances().await.values().map(|r| r.1).sum::<i64>() >= 20 },
-    )
-    .await;
+    db.store
+        .wait_until_projected(&db.projection(), &stored, Duration::from_secs(60))
+        .await
+        .expect("the projection over TLS applies every event");
     let balances = db.balances().await;
+    assert_eq!(balances.values().map(|r| r.1).sum::<i64>(), 20);
     assert_eq!(
         balances.values().map(|r| r.0).sum::<i64>(),
         (1..=20).sum::<i64>()

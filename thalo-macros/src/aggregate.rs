@@ -116,6 +116,14 @@ fn impls(aggregate: &Aggregate<'_>) -> TokenStream {
                 <Self::Event as ::thalo::__private::EventDispatch<Self>>::apply_to(event, self);
             }
 
+            // Keeps the error's `ErrorCode`, if its type has one: the impl names the
+            // concrete aggregate, so the probe can tell (see `RejectProbe`).
+            fn reject(error: Self::Error) -> ::thalo::Error {
+                #[allow(unused_imports)]
+                use ::thalo::__private::{RejectCoded as _, RejectPlain as _};
+                (&::thalo::__private::RejectProbe::<Self>::new()).reject_error(error)
+            }
+
             #snapshot
         }
     }
@@ -151,6 +159,9 @@ mod tests {
             "Self { account_number : id , balance : :: core :: default :: Default :: default () , }"
         ));
         assert!(out.contains("& self . account_number"));
+        assert!(out.contains(
+            "(& :: thalo :: __private :: RejectProbe :: < Self > :: new ()) . reject_error (error)"
+        ), "{out}");
         assert!(!out.contains("to_snapshot"));
         assert!(!out.contains("compile_error"));
     }

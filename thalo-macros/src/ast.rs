@@ -6,12 +6,12 @@
 //! keeps whatever could be parsed even when there were errors, so the fallback can still
 //! emit the generated types.
 
-use heck::ToUpperCamelCase;
+use heck::{ToShoutySnakeCase, ToUpperCamelCase};
 use proc_macro2::TokenStream;
 use syn::ext::IdentExt;
 use syn::{
-    Attribute, Data, DeriveInput, Field, Fields, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl, Pat,
-    Receiver, ReturnType, Type, Visibility,
+    Attribute, Data, DeriveInput, Field, Fields, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl,
+    LitStr, Pat, Receiver, ReturnType, Type, Visibility,
 };
 
 use crate::attr;
@@ -103,6 +103,88 @@ impl<'a> Aggregate<'a> {
             identity,
             generic,
         }
+    }
+}
+
+/// A type with `#[derive(ErrorCode)]`.
+pub(crate) struct ErrorCode<'a> {
+    pub(crate) input: &'a DeriveInput,
+    pub(crate) codes: Codes<'a>,
+}
+
+/// Where the codes of an `ErrorCode` type come from.
+pub(crate) enum Codes<'a> {
+    /// A struct's one code: `#[code("...")]` on the struct, or its name.
+    Struct(Code),
+    /// An enum's code per variant.
+    Enum(Vec<(&'a Ident, Code)>),
+    /// A union, which was reported.
+    Union,
+}
+
+/// One code, as written in `#[code("...")]` or derived from a name.
+pub(crate) enum Code {
+    Given(LitStr),
+    /// The `SCREAMING_SNAKE_CASE` of the type's or variant's name.
+    Derived(String),
+}
+
+impl Code {
+    fn new(cx: &Ctxt, attrs: &[Attribute], name: &Ident) -> Self {
+        match attr::code(cx, attrs) {
+            Some(lit) => Code::Given(lit),
+            None => Code::Derived(name.unraw().to_string().to_shouty_snake_case()),
+        }
+    }
+}
+
+impl<'a> ErrorCode<'a> {
+    pub(crate) fn from_syn(cx: &Ctxt, input: &'a DeriveInput) -> Self {
+        let codes = match &input.data {
+            Data::Struct(data) => {
+                let code = Code::new(cx, &input.attrs, &input.ident);
+                no_code_on_fields(cx, &data.fields);
+                Codes::Struct(code)
+            }
+            Data::Enum(data) => {
+                for attr in input.attrs.iter().filter(|attr| attr::is_code_attr(attr)) {
+                    cx.error_spanned_by(
+                        attr,
+                        "`#[code]` goes on each variant of an enum, not on the enum",
+                    );
+                }
+                let codes = data
+                    .variants
+                    .iter()
+                    .map(|variant| {
+                        no_code_on_fields(cx, &variant.fields);
+                        (
+                            &variant.ident,
+                            Code::new(cx, &variant.attrs, &variant.ident),
+                        )
+                    })
+                    .collect();
+                Codes::Enum(codes)
+            }
+            Data::Union(data) => {
+                cx.error_spanned_by(
+                    data.union_token,
+                    "`#[derive(ErrorCode)]` needs an enum or a struct, found a union",
+                );
+                Codes::Union
+            }
+        };
+        ErrorCode { input, codes }
+    }
+}
+
+fn no_code_on_fields(cx: &Ctxt, fields: &Fields) {
+    let attrs = fields.iter().flat_map(|field| &field.attrs);
+    for attr in attrs.filter(|attr| attr::is_code_attr(attr)) {
+        cx.error_spanned_by(
+            attr,
+            "`#[code]` goes on the struct or on an enum's variants, not on fields",
+        );
     }
 }
 
@@ -335,12 +417,16 @@ impl<'a> Method<'a> {
         }
 
         let output = match (&sig.output, kind) {
+            (ReturnType::Type(_, ty), Kind::Commands) if never_a_result(ty) => {
+                // Most likely an accessor (`-> &[String]`) that is not meant as a
+                // command. Reported here, once: as a command it would only reach the
+                // compiler's errors about lifetimes in the generated code.
+                cx.error_spanned_by(ty, not_a_command(&sig.ident));
+                None
+            }
             (ReturnType::Type(_, ty), Kind::Commands) => Some(&**ty),
             (ReturnType::Default, Kind::Commands) => {
-                cx.error_spanned_by(
-                    &sig.ident,
-                    "command methods must return `Result<_, _>`, e.g. `Result<AccountOpenedEvent, thalo::Error>`",
-                );
+                cx.error_spanned_by(&sig.ident, not_a_command(&sig.ident));
                 None
             }
             (ReturnType::Type(..), Kind::Events) => {
@@ -443,6 +529,36 @@ impl<'a> Arg<'a> {
 /// rejected (`#[cfg]`).
 fn moves_to_field(attr: &Attribute) -> bool {
     !attr::is_lint(attr) && !attr::is_cfg(attr)
+}
+
+/// The message for a `pub` method of `#[commands]` that cannot be a command.
+fn not_a_command(ident: &Ident) -> String {
+    format!(
+        "`{ident}` does not return a `Result`, but every `pub` method in `#[commands]` is a \
+         command: return `Result<SomeEvent, Error>`, or, if `{ident}` is not a command, move \
+         it to a plain `impl` block (or make it private)"
+    )
+}
+
+/// Whether a return type can be seen, from its syntax alone, not to be a `Result`:
+/// references, slices, tuples (`()` too), arrays, pointers, `impl Trait`, `dyn Trait`,
+/// function pointers, `!`. A path such as `Balance` may be an alias of a `Result`
+/// (`thalo::Result<E>` is one): those go through the type system's check.
+fn never_a_result(ty: &Type) -> bool {
+    match ty {
+        Type::Paren(paren) => never_a_result(&paren.elem),
+        Type::Group(group) => never_a_result(&group.elem),
+        Type::Reference(_)
+        | Type::Slice(_)
+        | Type::Tuple(_)
+        | Type::Array(_)
+        | Type::Ptr(_)
+        | Type::ImplTrait(_)
+        | Type::TraitObject(_)
+        | Type::BareFn(_)
+        | Type::Never(_) => true,
+        _ => false,
+    }
 }
 
 /// How a method takes `self`.
@@ -689,10 +805,37 @@ mod tests {
                 "command methods take `&self`, found no `self` argument",
                 "command methods cannot be `async`",
                 "command methods cannot be generic: the generated command type needs concrete field types",
-                "command methods must return `Result<_, _>`, e.g. `Result<AccountOpenedEvent, thalo::Error>`",
+                "`d` does not return a `Result`, but every `pub` method in `#[commands]` is a command: return `Result<SomeEvent, Error>`, or, if `d` is not a command, move it to a plain `impl` block (or make it private)",
                 "command arguments must be plain identifiers: each one becomes a named field",
                 "command arguments must be owned types: the generated command type cannot hold a reference",
             ]
+        );
+    }
+
+    #[test]
+    fn accessors_are_not_commands() {
+        let item: ItemImpl = parse_quote! {
+            impl Library {
+                pub fn loans(&self) -> &[String] { &self.loans }
+                pub fn pair(&self) -> (u8, u8) { (1, 2) }
+                pub fn iter(&self) -> impl Iterator<Item = u8> { 0..1 }
+                pub fn grouped(&self) -> ([u8; 2]) { [1, 2] }
+                pub fn borrow(&self) -> thalo::Result<BorrowedEvent> { todo!() }
+                pub fn count(&self) -> Count { todo!() }
+            }
+        };
+        let cx = Ctxt::new();
+        let model = Impl::from_syn(&cx, Kind::Commands, &item);
+        let outputs: Vec<bool> = model.methods.iter().map(|m| m.output.is_some()).collect();
+        // Paths go through the type system: `Count` may be an alias of a `Result`.
+        assert_eq!(outputs, [false, false, false, false, true, true]);
+        let messages = messages(cx);
+        assert_eq!(messages.len(), 4, "{messages:?}");
+        assert!(
+            messages[0].starts_with(
+                "`loans` does not return a `Result`, but every `pub` method in `#[commands]` is a command"
+            ),
+            "{messages:?}"
         );
     }
 

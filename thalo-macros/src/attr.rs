@@ -1,12 +1,13 @@
 //! Parsing of the attributes the macros read: `#[aggregate(...)]`, `#[identity]`,
-//! `#[event(...)]`, and the (empty) arguments of `#[commands]` and `#[events]`.
+//! `#[event(...)]`, `#[code("...")]`, and the (empty) arguments of `#[commands]` and
+//! `#[events]`.
 //!
 //! Parsing reports every problem to the [`Ctxt`] and keeps going, so one compile shows
 //! all misspelled keys and bad values.
 
 use proc_macro2::{Group, TokenStream};
 use syn::meta::ParseNestedMeta;
-use syn::{Attribute, ExprPath, LitInt, LitStr, Path, Token};
+use syn::{Attribute, ExprPath, LitInt, LitStr, Meta, Path, Token};
 
 use crate::ctxt::Ctxt;
 
@@ -129,6 +130,54 @@ pub(crate) fn event(cx: &Ctxt, attrs: &[Attribute]) -> Event {
         );
     }
     out
+}
+
+/// Reads the `#[code("...")]` attributes of a type or variant of `#[derive(ErrorCode)]`:
+/// the code, when there is exactly one well-formed attribute.
+pub(crate) fn code(cx: &Ctxt, attrs: &[Attribute]) -> Option<LitStr> {
+    let mut out: Option<LitStr> = None;
+    for attr in attrs.iter().filter(|attr| is_code_attr(attr)) {
+        let lit = match &attr.meta {
+            Meta::List(list) => match list.parse_args::<LitStr>() {
+                Ok(lit) => lit,
+                Err(_) => {
+                    cx.error_spanned_by(
+                        &list.tokens,
+                        "`#[code]` takes one string, the code: `#[code(\"MEMBER_SUSPENDED\")]`",
+                    );
+                    continue;
+                }
+            },
+            // An empty `#[code()]` is a list too; `#[code]` and `#[code = "..."]` are not.
+            _ => {
+                cx.error_spanned_by(
+                    attr,
+                    "`#[code]` takes the code in parentheses: `#[code(\"MEMBER_SUSPENDED\")]`",
+                );
+                continue;
+            }
+        };
+        let code = lit.value();
+        if code.is_empty() {
+            cx.error_spanned_by(&lit, "error codes must not be empty");
+        } else if code.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            cx.error_spanned_by(
+                &lit,
+                format_args!("error codes must not contain whitespace, found `{code}`"),
+            );
+        }
+        if out.is_some() {
+            cx.error_spanned_by(attr, "duplicate `#[code]`: a value has one code");
+        } else {
+            out = Some(lit);
+        }
+    }
+    out
+}
+
+/// `#[code(...)]`, which `#[derive(ErrorCode)]` reads.
+pub(crate) fn is_code_attr(attr: &Attribute) -> bool {
+    attr.path().is_ident("code")
 }
 
 /// Reports arguments given to `#[commands]` or `#[events]`, which take none.
@@ -281,6 +330,53 @@ mod tests {
                 "event versions start at 1",
                 "unknown `#[event]` key `colour`; expected `name`, `version` or `upcast`",
                 "`upcast` needs a `version` above 1: it converts payloads of older versions",
+            ]
+        );
+    }
+
+    #[test]
+    fn code_reads_one_string() {
+        let cx = Ctxt::new();
+        let parsed = code(
+            &cx,
+            &[
+                parse_quote!(#[doc = "x"]),
+                parse_quote!(#[code("SUSPENDED")]),
+            ],
+        );
+        assert!(messages(cx).is_empty());
+        assert_eq!(parsed.unwrap().value(), "SUSPENDED");
+
+        let cx = Ctxt::new();
+        assert!(code(&cx, &[parse_quote!(#[error("x")])]).is_none());
+        assert!(messages(cx).is_empty());
+    }
+
+    #[test]
+    fn code_reports_every_malformed_attribute() {
+        let attrs: Vec<Attribute> = vec![
+            parse_quote!(#[code]),
+            parse_quote!(#[code = "A"]),
+            parse_quote!(#[code(A)]),
+            parse_quote!(#[code("A", "B")]),
+            parse_quote!(#[code("")]),
+            parse_quote!(#[code("A B")]),
+            parse_quote!(#[code("A")]),
+        ];
+        let cx = Ctxt::new();
+        let parsed = code(&cx, &attrs);
+        assert_eq!(parsed.unwrap().value(), "", "the first well-formed one");
+        assert_eq!(
+            messages(cx),
+            [
+                "`#[code]` takes the code in parentheses: `#[code(\"MEMBER_SUSPENDED\")]`",
+                "`#[code]` takes the code in parentheses: `#[code(\"MEMBER_SUSPENDED\")]`",
+                "`#[code]` takes one string, the code: `#[code(\"MEMBER_SUSPENDED\")]`",
+                "`#[code]` takes one string, the code: `#[code(\"MEMBER_SUSPENDED\")]`",
+                "error codes must not be empty",
+                "error codes must not contain whitespace, found `A B`",
+                "duplicate `#[code]`: a value has one code",
+                "duplicate `#[code]`: a value has one code",
             ]
         );
     }

@@ -1,9 +1,9 @@
 //! What the macros emit next to their errors.
 //!
 //! An invalid `#[commands]` impl still defines `BankAccountCommand`, an invalid
-//! `#[events]` impl still defines the event structs and `BankAccountEvent`, and an
-//! invalid `#[derive(Aggregate)]` still implements `Aggregate`, each with whatever could
-//! be parsed. The user then sees the errors that matter, not a cascade of "cannot find
+//! `#[events]` impl still defines the event structs and `BankAccountEvent`, an invalid
+//! `#[derive(Aggregate)]` still implements `Aggregate`, each with whatever could be
+//! parsed, and an invalid `#[derive(ErrorCode)]` still implements `ErrorCode`. The user then sees the errors that matter, not a cascade of "cannot find
 //! type `BankAccountCommand`" from every use (thiserror's `fallback.rs` does the same).
 //! The stub bodies are never run: the crate does not compile.
 
@@ -11,6 +11,7 @@ use std::collections::HashSet;
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, ToTokens};
+use syn::DeriveInput;
 
 use crate::aggregate::aggregate_type_impl;
 use crate::ast::{Aggregate, Impl, Kind, Method, Names};
@@ -75,6 +76,24 @@ pub(crate) fn aggregate(aggregate: &Aggregate<'_>, errors: &syn::Error) -> Token
             }
 
             fn apply(&mut self, _: Self::Event) {
+                ::core::unreachable!()
+            }
+        }
+    }
+}
+
+/// `#[derive(ErrorCode)]`: the impl, so that uses of the code (`Error::coded`) add no
+/// "`ErrorCode` is not implemented".
+pub(crate) fn error_code(input: &DeriveInput, errors: &syn::Error) -> TokenStream {
+    let errors = errors.to_compile_error();
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    quote! {
+        #errors
+
+        #[automatically_derived]
+        impl #impl_generics ::thalo::ErrorCode for #ident #ty_generics #where_clause {
+            fn code(&self) -> ::std::borrow::Cow<'static, str> {
                 ::core::unreachable!()
             }
         }

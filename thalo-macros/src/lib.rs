@@ -1,5 +1,5 @@
 //! Procedural macros for [Thalo](https://docs.rs/thalo): `#[derive(Aggregate)]`,
-//! `#[commands]` and `#[events]`.
+//! `#[commands]`, `#[events]` and `#[derive(ErrorCode)]`.
 //!
 //! Use them through `thalo`, which re-exports them (feature `macros`, on by default) and
 //! provides the traits and the `thalo::__private` support code that the generated code
@@ -68,6 +68,7 @@ mod ast;
 mod attr;
 mod commands;
 mod ctxt;
+mod error_code;
 mod events;
 mod fallback;
 mod span;
@@ -87,7 +88,9 @@ use crate::ast::Kind;
 ///
 /// `handle` and `apply` are delegated to `<Name>Command` and `<Name>Event`, which
 /// [`macro@commands`] and [`macro@events`] generate from the aggregate's impl blocks; the
-/// aggregate's error type is the error type of its command methods.
+/// aggregate's error type is the error type of its command methods, and
+/// `Aggregate::reject` keeps that type's `thalo::ErrorCode` when it has one (see
+/// [`macro@ErrorCode`]).
 ///
 /// # Attributes
 ///
@@ -142,6 +145,47 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     aggregate::expand(&input).into()
 }
 
+/// Implements `thalo::ErrorCode` for a domain error type: a stable, machine-readable
+/// code per value, which a command rejected with the error carries in
+/// `thalo::Error::Domain` (aggregates made with `#[derive(Aggregate)]` pick it up by
+/// themselves).
+///
+/// - An enum: each variant's code is its name in `SCREAMING_SNAKE_CASE`
+///   (`TooManyBooks` is `TOO_MANY_BOOKS`), or the string of `#[code("...")]` on the
+///   variant.
+/// - A struct: the struct's name in `SCREAMING_SNAKE_CASE`, or `#[code("...")]` on the
+///   struct.
+///
+/// Codes are read by programs (API clients, tests, stored rejections), so a code must
+/// not change when a variant is renamed: pin the old one with `#[code("...")]`.
+///
+/// ```
+/// use thalo::{Error, ErrorCode};
+///
+/// #[derive(Debug, thiserror::Error, ErrorCode)]
+/// pub enum LoanError {
+///     #[error("the member is suspended")]
+///     #[code("MEMBER_SUSPENDED")]
+///     Suspended,
+///     #[error("{0} books are too many")]
+///     TooManyBooks(u32),
+/// }
+///
+/// #[derive(Debug, thiserror::Error, ErrorCode)]
+/// #[error("the library is closed")]
+/// pub struct LibraryClosed;
+///
+/// assert_eq!(LoanError::Suspended.code(), "MEMBER_SUSPENDED");
+/// assert_eq!(LoanError::TooManyBooks(9).code(), "TOO_MANY_BOOKS");
+/// assert_eq!(LibraryClosed.code(), "LIBRARY_CLOSED");
+/// assert_eq!(Error::coded(LoanError::Suspended).code(), Some("MEMBER_SUSPENDED"));
+/// ```
+#[proc_macro_derive(ErrorCode, attributes(code))]
+pub fn derive_error_code(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    error_code::expand(&input).into()
+}
+
 /// Generates the command enum of an aggregate from its command methods.
 ///
 /// Goes on an inherent impl block of the aggregate. Every `pub` method (including
@@ -159,7 +203,9 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
 /// `Serialize` and `Deserialize`.
 ///
 /// All command methods of an aggregate return the same error type, `thalo::Error` or the
-/// aggregate's own error type (which must convert into `thalo::Error`):
+/// aggregate's own error type (any `std::error::Error + Send + Sync + 'static`; derive
+/// [`macro@ErrorCode`] for it to give its rejections stable codes). A `From` impl is not
+/// needed, though one does no harm:
 ///
 /// ```
 /// use thalo::{commands, events, Aggregate, Error};

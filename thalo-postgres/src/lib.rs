@@ -256,8 +256,10 @@ mod sql;
 mod store;
 mod subscription;
 mod versions;
+mod wait;
 
 pub use builder::PgEventStoreBuilder;
+pub use error::database_outage;
 pub use group::GroupCommit;
 pub use notify::NotifyMode;
 pub use outbox::{

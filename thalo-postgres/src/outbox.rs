@@ -269,6 +269,21 @@ impl PgOutbox {
         .transpose()
     }
 
+    /// Whether a session holds the outbox's leader lock now, that is, whether a relay is
+    /// leading (alive) right now; [`leader`](PgOutbox::leader) tells who led last. For
+    /// status pages and `thalo status`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Store`] when the query fails.
+    pub async fn is_led(&self) -> Result<bool, Error> {
+        sqlx::query_scalar(LOCK_HELD)
+            .bind(&self.sql.lock_name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store("looking for the outbox lock"))
+    }
+
     /// How many rows wait, how old the oldest is, and how many aggregates are parked.
     ///
     /// # Errors
@@ -636,6 +651,13 @@ where
 /// `hashtextextended` turns the per-schema lock name into the 64-bit key.
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
+/// Whether any session of this database holds the advisory lock of `TRY_LOCK` (a
+/// session-level lock on one 64-bit key: `objsubid = 1`, the key split over `classid`
+/// and `objid`).
+const LOCK_HELD: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks \
+     WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND ((classid::int8 << 32) | objid::int8) = hashtextextended($1, 0))";
 
 /// The outbox statements of one schema, built once from the validated [`SchemaName`];
 /// every value is a bound parameter.

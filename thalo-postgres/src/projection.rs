@@ -42,12 +42,13 @@ use crate::PgEventStore;
 /// through the transaction it is given, for exactly-once effects.
 ///
 /// Run it in process with [`PgSubscription`](crate::PgSubscription), or from Kafka with
-/// [`PgEventStore::apply_exactly_once`] per batch.
+/// [`PgEventStore::apply_exactly_once`] per batch (`thalo_kafka`'s
+/// `KafkaConsumer::run_projection` does).
 ///
 /// ```no_run
 /// use sqlx::PgConnection;
-/// use thalo::{Error, EventEnvelope};
-/// use thalo_postgres::PgProjection;
+/// use thalo::{Error, EventEnvelope, ResultExt as _};
+/// use thalo_postgres::{PgEventStore, PgProjection};
 /// # #[derive(Clone, Debug)] pub enum AccountEvent { Deposited { amount: i64 } }
 /// # impl thalo::Event for AccountEvent {
 /// #     fn event_type(&self) -> &'static str { "Deposited" }
@@ -56,7 +57,22 @@ use crate::PgEventStore;
 /// #     fn event_types() -> &'static [&'static str] { &["Deposited"] }
 /// # }
 ///
-/// struct Balances;
+/// struct Balances {
+///     upsert: String,
+/// }
+///
+/// impl Balances {
+///     /// The read model's table in the store's schema: `"thalo".balances`.
+///     fn new(store: &PgEventStore) -> Self {
+///         let table = store.schema().qualify("balances");
+///         Balances {
+///             upsert: format!(
+///                 "INSERT INTO {table} (account, cents) VALUES ($1, $2)
+///                  ON CONFLICT (account) DO UPDATE SET cents = {table}.cents + EXCLUDED.cents"
+///             ),
+///         }
+///     }
+/// }
 ///
 /// impl PgProjection<AccountEvent> for Balances {
 ///     fn name(&self) -> &str {
@@ -69,39 +85,88 @@ use crate::PgEventStore;
 ///         envelope: &EventEnvelope<AccountEvent>,
 ///     ) -> Result<(), Error> {
 ///         let AccountEvent::Deposited { amount } = envelope.event;
-///         sqlx::query(
-///             "INSERT INTO balances (account, cents) VALUES ($1, $2)
-///              ON CONFLICT (account) DO UPDATE SET cents = balances.cents + EXCLUDED.cents",
-///         )
-///         .bind(&envelope.aggregate_id)
-///         .bind(amount)
-///         .execute(tx)
-///         .await
-///         .map_err(|e| Error::store("updating balances", e))?;
+///         sqlx::query(&self.upsert)
+///             .bind(&envelope.aggregate_id)
+///             .bind(amount)
+///             .execute(tx)
+///             .await
+///             .store_err("updating balances")?;
 ///         Ok(())
 ///     }
 /// }
 /// ```
+///
+/// # Identity: name and version
+///
+/// A projection is known by its *checkpoint key*, [`checkpoint_key`](crate::checkpoint_key)
+/// of its [`name`](PgProjection::name) and [`version`](PgProjection::version) (`balances`
+/// for version 1, `balances@v2` for version 2). The key names its checkpoints (the
+/// `checkpoints` row of a [`PgSubscription`](crate::PgSubscription), its
+/// `stream_checkpoints` rows) and its parked streams; `thalo_kafka` derives the
+/// projection's Kafka consumer group from it too (`<group prefix><checkpoint key>`).
+///
+/// Renaming a projection, or bumping its version, therefore gives it new, empty
+/// checkpoints (and a new consumer group): it is handed every event again from the
+/// start, of the store for a subscription, of the topics for a Kafka consumer. Its
+/// read-model tables are *not* cleared or switched: a renamed projection that writes
+/// the same tables applies every event again on top of the rows there. The way to
+/// rebuild a read model is a new version that writes tables of its own
+/// ([`ReadModelTable`](crate::ReadModelTable): `balances_v2` beside `balances_v1`),
+/// built from the store beside the live version and promoted once it has caught up,
+/// which repoints the views readers query
+/// ([`PgSubscription::with_read_model`](crate::PgSubscription::with_read_model); see
+/// [`versions`](crate::ReadModelTable)). The old version's checkpoints and tables stay
+/// until [`PgEventStore::drop_version`].
+///
+/// # Where read-model tables go
+///
+/// In the store's schema, named schema-qualified:
+///
+/// - a versioned read model: [`ReadModelTable::new(store.schema(), "balances", version)`](crate::ReadModelTable::new);
+///   write to its [`table()`](crate::ReadModelTable::table) (`"thalo".balances_v2`),
+///   read from its [`view()`](crate::ReadModelTable::view) (`"thalo".balances`);
+/// - a table of its own: [`store.schema().qualify("balances")`](crate::SchemaName::qualify)
+///   (`"thalo".balances`).
+///
+/// The transaction handed to [`handle`](PgProjection::handle) is a connection of the
+/// store's pool with the pool's `search_path`: Thalo does not change it (the store's
+/// own SQL names its tables qualified). It is deliberately not set to the store's
+/// schema, where the store's own tables (`events`, `outbox`, `checkpoints`,
+/// `stream_checkpoints`, ...) live: an unqualified name could then resolve to one of
+/// them, and projections whose tables live elsewhere (`public`) would stop finding
+/// them. Build the qualified names once (the SQL strings, as above) rather than per
+/// event; the schema name is validated, so formatting it into SQL is safe.
 pub trait PgProjection<E: Event>: Send + Sync {
     /// Stable name, with the [`version`](PgProjection::version) the key of the
-    /// projection's checkpoints ([`checkpoint_key`](crate::checkpoint_key)).
+    /// projection's checkpoints ([`checkpoint_key`](crate::checkpoint_key)) and, fed
+    /// from Kafka, of its consumer group. Changing it starts the projection over with
+    /// new checkpoints, without clearing its tables (see
+    /// [Identity](PgProjection#identity-name-and-version)).
     fn name(&self) -> &str;
 
     /// The version of the read model (default 1). Give a changed read model a new
     /// version with tables of its own ([`ReadModelTable`](crate::ReadModelTable)): it is
     /// built from the start of the store beside the live version and takes over once it
     /// has caught up (see [`versions`](crate::ReadModelTable) and
-    /// [`PgSubscription::with_read_model`](crate::PgSubscription::with_read_model)).
+    /// [`PgSubscription::with_read_model`](crate::PgSubscription::with_read_model)). A new
+    /// version has new checkpoints (and, fed from Kafka, a new consumer group).
     fn version(&self) -> u32 {
         1
     }
 
     /// Applies one event to the read model, using only `tx` (an open transaction that
-    /// also commits the checkpoint). Must not commit or roll back `tx`.
+    /// also commits the checkpoint). Must not commit or roll back `tx`. `tx` has the
+    /// pool's `search_path`: name tables qualified (see
+    /// [Where read-model tables go](PgProjection#where-read-model-tables-go)).
     ///
     /// # Errors
     ///
-    /// Any error rolls back the whole batch, read model and checkpoints alike.
+    /// Any error rolls back the whole batch, read model and checkpoints alike. What
+    /// happens next depends on the runner: a [`PgSubscription`](crate::PgSubscription)
+    /// stops and returns it; a Kafka consumer retries it a few times and then parks
+    /// the event's stream (and retries outages until they end). The rule, for every
+    /// runner, is in `thalo_kafka`'s crate docs ("Errors in handlers: retry or
+    /// dead-letter").
     fn handle(
         &self,
         tx: &mut PgConnection,
@@ -130,7 +195,11 @@ pub trait PgProjection<E: Event>: Send + Sync {
     /// #     fn event_types() -> &'static [&'static str] { &["Deposited"] }
     /// # }
     ///
-    /// struct Balances;
+    /// struct Balances {
+    ///     /// `INSERT INTO "thalo".balances ... SELECT * FROM UNNEST($1::text[], $2::int8[])
+    ///     /// ON CONFLICT ...`, built once from `store.schema().qualify("balances")`.
+    ///     upsert: String,
+    /// }
     ///
     /// impl PgProjection<AccountEvent> for Balances {
     ///     fn name(&self) -> &str {
@@ -157,16 +226,12 @@ pub trait PgProjection<E: Event>: Send + Sync {
     ///             *sums.entry(envelope.aggregate_id.as_str()).or_default() += amount;
     ///         }
     ///         let (accounts, amounts): (Vec<&str>, Vec<i64>) = sums.into_iter().unzip();
-    ///         sqlx::query(
-    ///             "INSERT INTO balances (account, cents)
-    ///              SELECT * FROM UNNEST($1::text[], $2::int8[])
-    ///              ON CONFLICT (account) DO UPDATE SET cents = balances.cents + EXCLUDED.cents",
-    ///         )
-    ///         .bind(&accounts)
-    ///         .bind(&amounts)
-    ///         .execute(tx)
-    ///         .await
-    ///         .map_err(|e| Error::store("updating balances", e))?;
+    ///         sqlx::query(&self.upsert)
+    ///             .bind(&accounts)
+    ///             .bind(&amounts)
+    ///             .execute(tx)
+    ///             .await
+    ///             .map_err(|e| Error::store("updating balances", e))?;
     ///         Ok(())
     ///     }
     /// }
@@ -221,8 +286,10 @@ impl<E: Event, P: PgProjection<E>> PgProjection<E> for std::sync::Arc<P> {
 pub struct Applied {
     /// Envelopes handed to the projection.
     pub applied: usize,
-    /// Envelopes skipped because their stream's checkpoint was already at or past them.
-    pub skipped: usize,
+    /// Envelopes skipped because they were applied already: their stream's checkpoint
+    /// was at or past them (redeliveries, relay duplicates). The same count as
+    /// `thalo_kafka::ConsumerStats::duplicates`.
+    pub duplicates: usize,
     /// Envelopes held, not applied, because their stream is parked (see
     /// [`PgEventStore::redrive_projection`]).
     pub held: usize,
@@ -231,7 +298,7 @@ pub struct Applied {
 impl std::ops::AddAssign for Applied {
     fn add_assign(&mut self, other: Applied) {
         self.applied += other.applied;
-        self.skipped += other.skipped;
+        self.duplicates += other.duplicates;
         self.held += other.held;
     }
 }
@@ -353,7 +420,7 @@ impl PgEventStore {
             );
             let checkpoint = stored.entry(key).or_insert((0, false));
             if envelope.sequence <= checkpoint.0 {
-                outcome.skipped += 1;
+                outcome.duplicates += 1;
                 continue;
             }
             if let Some(held) = parked.get_mut(&key) {

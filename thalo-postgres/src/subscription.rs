@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thalo::__private::Backoff;
-use thalo::{Aggregate, Error, Event, EventEnvelope, EventSet, EventStore, Shutdown};
+use thalo::{Aggregate, Error, Event, EventEnvelope, EventSet, EventStore, Progress, Shutdown};
 use tracing::{debug, info, warn};
 
 use crate::error::store;
@@ -68,6 +68,7 @@ pub struct PgSubscription<P, E> {
     /// Whether this subscription's version is settled: live, retired, or not promoted
     /// once caught up. Nothing more to do about versions.
     settled: AtomicBool,
+    progress: Progress,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -175,6 +176,7 @@ where
             idle_timeout: Duration::from_secs(1),
             read_model: None,
             settled: AtomicBool::new(false),
+            progress: Progress::new(),
             _event: PhantomData,
         }
     }
@@ -239,6 +241,17 @@ where
         &self.projection
     }
 
+    /// A handle that shows how far this subscription has got while it runs (its
+    /// checkpoint, events applied, whether it is caught up) and waits until it has
+    /// applied given events: read-your-writes in the process that runs the
+    /// subscription (see [`thalo::Progress`]). Take it before
+    /// [`run`](PgSubscription::run), which consumes the subscription. From another
+    /// process, wait on the store's checkpoints with
+    /// [`PgEventStore::wait_until_projected`].
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
     /// Applies every event appended so far that the projection has not seen, batch by
     /// batch, and returns how many events were applied and skipped.
     ///
@@ -257,6 +270,11 @@ where
         loop {
             let step = self.step().await?;
             total += step.applied;
+            self.progress.advance(
+                step.position,
+                step.applied.applied as u64,
+                step.read < self.batch_size,
+            );
             // A batch that was not full read to the end of the log: nothing is known to
             // wait. A full one says at least one more batch may.
             let lag = if step.read < self.batch_size {
@@ -391,8 +409,10 @@ where
     /// is longer), and from 100 ms again once a catch-up succeeds. A persistent failure
     /// (a database that is down or refuses connections, a store table that went
     /// missing) thus costs a retry now and then, not a busy loop against the database.
-    /// Errors of the projection itself, store errors included, come back as
-    /// [`Error::Handler`] and stop the subscription instead.
+    /// A database outage met by the projection's own queries (a lost connection, a pool
+    /// timeout, a server restart, a deadlock: [`database_outage`](crate::database_outage))
+    /// is retried the same way. Any other error of the projection (a constraint
+    /// violation, a bug) comes back as [`Error::Handler`] and stops the subscription.
     ///
     /// # Errors
     ///
@@ -413,14 +433,19 @@ where
                         debug!(
                             projection = self.projection.name(),
                             applied = applied.applied,
-                            skipped = applied.skipped,
+                            duplicates = applied.duplicates,
                             position,
                             "caught up"
                         );
                     }
                     position
                 }
-                Err(err @ Error::Store { .. }) => {
+                // The store's own failures, and a database outage met by the
+                // projection's queries (a lost connection inside `handle`): retried.
+                Err(err)
+                    if matches!(err, Error::Store { .. })
+                        || crate::database_outage(&err) == Some(true) =>
+                {
                     // Not `wait_for_events`: it returns at once when there are events to
                     // read, which is exactly when a failing catch-up would fail again.
                     let delay = backoff.next_delay();

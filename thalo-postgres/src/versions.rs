@@ -24,8 +24,10 @@
 //! the live version; a retired version that starts again (an old deployment) does not
 //! take over, only [`PgEventStore::promote`] brings it back. A Kafka-fed
 //! projection is rebuilt the same way, from the store, and then handed to its consumer:
-//! the stream checkpoints the rebuild left make the consumer skip every event the
-//! rebuild applied and apply every later one.
+//! its consumer group derives from the version's checkpoint key (`balances@v2`), so the
+//! new version reads its topics from the start in a group of its own, and the stream
+//! checkpoints the rebuild left make it skip every event the rebuild applied and apply
+//! every later one.
 //!
 //! ```no_run
 //! # use thalo::Error;
@@ -73,6 +75,22 @@ pub fn checkpoint_key(name: &str, version: u32) -> Cow<'_, str> {
 /// The projection creates its table (`CREATE TABLE IF NOT EXISTS {table}`) and writes
 /// only to it; readers use only the view. [`PgEventStore::promote`] points the view at
 /// the promoted version's table.
+///
+/// This is where read-model tables go: in the store's schema, named qualified, because
+/// a projection's transaction keeps the pool's `search_path` (see
+/// [`PgProjection`](crate::PgProjection#where-read-model-tables-go)). It is also the
+/// way to rebuild a read model: renaming a projection gives it new checkpoints but
+/// leaves its tables as they are, while a new version writes tables of its own.
+///
+/// ```
+/// use thalo_postgres::{ReadModelTable, SchemaName};
+///
+/// let schema = SchemaName::new("bank").unwrap();
+/// let v2 = ReadModelTable::new(&schema, "balances", 2).unwrap();
+/// assert_eq!(v2.table(), "\"bank\".balances_v2");
+/// assert_eq!(v2.view(), "\"bank\".balances");
+/// assert!(ReadModelTable::new(&schema, "Balances; DROP", 2).is_err());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadModelTable {
     name: String,

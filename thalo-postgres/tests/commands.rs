@@ -159,3 +159,85 @@ async fn a_store_without_an_outbox_writes_no_outbox_rows() {
         .expect("outbox");
     assert_eq!(outbox, 0);
 }
+
+/// A library member whose borrowing is refused with a domain error that has a code.
+mod coded {
+    use thalo::{commands, events, Aggregate};
+
+    #[derive(Debug, PartialEq, thiserror::Error, thalo::ErrorCode)]
+    pub enum MemberError {
+        #[error("the member is suspended")]
+        #[code("MEMBER_SUSPENDED")]
+        Suspended,
+    }
+
+    #[derive(Aggregate, Clone, Debug, Default)]
+    #[aggregate(name = "pg_test_member")]
+    pub struct Member {
+        #[identity]
+        id: String,
+    }
+
+    #[commands]
+    impl Member {
+        pub fn borrow(&self, suspended: bool) -> Result<BorrowedEvent, MemberError> {
+            if suspended {
+                return Err(MemberError::Suspended);
+            }
+            Ok(BorrowedEvent {})
+        }
+    }
+
+    #[events]
+    impl Member {
+        pub fn borrowed(&mut self) {}
+    }
+}
+
+/// A rejection with a coded domain error is recorded with its code: a retry under the
+/// same key, from another process, gets the code and the text back (as
+/// `Error::Invariant`: the store keeps the code and the text, not the error's type), and
+/// the first execution's error is the domain error itself.
+#[tokio::test]
+async fn a_coded_domain_rejection_is_replayed_with_its_code() {
+    use coded::{Member, MemberCommand, MemberError};
+
+    let db = common::store().await;
+    let id = new_id();
+    let key = CommandId::random();
+    let first = Repository::new(db.store.clone())
+        .execute_once::<Member>(&id, key.clone(), MemberCommand::Borrow { suspended: true })
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Some("MEMBER_SUSPENDED"));
+    assert_eq!(
+        first.downcast_domain::<MemberError>(),
+        Some(&MemberError::Suspended)
+    );
+
+    let restarted = PgEventStore::builder(common::pool(2).await)
+        .schema(&db.schema)
+        .build()
+        .expect("store");
+    // The retry would not be rejected if decided again: the first outcome stands.
+    let retry = Repository::new(restarted)
+        .execute_once::<Member>(&id, key, MemberCommand::Borrow { suspended: true })
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), Some("MEMBER_SUSPENDED"));
+    assert!(retry.is_rejection());
+    assert!(
+        retry.to_string().contains("the member is suspended"),
+        "{retry}"
+    );
+    let record: (bool, Option<String>) = sqlx::query_as(&format!(
+        "SELECT rejected, rejection_code FROM {}",
+        db.table("commands")
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .expect("one record");
+    assert_eq!(record, (true, Some("MEMBER_SUSPENDED".to_owned())));
+    let none: Result<_, Error> = db.store.load::<Member>(&id).await;
+    assert_eq!(none.expect("load").version, 0);
+}

@@ -56,19 +56,6 @@ async fn read_settled(db: &TestDb, count: usize) -> Vec<EventEnvelope<RawEvent>>
     }
 }
 
-/// Polls `done` every 10 ms until it holds, or panics with `what` after `timeout`.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 // --- Group commit: one bad append fails alone ----------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -322,6 +309,7 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
     // A long idle timeout: only the backoff decides how often the failing batch runs.
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Arc::clone(&projection))
         .with_idle_timeout(Duration::from_secs(60));
+    let progress = subscription.progress();
     let stop = thalo::Shutdown::new();
     let running = tokio::spawn(subscription.run(stop.clone()));
 
@@ -348,16 +336,17 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
         .execute(&db.pool)
         .await
         .expect("drop trigger");
-    let position = stored[0].position;
-    eventually(
-        Duration::from_secs(10),
-        "the subscription catches up",
-        || {
-            let store = db.store.clone();
-            async move { store.load_checkpoint("balances").await.ok().flatten() == Some(position) }
-        },
-    )
-    .await;
+    progress
+        .wait_until_projected(&stored, Duration::from_secs(10))
+        .await
+        .expect("the subscription catches up");
+    assert_eq!(
+        db.store
+            .load_checkpoint("balances")
+            .await
+            .expect("checkpoint"),
+        Some(stored[0].position)
+    );
     let rows: Vec<(String, i64)> =
         sqlx::query_as(&format!("SELECT account, cents FROM {balances}"))
             .fetch_all(&db.pool)
@@ -366,24 +355,21 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
     assert_eq!(rows, vec![(id.clone(), 42)]);
 
     // Back to following the log: a new event is applied promptly.
-    db.store
+    let stored = db
+        .store
         .append::<Account>(&id, 1, deposits([8]), &no_metadata())
         .await
         .expect("append");
-    eventually(Duration::from_secs(10), "the new event is applied", || {
-        let pool = db.pool.clone();
-        let query = format!("SELECT cents FROM {balances} WHERE account = $1");
-        let id = id.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&query)
-                .bind(&id)
-                .fetch_one(&pool)
-                .await
-                .ok()
-                == Some(50)
-        }
-    })
-    .await;
+    progress
+        .wait_until_projected(&stored, Duration::from_secs(10))
+        .await
+        .expect("the new event is applied");
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(&format!("SELECT account, cents FROM {balances}"))
+            .fetch_all(&db.pool)
+            .await
+            .expect("balances");
+    assert_eq!(rows, vec![(id.clone(), 50)]);
 
     stop.trigger();
     running

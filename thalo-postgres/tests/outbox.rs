@@ -214,8 +214,10 @@ async fn a_leader_whose_session_is_terminated_is_deposed() {
     let id = new_id();
     append_deposits(&db, &id, 0, 3).await;
     let outbox = db.store.outbox();
+    assert!(!outbox.is_led().await.unwrap(), "no relay yet");
     let mut old = outbox.try_claim("relay-1").await.unwrap().expect("free");
     assert_eq!(old.epoch(), 1);
+    assert!(outbox.is_led().await.unwrap());
     let fetched = old.fetch(100, &[]).await.unwrap();
     assert_eq!(fetched.len(), 3);
 
@@ -246,6 +248,7 @@ async fn a_leader_whose_session_is_terminated_is_deposed() {
     assert_eq!(new.acknowledge(&ids).await.unwrap(), 3);
     assert!(outbox_rows(&db).await.is_empty());
     new.release().await.unwrap();
+    assert!(!outbox.is_led().await.unwrap(), "released");
 }
 
 #[tokio::test]

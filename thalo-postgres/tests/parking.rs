@@ -210,7 +210,7 @@ fn actions(log: &[(String, Option<i64>, String)]) -> Vec<&str> {
 fn applied_only(n: usize) -> Counts {
     Counts {
         applied: n,
-        skipped: 0,
+        duplicates: 0,
         held: 0,
     }
 }
@@ -245,7 +245,7 @@ async fn a_gap_parks_the_stream_and_a_redrive_fills_it_from_the_store() {
             .unwrap(),
         Counts {
             applied: 2,
-            skipped: 0,
+            duplicates: 0,
             held: 2,
         }
     );
@@ -296,7 +296,7 @@ async fn a_gap_parks_the_stream_and_a_redrive_fills_it_from_the_store() {
             .unwrap(),
         Counts {
             applied: 0,
-            skipped: 0,
+            duplicates: 0,
             held: 2,
         }
     );
@@ -340,7 +340,7 @@ async fn a_gap_parks_the_stream_and_a_redrive_fills_it_from_the_store() {
             .unwrap(),
         Counts {
             applied: 0,
-            skipped: 8,
+            duplicates: 8,
             held: 0,
         }
     );
@@ -410,7 +410,7 @@ async fn a_failing_event_parks_the_stream_until_the_projection_is_fixed() {
             .unwrap(),
         Counts {
             applied: 1,
-            skipped: 0,
+            duplicates: 0,
             held: 2,
         }
     );
@@ -421,7 +421,7 @@ async fn a_failing_event_parks_the_stream_until_the_projection_is_fixed() {
             .unwrap(),
         Counts {
             applied: 0,
-            skipped: 0,
+            duplicates: 0,
             held: 2,
         }
     );
@@ -802,7 +802,7 @@ async fn a_gap_inside_a_batch_keeps_what_came_before_it() {
             .unwrap(),
         Counts {
             applied: 2,
-            skipped: 0,
+            duplicates: 0,
             held: 4,
         }
     );
@@ -841,7 +841,7 @@ async fn a_gap_inside_a_batch_keeps_what_came_before_it() {
         .apply_exactly_once(&projection, &pick(&events_a, [6, 7]))
         .await
         .unwrap();
-    assert_eq!(late.skipped, 2);
+    assert_eq!(late.duplicates, 2);
     assert_eq!(applied(&db, &a).await, fold(&db, &a).await);
 }
 
@@ -959,7 +959,7 @@ async fn a_redrive_racing_the_consumer_applies_every_event_once() {
         "consumer {consumed:?}, re-drives {redriven:?}"
     );
     assert_eq!(
-        consumed.skipped + consumed.held + consumed.applied,
+        consumed.duplicates + consumed.held + consumed.applied,
         STREAMS * 30
     );
     assert_eq!(

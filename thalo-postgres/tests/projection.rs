@@ -136,7 +136,7 @@ async fn a_subscription_applies_every_event_once_and_checkpoints_with_it() {
         applied,
         Counts {
             applied: 8,
-            skipped: 0,
+            duplicates: 0,
             held: 0,
         }
     );
@@ -230,7 +230,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         first,
         Counts {
             applied: 5,
-            skipped: 0,
+            duplicates: 0,
             held: 0,
         }
     );
@@ -244,7 +244,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         again,
         Counts {
             applied: 0,
-            skipped: 5,
+            duplicates: 5,
             held: 0,
         }
     );
@@ -259,7 +259,7 @@ async fn duplicate_and_overlapping_deliveries_are_skipped() {
         rest,
         Counts {
             applied: 3,
-            skipped: 3,
+            duplicates: 3,
             held: 0,
         }
     );
@@ -309,7 +309,7 @@ async fn concurrent_appliers_of_one_batch_apply_it_once() {
         total,
         Counts {
             applied: 15,
-            skipped: 45,
+            duplicates: 45,
             held: 0,
         }
     );
@@ -327,35 +327,35 @@ async fn run_follows_new_events_and_stops_on_shutdown() {
     let db = common::store().await;
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Balances::new(&db).await)
         .with_idle_timeout(Duration::from_secs(30));
+    let progress = subscription.progress();
     let stop = thalo::Shutdown::new();
     let runner = tokio::spawn(subscription.run(stop.clone()));
 
     let id = new_id();
+    let mut stored = Vec::new();
     for (version, amount) in [5, 6, 7].into_iter().enumerate() {
-        db.store
-            .append::<Account>(
-                &id,
-                version as u64,
-                deposits([amount]),
-                &Metadata::default(),
-            )
-            .await
-            .unwrap();
+        stored.extend(
+            db.store
+                .append::<Account>(
+                    &id,
+                    version as u64,
+                    deposits([amount]),
+                    &Metadata::default(),
+                )
+                .await
+                .unwrap(),
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The idle timeout is 30 s: only notifications can make this quick.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if balances(&db).await == [(id.clone(), 18, 3)] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the subscription did not follow: {:?}",
-            balances(&db).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    progress
+        .wait_until_projected(&stored, Duration::from_secs(10))
+        .await
+        .expect("the subscription follows new events");
+    assert_eq!(balances(&db).await, [(id.clone(), 18, 3)]);
+    let report = progress.report();
+    assert_eq!(report.handled, 3, "{report:?}");
+    assert!(report.position >= stored[2].position, "{report:?}");
 
     stop.trigger();
     let projection = tokio::time::timeout(Duration::from_secs(5), runner)
@@ -500,7 +500,7 @@ async fn a_batch_projection_gets_only_new_events_in_one_call() {
         .apply_exactly_once(&projection, &second)
         .await
         .unwrap();
-    assert_eq!((applied.applied, applied.skipped), (4, 3));
+    assert_eq!((applied.applied, applied.duplicates), (4, 3));
     assert_eq!(
         *projection.batches.lock().unwrap(),
         [vec![1, 2, 3, 1], vec![4, 5, 6, 2]]
@@ -537,4 +537,103 @@ async fn a_batch_projection_gets_only_new_events_in_one_call() {
     .await
     .unwrap();
     assert_eq!(rows, expected);
+}
+
+/// Records the `search_path` its transaction sees, and writes to a table named with
+/// `SchemaName::qualify`.
+struct SearchPath {
+    insert: String,
+    seen: std::sync::Mutex<Vec<String>>,
+}
+
+impl PgProjection<AccountEvent> for SearchPath {
+    fn name(&self) -> &str {
+        "search_path"
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &EventEnvelope<AccountEvent>,
+    ) -> Result<(), Error> {
+        let path: String = sqlx::query_scalar("SHOW search_path")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| Error::store("reading search_path", e))?;
+        self.seen.lock().unwrap().push(path);
+        sqlx::query(&self.insert)
+            .bind(&envelope.aggregate_id)
+            .bind(i64::try_from(envelope.sequence).unwrap())
+            .execute(tx)
+            .await
+            .map_err(|e| Error::store("recording", e))?;
+        Ok(())
+    }
+}
+
+/// The documented convention (`PgProjection`, "Where read-model tables go"): Thalo does
+/// not change the `search_path` of a projection's transaction, so an unqualified name
+/// never resolves into the store's schema (where `events`, `outbox`, `checkpoints`, ...
+/// live); read-model tables are named qualified, in the store's schema.
+#[tokio::test]
+async fn a_projection_transaction_keeps_the_pools_search_path() {
+    let db = common::store().await;
+    let table = db.store.schema().qualify("search_path_seen");
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (account TEXT NOT NULL, sequence BIGINT NOT NULL)"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let pool_path: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!pool_path.contains(&db.schema), "{pool_path}");
+    let projection = SearchPath {
+        insert: format!("INSERT INTO {table} (account, sequence) VALUES ($1, $2)"),
+        seen: std::sync::Mutex::new(Vec::new()),
+    };
+
+    // Both ways a projection is run: a batch from a consumer, and a subscription.
+    let id = new_id();
+    let stored = db
+        .store
+        .append::<Account>(&id, 0, deposits([1, 2]), &Metadata::default())
+        .await
+        .unwrap();
+    let applied = db
+        .store
+        .apply_exactly_once(&projection, &stored[..1])
+        .await
+        .unwrap();
+    assert_eq!(applied.applied, 1);
+    let subscription = PgSubscription::new::<Account>(db.store.clone(), projection);
+    let progress = subscription.progress();
+    let stop = thalo::Shutdown::new();
+    let running = tokio::spawn(subscription.run(stop.clone()));
+    progress
+        .wait_until_projected(&stored, Duration::from_secs(30))
+        .await
+        .expect("the subscription applies the second event");
+    stop.trigger();
+    let projection = running.await.unwrap().unwrap();
+
+    let seen = projection.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [pool_path.clone(), pool_path],
+        "the pool's search_path"
+    );
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT account, sequence FROM {table} ORDER BY sequence"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [(id.clone(), 1), (id, 2)],
+        "written to the qualified table"
+    );
 }

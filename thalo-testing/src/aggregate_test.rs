@@ -64,7 +64,7 @@ impl<A: Aggregate> AggregateTest<A> {
         let result = self
             .aggregate
             .handle(command)
-            .map_err(thalo::CommandError::into_error)
+            .map_err(A::reject)
             .map(|events| events.into_iter().map(round_trip).collect());
         Outcome {
             aggregate: self.aggregate,
@@ -134,21 +134,72 @@ where
 }
 
 impl<A: Aggregate> Outcome<A> {
-    /// Asserts the command was rejected with the invariant `code`.
+    /// Asserts the command was rejected with the error code `code` ([`Error::code`]):
+    /// an invariant's code, or the [`ErrorCode`](thalo::ErrorCode) of the aggregate's
+    /// own error type.
     ///
     /// # Panics
     ///
-    /// Panics when the command succeeded or failed otherwise.
+    /// Panics when the command succeeded, was rejected with another code, or failed
+    /// without a code (for a domain error whose type has no `ErrorCode`, the message
+    /// says so).
     #[track_caller]
     pub fn then_error_code(self, code: &str) {
         match self.result {
             Err(err) if err.code() == Some(code) => {}
-            Err(err) => {
-                panic!("expected the invariant code `{code}`, got the error: {err} ({err:?})")
-            }
-            Ok(events) => {
-                panic!("expected the invariant code `{code}`, but the command produced {events:#?}")
-            }
+            Err(Error::Domain { error, code: None }) => panic!(
+                "expected the error code `{code}`, but the command was rejected with a domain \
+                 error that has no code: {error} ({error:?}); implement or derive \
+                 `thalo::ErrorCode` for its type (a hand-written `Aggregate` also returns \
+                 `Error::coded(error)` from `reject`), or assert it with `then_domain_error`"
+            ),
+            Err(err) => match err.code() {
+                Some(other) => panic!(
+                    "expected the error code `{code}`, but the command was rejected with the \
+                     code `{other}`: {err} ({err:?})"
+                ),
+                None => panic!(
+                    "expected the error code `{code}`, but the command failed with an error \
+                     that has no code: {err} ({err:?})"
+                ),
+            },
+            Ok(events) => panic!(
+                "expected the error code `{code}`, but the command succeeded with the events \
+                 {events:#?}"
+            ),
+        }
+    }
+
+    /// Asserts the command was rejected with exactly `expected`, an error of the
+    /// aggregate's own type ([`Error::downcast_domain`]), e.g.
+    /// `.then_domain_error(LoanError::Suspended)`.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the command succeeded, was rejected with another value of `E`, or
+    /// failed with an error that is not an `E`.
+    #[track_caller]
+    pub fn then_domain_error<E>(self, expected: E)
+    where
+        E: std::error::Error + PartialEq + Debug + 'static,
+    {
+        match self.result {
+            Err(err) => match err.downcast_domain::<E>() {
+                Some(actual) if *actual == expected => {}
+                Some(actual) => panic!(
+                    "expected the command to be rejected with {expected:?}, but it was \
+                     rejected with {actual:?} ({actual})"
+                ),
+                None => panic!(
+                    "expected the command to be rejected with {expected:?} (a `{}`), but it \
+                     failed with another error: {err} ({err:?})",
+                    std::any::type_name::<E>()
+                ),
+            },
+            Ok(events) => panic!(
+                "expected the command to be rejected with {expected:?}, but it succeeded with \
+                 the events {events:#?}"
+            ),
         }
     }
 
@@ -210,7 +261,196 @@ fn diff<E: Debug>(expected: &[E], actual: &[E]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::diff;
+    use thalo::{commands, events, Aggregate, Error, ErrorCode};
+
+    use super::{diff, AggregateTest};
+
+    #[derive(Debug, PartialEq, thiserror::Error, ErrorCode)]
+    pub enum LoanError {
+        #[error("the member is suspended")]
+        #[code("MEMBER_SUSPENDED")]
+        Suspended,
+        #[error("{0} books are too many")]
+        TooManyBooks(u32),
+    }
+
+    /// Uncoded: a plain `thiserror` type.
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("the shelf is full")]
+    pub struct ShelfFull;
+
+    #[derive(Aggregate, Clone, Debug, Default)]
+    pub struct Loan {
+        #[identity]
+        id: u64,
+        books: u32,
+    }
+
+    #[commands]
+    impl Loan {
+        pub fn borrow(&self, books: u32, suspended: bool) -> Result<BorrowedEvent, LoanError> {
+            if suspended {
+                return Err(LoanError::Suspended);
+            }
+            if self.books + books > 3 {
+                return Err(LoanError::TooManyBooks(self.books + books));
+            }
+            Ok(BorrowedEvent { books })
+        }
+    }
+
+    #[events]
+    impl Loan {
+        pub fn borrowed(&mut self, books: u32) {
+            self.books += books;
+        }
+    }
+
+    #[derive(Aggregate, Clone, Debug, Default)]
+    pub struct Shelf {
+        #[identity]
+        id: u64,
+    }
+
+    #[commands]
+    impl Shelf {
+        pub fn fill(&self) -> Result<FilledEvent, ShelfFull> {
+            Err(ShelfFull)
+        }
+    }
+
+    #[events]
+    impl Shelf {
+        pub fn filled(&mut self) {}
+    }
+
+    /// Returns `thalo::Error`, a coded domain error inside.
+    #[derive(Aggregate, Clone, Debug, Default)]
+    pub struct Desk {
+        #[identity]
+        id: u64,
+    }
+
+    #[commands]
+    impl Desk {
+        pub fn lend(&self, coded: bool) -> Result<LentEvent, Error> {
+            if coded {
+                return Err(Error::coded(LoanError::Suspended));
+            }
+            Err(Error::invariant_code("DESK_CLOSED"))
+        }
+    }
+
+    #[events]
+    impl Desk {
+        pub fn lent(&mut self) {}
+    }
+
+    fn borrow(books: u32, suspended: bool) -> LoanCommand {
+        LoanCommand::Borrow { books, suspended }
+    }
+
+    #[test]
+    fn then_error_code_reads_a_domain_errors_code() {
+        AggregateTest::<Loan>::new(1)
+            .when(borrow(1, true))
+            .then_error_code("MEMBER_SUSPENDED");
+        AggregateTest::<Loan>::new(1)
+            .given([BorrowedEvent { books: 3 }])
+            .when(borrow(1, false))
+            .then_error_code("TOO_MANY_BOOKS");
+    }
+
+    #[test]
+    fn a_thalo_error_keeps_its_code() {
+        AggregateTest::<Desk>::new(1)
+            .when(DeskCommand::Lend { coded: true })
+            .then_error_code("MEMBER_SUSPENDED");
+        AggregateTest::<Desk>::new(1)
+            .when(DeskCommand::Lend { coded: true })
+            .then_domain_error(LoanError::Suspended);
+        AggregateTest::<Desk>::new(1)
+            .when(DeskCommand::Lend { coded: false })
+            .then_error_code("DESK_CLOSED");
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "a domain error that has no code: the shelf is full (ShelfFull); \
+                               implement or derive `thalo::ErrorCode` for its type"
+    )]
+    fn then_error_code_on_an_uncoded_domain_error_says_what_to_do() {
+        AggregateTest::<Shelf>::new(1)
+            .when(ShelfCommand::Fill)
+            .then_error_code("SHELF_FULL");
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "expected the error code `TOO_MANY_BOOKS`, but the command was \
+                               rejected with the code `MEMBER_SUSPENDED`"
+    )]
+    fn then_error_code_names_the_other_code() {
+        AggregateTest::<Loan>::new(1)
+            .when(borrow(1, true))
+            .then_error_code("TOO_MANY_BOOKS");
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "expected the error code `MEMBER_SUSPENDED`, but the command \
+                               succeeded with the events"
+    )]
+    fn then_error_code_on_success() {
+        AggregateTest::<Loan>::new(1)
+            .when(borrow(1, false))
+            .then_error_code("MEMBER_SUSPENDED");
+    }
+
+    #[test]
+    fn then_domain_error_matches_the_value() {
+        AggregateTest::<Loan>::new(1)
+            .given([BorrowedEvent { books: 2 }])
+            .when(borrow(2, false))
+            .then_domain_error(LoanError::TooManyBooks(4));
+        AggregateTest::<Shelf>::new(1)
+            .when(ShelfCommand::Fill)
+            .then_domain_error(ShelfFull);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "expected the command to be rejected with TooManyBooks(3), but \
+                               it was rejected with TooManyBooks(4) (4 books are too many)"
+    )]
+    fn then_domain_error_on_another_value() {
+        AggregateTest::<Loan>::new(1)
+            .given([BorrowedEvent { books: 2 }])
+            .when(borrow(2, false))
+            .then_domain_error(LoanError::TooManyBooks(3));
+    }
+
+    #[test]
+    #[should_panic(expected = "expected the command to be rejected with ShelfFull (a \
+                               `thalo_testing::aggregate_test::tests::ShelfFull`), but it \
+                               failed with another error: command rejected: the member is \
+                               suspended")]
+    fn then_domain_error_on_another_type() {
+        AggregateTest::<Loan>::new(1)
+            .when(borrow(1, true))
+            .then_domain_error(ShelfFull);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "expected the command to be rejected with Suspended, but it \
+                               succeeded with the events [\n    Borrowed("
+    )]
+    fn then_domain_error_on_success() {
+        AggregateTest::<Loan>::new(1)
+            .when(borrow(1, false))
+            .then_domain_error(LoanError::Suspended);
+    }
 
     #[test]
     fn diff_marks_changed_lines() {

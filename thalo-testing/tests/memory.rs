@@ -137,19 +137,27 @@ async fn run_follows_new_events_until_shutdown() {
     let stop = thalo::Shutdown::new();
     let sub = Subscription::new::<Account>(store.clone(), projection.clone())
         .with_idle_timeout(Duration::from_secs(30));
+    let progress = sub.progress();
     let task = tokio::spawn(sub.run(stop.clone()));
 
+    let mut stored = Vec::new();
     for amount in 1..=3 {
-        deposit(&repo, "live", amount).await;
+        stored.extend(
+            repo.execute::<Account>(&"live".to_owned(), AccountCommand::Deposit { amount })
+                .await
+                .expect("deposit"),
+        );
     }
     // Woken by the store, not by the 30 s poll.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while projection.seen.lock().expect("lock").len() < 3 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the subscription follows new events");
+    progress
+        .wait_until_projected(&stored, Duration::from_secs(5))
+        .await
+        .expect("the subscription follows new events");
+    let expected: Vec<(String, u64, u64)> = stored
+        .iter()
+        .map(|e| ("live".to_owned(), e.sequence, e.position))
+        .collect();
+    assert_eq!(*projection.seen.lock().expect("lock"), expected);
 
     stop.trigger();
     task.await.expect("task").expect("clean shutdown");

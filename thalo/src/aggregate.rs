@@ -130,7 +130,8 @@ pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
 
     /// The error that rejects a command: [`Error`], or the application's own error type
     /// (any `std::error::Error + Send + Sync + 'static`, such as a `thiserror` enum), which
-    /// becomes [`Error::Domain`] without a `From` impl (see [`CommandError`]).
+    /// becomes [`Error::Domain`] without a `From` impl (see [`CommandError`] and
+    /// [`Aggregate::reject`]).
     type Error: CommandError;
 
     /// A fresh aggregate with no events applied.
@@ -148,6 +149,61 @@ pub trait Aggregate: AggregateType + Sized + Send + Sync + 'static {
 
     /// Changes the aggregate's state by one event. Must not fail: events are facts.
     fn apply(&mut self, event: Self::Event);
+
+    /// The [`Error`] that [`Repository::execute`](crate::Repository::execute) (and
+    /// `thalo_testing`'s `AggregateTest`) return when [`handle`](Aggregate::handle)
+    /// rejects a command with `error`.
+    ///
+    /// The default is [`CommandError::into_error`]: an [`Error`] passes through, any
+    /// other error becomes [`Error::Domain`] without a code. `#[derive(Aggregate)]`
+    /// overrides it to keep the [`ErrorCode`](crate::ErrorCode) of an error type that
+    /// has one, with [`Error::coded`]. A hand-written aggregate whose error type has
+    /// codes overrides it the same way:
+    ///
+    /// ```
+    /// # use thalo::{Aggregate, AggregateType, Error, ErrorCode};
+    /// #[derive(Debug, PartialEq, thiserror::Error, ErrorCode)]
+    /// pub enum CounterError {
+    ///     #[error("a counter only goes up")]
+    ///     ZeroIncrement,
+    /// }
+    /// # #[derive(Clone, Debug, PartialEq)]
+    /// # pub struct Incremented;
+    /// # impl thalo::Event for Incremented {
+    /// #     fn event_type(&self) -> &'static str { "Incremented" }
+    /// #     fn encode(&self) -> Result<String, Error> { Ok("{}".into()) }
+    /// #     fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> { Ok(Incremented) }
+    /// #     fn event_types() -> &'static [&'static str] { &["Incremented"] }
+    /// # }
+    /// # #[derive(Debug)]
+    /// # pub struct Counter(u64);
+    /// # impl AggregateType for Counter { const TYPE: &'static str = "counter"; }
+    ///
+    /// impl Aggregate for Counter {
+    ///     type Error = CounterError;
+    ///     // ...
+    /// #   type Id = u64;
+    /// #   type Command = u64;
+    /// #   type Event = Incremented;
+    /// #   fn new(id: u64) -> Self { Counter(id) }
+    /// #   fn id(&self) -> &u64 { &self.0 }
+    /// #   fn handle(&self, by: u64) -> Result<Vec<Incremented>, CounterError> {
+    /// #       if by == 0 { return Err(CounterError::ZeroIncrement); }
+    /// #       Ok(vec![Incremented])
+    /// #   }
+    /// #   fn apply(&mut self, _: Incremented) {}
+    ///
+    ///     fn reject(error: CounterError) -> Error {
+    ///         Error::coded(error)
+    ///     }
+    /// }
+    ///
+    /// let error = Counter(1).handle(0).unwrap_err();
+    /// assert_eq!(Counter::reject(error).code(), Some("ZERO_INCREMENT"));
+    /// ```
+    fn reject(error: Self::Error) -> Error {
+        error.into_error()
+    }
 
     /// Serializes the aggregate's state for a snapshot, or `None` when the aggregate does
     /// not support snapshots (the default). `#[aggregate(snapshot)]` implements it with

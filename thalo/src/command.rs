@@ -211,10 +211,26 @@ impl<E> Once<E> {
 /// A command's rejection as stores record it: a retry of a rejected command under its
 /// key gets the same rejection, so that the first execution and any retry agree on one
 /// outcome even when they race.
+///
+/// Only a code and a text are recorded, never the aggregate's own error type, so a
+/// replay returns (the same in every store, the in-memory one and Postgres alike):
+///
+/// | first execution | recorded | replay |
+/// |---|---|---|
+/// | [`Error::Invariant`] `{ code, message }` | `code`, `message` | [`Error::Invariant`] `{ code, message }` |
+/// | [`Error::Domain`] with a code ([`ErrorCode`](crate::ErrorCode)) | the code, the error's text | [`Error::Invariant`] `{ code, message: Some(text) }` |
+/// | [`Error::Domain`] without a code | the error's text | [`Error::Domain`] around a [`ReplayedRejection`] with the text |
+///
+/// A replay therefore has the same [`Error::code`] and [`Error::is_rejection`] as the
+/// first execution, which is what an API answers with; only
+/// [`Error::downcast_domain`] to the aggregate's error type, and the `Display` text of
+/// a coded domain error (`invariant violated: CODE (text)` instead of
+/// `command rejected: text`), tell them apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    /// The invariant code ([`Error::Invariant`]); `None` for an aggregate's own error
-    /// type ([`Error::Domain`]).
+    /// The invariant code ([`Error::Invariant`]), or the code of an aggregate's own
+    /// error ([`Error::Domain`]) when its type has one; `None` for a domain error
+    /// without a code.
     pub code: Option<String>,
     /// The invariant's message, or the domain error's text.
     pub message: Option<String>,
@@ -222,14 +238,23 @@ pub struct Rejection {
 
 impl Rejection {
     /// The rejection recorded for `error`, if it is one ([`Error::is_rejection`]).
+    ///
+    /// ```
+    /// use thalo::{Error, Rejection};
+    ///
+    /// let recorded = Rejection::of(&Error::invariant("CLOSED", "the account is closed"));
+    /// let replayed = recorded.expect("a rejection").into_error();
+    /// assert_eq!(replayed.code(), Some("CLOSED"));
+    /// assert!(Rejection::of(&Error::config("not a rejection")).is_none());
+    /// ```
     pub fn of(error: &Error) -> Option<Rejection> {
         match error {
             Error::Invariant { code, message } => Some(Rejection {
                 code: Some(code.to_string()),
                 message: message.clone(),
             }),
-            Error::Domain { error } => Some(Rejection {
-                code: None,
+            Error::Domain { error, code } => Some(Rejection {
+                code: code.as_deref().map(str::to_owned),
                 message: Some(error.to_string()),
             }),
             _ => None,
@@ -237,8 +262,8 @@ impl Rejection {
     }
 
     /// The error a replay returns: [`Error::Invariant`] with the recorded code and
-    /// message, or [`Error::Domain`] around a [`ReplayedRejection`] (the aggregate's
-    /// own error type is not stored, only its text).
+    /// message (also for a domain error that had a code), or [`Error::Domain`] around
+    /// a [`ReplayedRejection`] (see the table on [`Rejection`]).
     pub fn into_error(self) -> Error {
         match self.code {
             Some(code) => Error::Invariant {
@@ -249,6 +274,7 @@ impl Rejection {
                 error: Box::new(ReplayedRejection {
                     message: self.message.unwrap_or_default(),
                 }),
+                code: None,
             },
         }
     }
@@ -288,3 +314,126 @@ impl<E> Recorded<E> {
 /// How long stores keep a command's key by default: 7 days. After that, the key is
 /// forgotten and executing it again executes the command again.
 pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::{Aggregate, AggregateType, ErrorCode, Event, InMemoryEventStore, Repository};
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("the lock is jammed")]
+    struct Jammed;
+
+    impl ErrorCode for Jammed {
+        fn code(&self) -> Cow<'static, str> {
+            Cow::Borrowed("LOCK_JAMMED")
+        }
+    }
+
+    #[test]
+    fn a_coded_domain_error_is_recorded_and_replayed_with_its_code() {
+        let rejection = Rejection::of(&Error::coded(Jammed)).expect("a rejection");
+        assert_eq!(
+            rejection,
+            Rejection {
+                code: Some("LOCK_JAMMED".to_owned()),
+                message: Some("the lock is jammed".to_owned()),
+            }
+        );
+        let replayed = rejection.into_error();
+        assert!(replayed.is_rejection());
+        assert_eq!(replayed.code(), Some("LOCK_JAMMED"));
+        assert!(matches!(
+            &replayed,
+            Error::Invariant { message: Some(message), .. } if message == "the lock is jammed"
+        ));
+    }
+
+    #[test]
+    fn an_uncoded_domain_error_is_replayed_as_its_text() {
+        let rejection = Rejection::of(&Error::domain(Jammed)).expect("a rejection");
+        assert_eq!(rejection.code, None);
+        let replayed = rejection.into_error();
+        assert_eq!(replayed.code(), None);
+        assert_eq!(
+            replayed.downcast_domain::<ReplayedRejection>(),
+            Some(&ReplayedRejection {
+                message: "the lock is jammed".to_owned()
+            })
+        );
+        assert_eq!(replayed.to_string(), Error::domain(Jammed).to_string());
+    }
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Opened;
+
+    impl Event for Opened {
+        fn event_type(&self) -> &'static str {
+            "Opened"
+        }
+        fn encode(&self) -> Result<String, Error> {
+            Ok("{}".to_owned())
+        }
+        fn decode(_: &str, _: u16, _: &str) -> Result<Self, Error> {
+            Ok(Opened)
+        }
+        fn event_types() -> &'static [&'static str] {
+            &["Opened"]
+        }
+    }
+
+    /// A hand-written aggregate whose error type has codes.
+    #[derive(Debug)]
+    struct Lock {
+        id: u32,
+    }
+
+    impl AggregateType for Lock {
+        const TYPE: &'static str = "lock";
+    }
+
+    impl Aggregate for Lock {
+        type Id = u32;
+        type Command = ();
+        type Event = Opened;
+        type Error = Jammed;
+        fn new(id: u32) -> Self {
+            Lock { id }
+        }
+        fn id(&self) -> &u32 {
+            &self.id
+        }
+        fn handle(&self, (): ()) -> Result<Vec<Opened>, Jammed> {
+            Err(Jammed)
+        }
+        fn apply(&mut self, _: Opened) {}
+        fn reject(error: Jammed) -> Error {
+            Error::coded(error)
+        }
+    }
+
+    #[test]
+    fn a_retry_gets_the_code_of_the_first_rejection() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let repo = Repository::new(InMemoryEventStore::new());
+            let key = CommandId::random();
+            let first = repo
+                .execute_once::<Lock>(&1, key.clone(), ())
+                .await
+                .expect_err("jammed");
+            assert_eq!(first.code(), Some("LOCK_JAMMED"));
+            assert_eq!(first.downcast_domain::<Jammed>(), Some(&Jammed));
+            let retry = repo
+                .execute_once::<Lock>(&1, key, ())
+                .await
+                .expect_err("jammed, replayed");
+            assert_eq!(retry.code(), Some("LOCK_JAMMED"));
+            assert!(retry.is_rejection());
+        });
+    }
+}

@@ -33,10 +33,17 @@ pub enum Error {
     },
 
     /// A command handler returned an error of the aggregate's own error type.
+    ///
+    /// The `code` is the error's [`ErrorCode`] when its type has one (see
+    /// [`Error::coded`]), so that programs can tell rejections apart without knowing the
+    /// type; [`Error::code`] returns it.
     #[error("command rejected: {error}")]
     Domain {
         /// The aggregate's error (printed, not returned from `source()`).
         error: BoxError,
+        /// The error's stable, machine-readable code, if its type implements
+        /// [`ErrorCode`].
+        code: Option<Cow<'static, str>>,
     },
 
     /// An aggregate or resource does not exist.
@@ -179,12 +186,37 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+
+    /// Waiting for something took longer than allowed, e.g. for a projection to apply
+    /// a command's events ([`Progress::wait_until_projected`](crate::Progress::wait_until_projected)).
+    /// Nothing failed: what was waited for may still happen.
+    #[error("timed out after {}: {context}", humanize(*timeout))]
+    Timeout {
+        /// What was waited for.
+        context: String,
+        /// How long it was waited for.
+        timeout: std::time::Duration,
+    },
+}
+
+fn humanize(duration: std::time::Duration) -> String {
+    if duration.as_millis() < 1000 {
+        format!("{} ms", duration.as_millis())
+    } else {
+        format!("{:.1} s", duration.as_secs_f64())
+    }
 }
 
 /// An error a command may return: [`Error`] itself, or any error type of the
 /// application's (`std::error::Error + Send + Sync + 'static`, such as a `thiserror`
 /// enum), which becomes [`Error::Domain`] and can be downcast back with
 /// [`Error::downcast_domain`]. No `From` impl is needed.
+///
+/// [`Repository::execute`](crate::Repository::execute) converts an aggregate's error
+/// with [`Aggregate::reject`](crate::Aggregate::reject), which also records the error's
+/// [`ErrorCode`] when its type has one (aggregates made with the macros do this by
+/// themselves); [`CommandError::into_error`] alone, being implemented for every error
+/// type at once, cannot see the code.
 ///
 /// ```
 /// use thalo::{commands, events, Aggregate, CommandError};
@@ -220,6 +252,8 @@ pub enum Error {
 /// let err = LoanError::Suspended.into_error();
 /// assert_eq!(err.downcast_domain::<LoanError>(), Some(&LoanError::Suspended));
 /// assert_eq!(err.to_string(), "command rejected: the member is suspended");
+/// // `LoanError` has no `ErrorCode`: the rejection has no code.
+/// assert_eq!(Loan::reject(LoanError::Suspended).code(), None);
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a command's error type: it is not a `std::error::Error + Send + Sync + 'static`",
@@ -227,8 +261,9 @@ pub enum Error {
     note = "derive `thiserror::Error` for `{Self}` (or implement `std::fmt::Display` and `std::error::Error`), or return `thalo::Error`"
 )]
 pub trait CommandError: fmt::Debug + Send + 'static {
-    /// The [`Error`] that [`Repository::execute`](crate::Repository::execute) returns
-    /// for this rejection: [`Error::domain`] of it.
+    /// The [`Error`] for this rejection: [`Error::domain`] of it (without a code; see
+    /// [`Aggregate::reject`](crate::Aggregate::reject) for the conversion that keeps
+    /// one).
     fn into_error(self) -> Error;
 }
 
@@ -239,6 +274,131 @@ where
     fn into_error(self) -> Error {
         Error::domain(self)
     }
+}
+
+/// A stable, machine-readable code for each value of a domain error, such as
+/// `MEMBER_SUSPENDED` for `LoanError::Suspended`.
+///
+/// A command rejected with such an error reaches the caller as [`Error::Domain`]
+/// carrying the code, which [`Error::code`] returns, as it does an invariant's code: an
+/// HTTP API answers with it, a test asserts it (`thalo_testing`'s `then_error_code`),
+/// and a retry under the same [`CommandId`](crate::CommandId) gets it back (see
+/// [`Rejection`](crate::Rejection)). The error's own type is still there for
+/// [`Error::downcast_domain`].
+///
+/// Derive it (`#[derive(thalo::ErrorCode)]`, feature `macros`): each variant of an enum
+/// gets its name in `SCREAMING_SNAKE_CASE`, a struct its type's name, and
+/// `#[code("...")]` on a variant (or on the struct) sets another. Codes are read by
+/// programs, so they must not change when a variant is renamed: pin the old code with
+/// `#[code("...")]` then. Aggregates made with the macros pick the code up by
+/// themselves; a hand-written [`Aggregate`](crate::Aggregate) overrides
+/// [`Aggregate::reject`](crate::Aggregate::reject) with [`Error::coded`].
+///
+/// The code is a `Cow<'static, str>`: the derive (and most hand-written impls) return a
+/// `&'static str` without allocating (`Cow::Borrowed`), while an error that wraps
+/// another can pass on a code known only at run time.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use thalo::{commands, events, Aggregate, ErrorCode, InMemoryEventStore, Repository};
+///
+/// #[derive(Debug, PartialEq, thiserror::Error, ErrorCode)]
+/// pub enum LoanError {
+///     #[error("the member is suspended")]
+///     #[code("MEMBER_SUSPENDED")]
+///     Suspended,
+///     #[error("the book is already borrowed")]
+///     AlreadyBorrowed,
+/// }
+///
+/// #[derive(Aggregate, Clone, Debug, Default)]
+/// pub struct Loan {
+///     #[identity]
+///     id: String,
+///     borrowed: bool,
+/// }
+///
+/// #[commands]
+/// impl Loan {
+///     pub fn borrow(&self) -> Result<BorrowedEvent, LoanError> {
+///         if self.borrowed {
+///             return Err(LoanError::AlreadyBorrowed);
+///         }
+///         Ok(BorrowedEvent {})
+///     }
+/// }
+///
+/// #[events]
+/// impl Loan {
+///     pub fn borrowed(&mut self) {
+///         self.borrowed = true;
+///     }
+/// }
+///
+/// assert_eq!(LoanError::Suspended.code(), "MEMBER_SUSPENDED");
+///
+/// let repo = Repository::new(InMemoryEventStore::new());
+/// let id = "book-1".to_owned();
+/// repo.execute::<Loan>(&id, LoanCommand::Borrow).await?;
+/// let err = repo.execute::<Loan>(&id, LoanCommand::Borrow).await.unwrap_err();
+/// assert_eq!(err.code(), Some("ALREADY_BORROWED"));
+/// assert_eq!(err.downcast_domain::<LoanError>(), Some(&LoanError::AlreadyBorrowed));
+/// # Ok::<(), thalo::Error>(())
+/// # }).unwrap();
+/// ```
+pub trait ErrorCode {
+    /// The code of this value, e.g. `MEMBER_SUSPENDED`: by convention uppercase ASCII
+    /// letters, digits and `_`, like invariant codes.
+    fn code(&self) -> Cow<'static, str>;
+}
+
+/// Shortcuts from a foreign error (a driver's, a client's) to an [`Error`] with context,
+/// for the code of projections and handlers:
+/// `.store_err("updating balances")?` instead of
+/// `.map_err(|e| Error::store("updating balances", e))?`.
+///
+/// ```
+/// use thalo::{Error, ResultExt};
+///
+/// fn parse_balance(text: &str) -> Result<i64, Error> {
+///     text.parse::<i64>().store_err("decoding a balance")
+/// }
+///
+/// let err = parse_balance("ten").unwrap_err();
+/// assert!(matches!(err, Error::Store { .. }));
+/// assert_eq!(err.to_string(), "event store error: decoding a balance");
+/// ```
+///
+/// The context is only converted into a `String` when there is an error.
+pub trait ResultExt<T>: sealed::Sealed {
+    /// The error as [`Error::Store`] with `context` (what the code was doing).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when `self` is an error.
+    fn store_err(self, context: impl Into<String>) -> Result<T, Error>;
+
+    /// The error as [`Error::Handler`] of the handler or projection `handler`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Handler`] when `self` is an error.
+    fn handler_err(self, handler: impl Into<String>) -> Result<T, Error>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for std::result::Result<T, E> {
+    fn store_err(self, context: impl Into<String>) -> Result<T, Error> {
+        self.map_err(|err| Error::store(context, err))
+    }
+
+    fn handler_err(self, handler: impl Into<String>) -> Result<T, Error> {
+        self.map_err(|err| Error::handler(handler, err))
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<T, E> Sealed for std::result::Result<T, E> {}
 }
 
 struct InvariantDisplay<'a> {
@@ -313,7 +473,8 @@ impl Error {
     }
 
     /// Wraps an aggregate's own error type (see [`Aggregate::Error`](crate::Aggregate::Error))
-    /// as [`Error::Domain`]; a `thalo::Error` passes through unchanged.
+    /// as [`Error::Domain`] without a code; a `thalo::Error` passes through unchanged.
+    /// [`Error::coded`] keeps the code of an error that has one.
     ///
     /// ```
     /// #[derive(Debug, PartialEq, thiserror::Error)]
@@ -330,7 +491,45 @@ impl Error {
         let boxed: BoxError = Box::new(source);
         match boxed.downcast::<Error>() {
             Ok(error) => *error,
-            Err(error) => Error::Domain { error },
+            Err(error) => Error::Domain { error, code: None },
+        }
+    }
+
+    /// Wraps an aggregate's own error type as [`Error::Domain`] with its [`ErrorCode`];
+    /// a `thalo::Error` passes through unchanged, as with [`Error::domain`].
+    ///
+    /// This is what [`Aggregate::reject`](crate::Aggregate::reject) of an aggregate made
+    /// with the macros does when its error type implements [`ErrorCode`]; a hand-written
+    /// aggregate calls it from its own `reject`.
+    ///
+    /// ```
+    /// use thalo::{Error, ErrorCode};
+    ///
+    /// #[derive(Debug, PartialEq, thiserror::Error, ErrorCode)]
+    /// #[error("the account is frozen")]
+    /// struct AccountFrozen;
+    ///
+    /// let err = Error::coded(AccountFrozen);
+    /// assert_eq!(err.code(), Some("ACCOUNT_FROZEN"));
+    /// assert_eq!(err.downcast_domain::<AccountFrozen>(), Some(&AccountFrozen));
+    /// assert_eq!(err.to_string(), "command rejected: the account is frozen");
+    /// ```
+    pub fn coded<E>(error: E) -> Self
+    where
+        E: ErrorCode + std::error::Error + Send + Sync + 'static,
+    {
+        let code = error.code();
+        Error::domain(error).with_domain_code(code)
+    }
+
+    /// Sets the code of a [`Error::Domain`]; other errors are returned unchanged.
+    pub(crate) fn with_domain_code(self, code: Cow<'static, str>) -> Self {
+        match self {
+            Error::Domain { error, .. } => Error::Domain {
+                error,
+                code: Some(code),
+            },
+            other => other,
         }
     }
 
@@ -366,6 +565,19 @@ impl Error {
         }
     }
 
+    /// A wait for `context` that gave up after `timeout`.
+    pub fn timeout(context: impl Into<String>, timeout: std::time::Duration) -> Self {
+        Error::Timeout {
+            context: context.into(),
+            timeout,
+        }
+    }
+
+    /// Whether this is a [`Error::Timeout`]: waiting gave up, nothing failed.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
     /// Invalid configuration.
     pub fn config(message: impl Into<String>) -> Self {
         Error::Config {
@@ -373,10 +585,19 @@ impl Error {
         }
     }
 
-    /// The invariant code, if this error is a broken invariant.
+    /// The stable code of a rejection: an invariant's code ([`Error::Invariant`]), or
+    /// the [`ErrorCode`] of an aggregate's own error ([`Error::Domain`]) when its type
+    /// has one. `None` for other errors.
+    ///
+    /// ```
+    /// # use thalo::Error;
+    /// assert_eq!(Error::invariant_code("CLOSED").code(), Some("CLOSED"));
+    /// assert_eq!(Error::config("no database url").code(), None);
+    /// ```
     pub fn code(&self) -> Option<&str> {
         match self {
             Error::Invariant { code, .. } => Some(code),
+            Error::Domain { code, .. } => code.as_deref(),
             _ => None,
         }
     }
@@ -395,7 +616,7 @@ impl Error {
     /// The aggregate's own error, if this is a [`Error::Domain`] of type `T`.
     pub fn downcast_domain<T: std::error::Error + 'static>(&self) -> Option<&T> {
         match self {
-            Error::Domain { error } => error.downcast_ref::<T>(),
+            Error::Domain { error, .. } => error.downcast_ref::<T>(),
             _ => None,
         }
     }
@@ -448,5 +669,62 @@ mod tests {
         assert!(err.downcast_domain::<Custom>().is_some());
         assert_eq!(err.code(), None);
         assert_eq!(err.to_string(), "command rejected: custom failure");
+    }
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    enum Coded {
+        #[error("the member is suspended")]
+        Suspended,
+        #[error("{0} books are too many")]
+        TooMany(u32),
+    }
+
+    impl ErrorCode for Coded {
+        fn code(&self) -> Cow<'static, str> {
+            match self {
+                Coded::Suspended => Cow::Borrowed("MEMBER_SUSPENDED"),
+                Coded::TooMany(n) => Cow::Owned(format!("TOO_MANY_{n}")),
+            }
+        }
+    }
+
+    #[test]
+    fn coded_domain_errors_keep_their_code_and_type() {
+        let err = Error::coded(Coded::Suspended);
+        assert!(err.is_rejection());
+        assert_eq!(err.code(), Some("MEMBER_SUSPENDED"));
+        assert_eq!(err.downcast_domain::<Coded>(), Some(&Coded::Suspended));
+        assert_eq!(err.to_string(), "command rejected: the member is suspended");
+        assert_eq!(Error::coded(Coded::TooMany(3)).code(), Some("TOO_MANY_3"));
+        // Without `coded`, the same error has no code.
+        assert_eq!(Error::domain(Coded::Suspended).code(), None);
+    }
+
+    #[test]
+    fn with_domain_code_leaves_other_errors_alone() {
+        let err = Error::invariant_code("CLOSED").with_domain_code("OTHER".into());
+        assert_eq!(err.code(), Some("CLOSED"));
+        let err = Error::domain(Custom).with_domain_code("CUSTOM".into());
+        assert_eq!(err.code(), Some("CUSTOM"));
+    }
+
+    #[test]
+    fn result_ext_adds_context() {
+        let failed: std::result::Result<(), std::io::Error> =
+            Err(std::io::Error::other("connection reset"));
+        let err = failed.store_err("updating balances").unwrap_err();
+        assert!(matches!(&err, Error::Store { context, .. } if context == "updating balances"));
+        assert_eq!(
+            std::error::Error::source(&err).map(ToString::to_string),
+            Some("connection reset".to_owned())
+        );
+
+        let failed: std::result::Result<(), &str> = Err("no such row");
+        let err = failed.handler_err("balances").unwrap_err();
+        assert!(matches!(&err, Error::Handler { handler, .. } if handler == "balances"));
+        assert_eq!(
+            Ok::<u8, std::io::Error>(7).store_err("unused").ok(),
+            Some(7)
+        );
     }
 }

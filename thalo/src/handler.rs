@@ -12,8 +12,12 @@ use crate::{Error, Event, EventEnvelope};
 /// be idempotent (or use a Postgres projection, which stores its checkpoint in the same
 /// transaction as its changes).
 ///
-/// Returning an error stops the subscription at that event (it is retried on restart);
-/// Kafka consumers retry with backoff and then dead-letter it.
+/// Returning an error stops a [`Subscription`](crate::Subscription) at that event (it
+/// is retried on restart), except an [`Error::Store`] of the store's own reads, which
+/// is retried with backoff. Kafka consumers retry outages (an unreachable database or
+/// broker) until they end, retry other errors a few times, and then park the
+/// aggregate's stream and dead-letter the event. The whole rule is in `thalo_kafka`'s
+/// crate docs, section "Errors in handlers: retry or dead-letter".
 pub trait EventHandler<E: Event>: Send + Sync {
     /// Handles one event.
     ///
@@ -27,7 +31,17 @@ pub trait EventHandler<E: Event>: Send + Sync {
 /// An event handler that builds a read model and has a stable name, under which its
 /// checkpoint (how far it has read) is stored.
 pub trait Projection<E: Event>: EventHandler<E> {
-    /// Stable name of the projection; changing it rebuilds the projection from scratch.
+    /// Stable name of the projection: its checkpoint is stored under it (and a Kafka-fed
+    /// Postgres projection's consumer group derives from it).
+    ///
+    /// Changing it starts the projection over: under the new name there is no
+    /// checkpoint yet (and no consumer group), so it is handed every event again from
+    /// the start. Nothing else changes: the read model it built is not cleared, so a
+    /// renamed projection that writes the same tables applies every event on top of
+    /// what is there. To rebuild a read model, write it somewhere new; with
+    /// `thalo_postgres`, give the projection a new `version()` whose
+    /// `ReadModelTable`s are tables of its own, built beside the live ones and
+    /// swapped in when caught up.
     fn name(&self) -> &str;
 }
 

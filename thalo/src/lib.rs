@@ -2,6 +2,11 @@
 //!
 //! Event sourcing and CQRS for Rust services.
 //!
+//! New to Thalo? [`docs/first-service.md`][first-service] builds a service step by step,
+//! from a new crate to a Kafka-fed projection and read-your-writes over HTTP.
+//!
+//! [first-service]: https://github.com/thalo-rs/thalo/blob/main/docs/first-service.md
+//!
 //! An aggregate is a plain struct. Its commands are methods that take `&self` and return
 //! events (or an error); its events are methods that take `&mut self` and change its
 //! state. Three macros turn that into the command enum, the event structs and enum, and
@@ -110,7 +115,69 @@
 //! A command returns [`Error`] (with [`Error::invariant`] codes), or the application's
 //! own error type: any `std::error::Error + Send + Sync + 'static` works as is (see
 //! [`CommandError`]), and reaches the caller as [`Error::Domain`], to be downcast with
-//! [`Error::downcast_domain`].
+//! [`Error::downcast_domain`]. Derive [`ErrorCode`] for it, and each rejection carries a
+//! stable code as well ([`Error::code`]), as invariants do:
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use thalo::{commands, events, Aggregate, ErrorCode, InMemoryEventStore, Repository};
+//!
+//! #[derive(Debug, PartialEq, thiserror::Error, ErrorCode)]
+//! pub enum LoanError {
+//!     /// Code `MEMBER_SUSPENDED`, the variant's name would give `SUSPENDED`.
+//!     #[error("the member is suspended")]
+//!     #[code("MEMBER_SUSPENDED")]
+//!     Suspended,
+//! }
+//!
+//! #[derive(Aggregate, Clone, Debug, Default)]
+//! pub struct Member {
+//!     #[identity]
+//!     id: String,
+//!     suspended: bool,
+//!     books: Vec<String>,
+//! }
+//!
+//! #[commands]
+//! impl Member {
+//!     pub fn suspend(&self) -> Result<SuspendedEvent, LoanError> {
+//!         Ok(SuspendedEvent {})
+//!     }
+//!
+//!     pub fn borrow(&self, book: String) -> Result<BorrowedEvent, LoanError> {
+//!         if self.suspended {
+//!             return Err(LoanError::Suspended);
+//!         }
+//!         Ok(BorrowedEvent { book })
+//!     }
+//! }
+//!
+//! #[events]
+//! impl Member {
+//!     pub fn suspended(&mut self) {
+//!         self.suspended = true;
+//!     }
+//!
+//!     pub fn borrowed(&mut self, book: String) {
+//!         self.books.push(book);
+//!     }
+//! }
+//!
+//! let repo = Repository::new(InMemoryEventStore::new());
+//! let id = "m-1".to_owned();
+//! repo.execute::<Member>(&id, MemberCommand::Suspend).await?;
+//! let err = repo
+//!     .execute::<Member>(&id, MemberCommand::Borrow { book: "Dune".into() })
+//!     .await
+//!     .unwrap_err();
+//! assert_eq!(err.code(), Some("MEMBER_SUSPENDED"));
+//! assert_eq!(err.downcast_domain::<LoanError>(), Some(&LoanError::Suspended));
+//! # Ok::<(), thalo::Error>(())
+//! # }).unwrap();
+//! ```
+//!
+//! Projections and handlers turn a driver's error into an [`Error`] with context with
+//! [`ResultExt`]: `.store_err("updating balances")?`.
 //!
 //! ## Commands validate, `apply` never fails
 //!
@@ -187,8 +254,8 @@
 //!
 //! ## Feature flags
 //!
-//! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]` and
-//!   `#[events]` from `thalo-macros`.
+//! - `macros` (default): re-exports `#[derive(Aggregate)]`, `#[commands]`,
+//!   `#[events]` and `#[derive(ErrorCode)]` from `thalo-macros`.
 //! - `opentelemetry`: [`Repository::execute`] and its variants fill
 //!   [`Metadata::traceparent`] (and `tracestate`) from the OpenTelemetry context of
 //!   their `execute` span when the caller did not set one (pulls in `opentelemetry` and
@@ -208,6 +275,7 @@ mod instruments;
 mod memory;
 mod process;
 mod process_runner;
+mod progress;
 mod repository;
 mod shutdown;
 mod store;
@@ -224,16 +292,21 @@ pub use command::{
     CommandId, CommandKey, Once, Recorded, Rejection, ReplayedRejection, DEFAULT_COMMAND_RETENTION,
 };
 pub use envelope::{EventEnvelope, Metadata, RawEvent};
-pub use error::{BoxError, CommandError, Error, Result};
+pub use error::{BoxError, CommandError, Error, ErrorCode, Result, ResultExt};
 pub use event::{Event, EventSet};
 pub use handler::{EventHandler, Projection};
 pub use memory::InMemoryEventStore;
 pub use process::{Action, Command, ProcessManager};
 pub use process_runner::ProcessRunner;
+pub use progress::{Progress, ProgressReport};
 pub use repository::Repository;
 pub use shutdown::Shutdown;
 pub use store::{CheckpointStore, Decided, EventStore, Loaded};
 pub use subscription::Subscription;
 
+/// The `uuid` version in Thalo's API (`Metadata`'s correlation and causation ids), for
+/// building those ids without a dependency of your own.
+pub use uuid;
+
 #[cfg(feature = "macros")]
-pub use thalo_macros::{commands, events, Aggregate};
+pub use thalo_macros::{commands, events, Aggregate, ErrorCode};

@@ -15,7 +15,10 @@ pub use crate::process::{
     command_key, execute_actions, handler_error, Effects, TimerChange, MAX_REJECTION_ROUNDS,
 };
 
-use crate::Error;
+use std::fmt;
+use std::marker::PhantomData;
+
+use crate::{Aggregate, Error};
 
 /// Converts what a command method returns into the aggregate's list of events.
 ///
@@ -220,7 +223,8 @@ pub trait EventDispatch<A> {
 #[diagnostic::on_unimplemented(
     message = "command methods must return `Result<_, _>`, found `{Self}`",
     label = "expected `Result<Event, Error>`",
-    note = "return `Result<E, Error>`, `Result<Vec<E>, Error>` or `Result<Option<E>, Error>`, where `E` is an event struct or the event enum"
+    note = "return `Result<E, Error>`, `Result<Vec<E>, Error>` or `Result<Option<E>, Error>`, where `E` is an event struct or the event enum",
+    note = "every `pub` method in `#[commands]` is a command: move other methods, such as accessors, to a plain `impl` block (or make them private)"
 )]
 pub trait CommandResult {
     /// What the command produced.
@@ -248,9 +252,86 @@ impl<T, E> CommandResult for Result<T, E> {
     message = "all command methods of one aggregate must return the same error type",
     label = "this returns `{Self}`, but the first command method returns `{E}`"
 )]
-pub trait SameError<E> {}
+pub trait SameError<E> {
+    /// `self`, as the first command method's error type (the identity).
+    fn into_first(self) -> E;
+}
 
-impl<E> SameError<E> for E {}
+impl<E> SameError<E> for E {
+    fn into_first(self) -> E {
+        self
+    }
+}
 
-/// Compile-time check that two command methods share one error type.
-pub const fn assert_same_error<First, This: SameError<First>>() {}
+/// A command method's result with the error type of the aggregate (the first command
+/// method's), which it must already have. `#[commands]` passes each arm of the dispatch
+/// through it: when a method returns another error type, the bound reports the one
+/// message of `SameError` on that method's error type, and the arm still has the
+/// dispatch's type, so no "mismatched types" comes with it.
+///
+/// # Errors
+///
+/// The command's rejection, unchanged.
+pub fn same_error<T, First, This: SameError<First>>(result: Result<T, This>) -> Result<T, First> {
+    result.map_err(SameError::into_first)
+}
+
+/// The `reject` of `#[derive(Aggregate)]`: keeps the [`ErrorCode`](crate::ErrorCode) of
+/// the aggregate's error type when it has one, by autoref specialization (a generic
+/// function could not tell). On `(&RejectProbe::<A>::new()).reject_error(error)`,
+/// method lookup tries the receiver type `&RejectProbe<A>` first, where only
+/// [`RejectCoded`] is implemented (when `A::Error: ErrorCode`), and then
+/// `&&RejectProbe<A>`, where [`RejectPlain`] is. Both only need `A: Aggregate`, which
+/// the derive's own impl provides, so an error type that is not a `CommandError` is
+/// reported once, on the aggregate's `type Error`, and not again here.
+pub struct RejectProbe<A>(PhantomData<fn() -> A>);
+
+impl<A> RejectProbe<A> {
+    /// The probe of aggregate `A`.
+    pub const fn new() -> Self {
+        RejectProbe(PhantomData)
+    }
+}
+
+impl<A> Default for RejectProbe<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A> fmt::Debug for RejectProbe<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RejectProbe")
+    }
+}
+
+/// The rejection of an aggregate whose error type has an [`ErrorCode`](crate::ErrorCode).
+pub trait RejectCoded<A: Aggregate> {
+    /// [`Error::coded`] of the error (a `thalo::Error` passes through).
+    fn reject_error(&self, error: A::Error) -> Error;
+}
+
+impl<A> RejectCoded<A> for RejectProbe<A>
+where
+    A: Aggregate,
+    A::Error: crate::ErrorCode,
+{
+    fn reject_error(&self, error: A::Error) -> Error {
+        let code = crate::ErrorCode::code(&error);
+        crate::CommandError::into_error(error).with_domain_code(code)
+    }
+}
+
+/// The rejection of any other aggregate.
+pub trait RejectPlain<A: Aggregate> {
+    /// [`CommandError::into_error`](crate::CommandError::into_error) of the error: a
+    /// `thalo::Error` passes through (with its code, if it has one), any other error
+    /// becomes a domain error without a code.
+    fn reject_error(&self, error: A::Error) -> Error;
+}
+
+impl<A: Aggregate> RejectPlain<A> for &RejectProbe<A> {
+    fn reject_error(&self, error: A::Error) -> Error {
+        crate::CommandError::into_error(error)
+    }
+}

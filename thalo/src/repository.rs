@@ -9,8 +9,7 @@ use crate::cache::{AggregateCache, CacheStats};
 use crate::instruments::{self, CommandOutcome};
 use crate::trace;
 use crate::{
-    Aggregate, CommandError, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded,
-    Metadata, Once,
+    Aggregate, CommandId, CommandKey, Error, EventEnvelope, EventStore, Loaded, Metadata, Once,
 };
 
 /// The command side of an application: runs commands against aggregates in a store.
@@ -252,7 +251,7 @@ impl<S: EventStore> Repository<S> {
             .instrument(span.clone())
             .await;
         let outcome = CommandOutcome::of(&result);
-        span.record("outcome", outcome.as_str());
+        trace::record_outcome(&span, outcome.as_str(), &result);
         instruments::command_finished(A::TYPE, outcome, started);
         result
     }
@@ -315,7 +314,8 @@ impl<S: EventStore> Repository<S> {
     ///
     /// One key has one outcome. A command that is rejected, or decides on no events, is
     /// recorded too: its retries get the same rejection (an [`Error::Invariant`] with
-    /// the recorded code and message, or an [`Error::Domain`] around a
+    /// the recorded code and message, also for a domain error that had a code, or an
+    /// [`Error::Domain`] around a
     /// [`ReplayedRejection`](crate::ReplayedRejection) with the text of the aggregate's
     /// own error) or the same empty outcome, even if the state has changed since, and
     /// an earlier attempt still in flight cannot store events after a retry answered
@@ -432,7 +432,7 @@ impl<S: EventStore> Repository<S> {
                         Ok(Once::Replayed(_)) => CommandOutcome::Replayed,
                         result => CommandOutcome::of(result),
                     };
-                    span.record("outcome", outcome.as_str());
+                    trace::record_outcome(&span, outcome.as_str(), &result);
                     instruments::command_finished(A::TYPE, outcome, started);
                     return result;
                 }
@@ -568,5 +568,5 @@ fn cache_applied<A: Aggregate>(
 fn decide<A: Aggregate>(
     command: A::Command,
 ) -> impl FnOnce(&A) -> Result<Vec<A::Event>, Error> + Send {
-    move |aggregate| aggregate.handle(command).map_err(CommandError::into_error)
+    move |aggregate| aggregate.handle(command).map_err(A::reject)
 }

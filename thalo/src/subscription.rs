@@ -6,8 +6,8 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::{
-    instruments, Aggregate, CheckpointStore, Error, Event, EventSet, EventStore, Projection,
-    Shutdown,
+    instruments, Aggregate, CheckpointStore, Error, Event, EventSet, EventStore, Progress,
+    Projection, Shutdown,
 };
 
 /// Feeds the events of one aggregate type ([`new`](Subscription::new)), or of several
@@ -80,6 +80,7 @@ pub struct Subscription<S, P, E> {
     aggregate_types: &'static [&'static str],
     batch_size: usize,
     idle_timeout: Duration,
+    progress: Progress,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -116,6 +117,7 @@ where
             aggregate_types,
             batch_size: 500,
             idle_timeout: Duration::from_secs(1),
+            progress: Progress::new(),
             _event: PhantomData,
         }
     }
@@ -139,6 +141,13 @@ where
         &self.projection
     }
 
+    /// A handle that shows how far this subscription has got while it runs, and waits
+    /// until it has handled given events (read-your-writes); see [`Progress`]. Take it
+    /// before [`run`](Subscription::run), which consumes the subscription.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
     /// Handles every event stored so far that the projection has not seen, saves the
     /// checkpoint, and returns how many events were handled.
     ///
@@ -156,10 +165,12 @@ where
         loop {
             let batch = self.store.read_all(position, self.batch_size).await?;
             let Some(last) = batch.last().map(|e| e.position) else {
+                self.progress.advance(position, 0, true);
                 return Ok(handled);
             };
             let full = batch.len() == self.batch_size;
             let mut result = Ok(());
+            let mut batch_handled = 0;
             for raw in batch
                 .iter()
                 .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
@@ -185,10 +196,12 @@ where
                 }
                 position = raw.position;
                 handled += 1;
+                batch_handled += 1;
             }
             let Err(err) = result else {
                 position = last;
                 self.store.save_checkpoint(&name, position).await?;
+                self.progress.advance(position, batch_handled, !full);
                 // A batch that was not full read up to the end of the log: nothing is
                 // known to wait. A full one says at least one more batch may.
                 let lag = if full { self.batch_size as u64 } else { 0 };
@@ -198,7 +211,11 @@ where
                 }
                 continue;
             };
-            if let Err(save) = self.store.save_checkpoint(&name, position).await {
+            let saved = self.store.save_checkpoint(&name, position).await;
+            if saved.is_ok() {
+                self.progress.advance(position, batch_handled, false);
+            }
+            if let Err(save) = saved {
                 // The event's error is the one to report: it is what stops the
                 // subscription. The handled events are handled again on the next run.
                 warn!(

@@ -48,7 +48,20 @@ pub(crate) fn execute_span(aggregate_type: &'static str, aggregate_id: &dyn Disp
         aggregate_id = %aggregate_id,
         attempt = tracing::field::Empty,
         outcome = tracing::field::Empty,
+        code = tracing::field::Empty,
     )
+}
+
+/// Records a command's outcome on its `execute` span, and the rejection's code (an
+/// invariant's, or a domain error's [`ErrorCode`](crate::ErrorCode)) when it has one,
+/// so that logs and traces show why a command was rejected.
+pub(crate) fn record_outcome<T>(span: &Span, outcome: &str, result: &Result<T, crate::Error>) {
+    span.record("outcome", outcome);
+    if let Err(err) = result {
+        if let Some(code) = err.code() {
+            span.record("code", code);
+        }
+    }
 }
 
 /// `metadata` with the trace context of `span` (the command's `execute` span, or the

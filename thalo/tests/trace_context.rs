@@ -161,4 +161,61 @@ mod otel {
         assert_eq!(explicit[0].metadata.traceparent(), Some(PARENT));
         Ok(())
     }
+
+    #[derive(Debug, thiserror::Error, thalo::ErrorCode)]
+    pub enum GateError {
+        #[error("the gate is closed")]
+        Closed,
+    }
+
+    #[derive(Aggregate, Clone, Debug, Default)]
+    pub struct Gate {
+        #[identity]
+        id: u64,
+    }
+
+    #[commands]
+    impl Gate {
+        pub fn pass(&self) -> Result<PassedEvent, GateError> {
+            Err(GateError::Closed)
+        }
+    }
+
+    #[events]
+    impl Gate {
+        pub fn passed(&mut self) {}
+    }
+
+    /// A rejected command's `execute` span says why: its outcome and the rejection's
+    /// code, a domain error's (`ErrorCode`) as well as an invariant's.
+    #[tokio::test]
+    async fn a_rejections_code_is_on_the_execute_span() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let repo = Repository::new(InMemoryEventStore::new());
+        let err = repo
+            .execute::<Gate>(&7, GateCommand::Pass {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("CLOSED"));
+
+        let spans = exporter.get_finished_spans().expect("exported spans");
+        let execute = span(&spans, "execute");
+        let attribute = |key: &str| {
+            execute
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attribute("outcome").as_deref(), Some("rejected"));
+        assert_eq!(attribute("code").as_deref(), Some("CLOSED"));
+        assert_eq!(attribute("aggregate_type").as_deref(), Some("gate"));
+    }
 }

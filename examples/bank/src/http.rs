@@ -57,6 +57,8 @@
 //! Reads come from the `bank_balances` table, which the Kafka consumer keeps; they are
 //! eventually consistent with the commands.
 
+use std::time::Duration;
+
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -96,6 +98,18 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The response header that marks an answer replayed from an earlier execution.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The request header that makes a command answer only once the read models show its
+/// events (read-your-writes): `Consistency: projected`. Without it a command answers as
+/// soon as its events are stored, and a read right after it may not see them yet.
+pub const CONSISTENCY: &str = "consistency";
+
+/// The value of [`CONSISTENCY`] that waits for the read models.
+pub const CONSISTENCY_PROJECTED: &str = "projected";
+
+/// How long a `Consistency: projected` command waits for the read models before it
+/// answers 504 (its events are stored; they show up later).
+pub const PROJECTION_WAIT: Duration = Duration::from_secs(10);
 
 /// The largest request body the API reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -239,8 +253,12 @@ fn bad_body(rejection: JsonRejection) -> Response {
 /// The JSON body of an error.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct ErrorBody {
-    /// Stable code: an invariant code, `CONFLICT`, `NOT_FOUND`, `EVENT_TOO_LARGE` or
-    /// `INTERNAL`.
+    /// Stable code: an invariant code or the code of a domain error (its
+    /// `thalo::ErrorCode`), `REJECTED` (a domain error without a code), `CONFLICT`,
+    /// `NOT_FOUND`, `EVENT_TOO_LARGE`, `INVALID_REQUEST`, `NOT_YET_PROJECTED` (504: a
+    /// `Consistency: projected` command whose events the read models did not show in
+    /// time; they are stored), `PROJECTION_STUCK` (503: a read model's stream is parked)
+    /// or `INTERNAL`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -255,7 +273,13 @@ impl IntoResponse for ApiError {
             Error::EventTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "EVENT_TOO_LARGE".to_owned())
             }
-            Error::Domain { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "REJECTED".to_owned()),
+            // A domain error's own code when its type has one (`thalo::ErrorCode`).
+            Error::Domain {
+                code: Some(code), ..
+            } => (StatusCode::UNPROCESSABLE_ENTITY, code.to_string()),
+            Error::Domain { code: None, .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "REJECTED".to_owned())
+            }
             Error::CommandIdReused { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "IDEMPOTENCY_KEY_REUSED".to_owned(),
@@ -263,6 +287,15 @@ impl IntoResponse for ApiError {
             Error::InvalidCommandId { .. } => (
                 StatusCode::BAD_REQUEST,
                 "INVALID_IDEMPOTENCY_KEY".to_owned(),
+            ),
+            // A request header the API does not understand (`Consistency`).
+            Error::Config { .. } => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".to_owned()),
+            // `Consistency: projected`: the events are stored, the read models have not
+            // shown them in time (or a stream is parked for one of them).
+            Error::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "NOT_YET_PROJECTED".to_owned()),
+            Error::Handler { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PROJECTION_STUCK".to_owned(),
             ),
             _ => {
                 tracing::error!(error = %self.0, "request failed");
@@ -363,12 +396,44 @@ async fn execute(
             false,
         ),
     };
+    if wants_projected(headers)? {
+        wait_until_projected(state, &stored).await?;
+    }
     let events = stored.iter().map(view).collect::<Result<Vec<_>, Error>>()?;
     Ok(Executed {
         status,
         events,
         replayed,
     })
+}
+
+/// Whether the request asks for read-your-writes ([`CONSISTENCY`]).
+fn wants_projected(headers: &HeaderMap) -> Result<bool, Error> {
+    let Some(value) = headers.get(CONSISTENCY) else {
+        return Ok(false);
+    };
+    match value.to_str() {
+        Ok(value) if value.eq_ignore_ascii_case(CONSISTENCY_PROJECTED) => Ok(true),
+        Ok(value) if value.eq_ignore_ascii_case("stored") => Ok(false),
+        _ => Err(Error::config(format!(
+            "the `{CONSISTENCY}` header must be `{CONSISTENCY_PROJECTED}` or `stored`"
+        ))),
+    }
+}
+
+/// Waits until the balances and the owners' view show `stored` (by their checkpoints
+/// in Postgres, so it works whichever process runs the projections).
+async fn wait_until_projected(
+    state: &AppState,
+    stored: &[EventEnvelope<BankAccountEvent>],
+) -> Result<(), Error> {
+    let store = state.repository.store();
+    store
+        .wait_until_projected(&state.balances, stored, PROJECTION_WAIT)
+        .await?;
+    store
+        .wait_until_projected(&state.owners, stored, PROJECTION_WAIT)
+        .await
 }
 
 fn view(envelope: &EventEnvelope<BankAccountEvent>) -> Result<StoredEvent, Error> {
@@ -648,5 +713,58 @@ mod tests {
         assert!(with_trace_context(Metadata::new(), &HeaderMap::new()).is_empty());
         let invalid = headers(&[("traceparent", "00-abc-01"), ("tracestate", "rojo=1")]);
         assert!(with_trace_context(Metadata::new(), &invalid).is_empty());
+    }
+
+    /// A domain error type of the kind an aggregate may return instead of
+    /// `Error::invariant`.
+    #[derive(Debug, PartialEq, thalo::ErrorCode)]
+    enum OverdraftError {
+        #[code("OVERDRAFT_LIMIT_EXCEEDED")]
+        LimitExceeded,
+    }
+
+    impl std::fmt::Display for OverdraftError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("the overdraft limit would be exceeded")
+        }
+    }
+
+    impl std::error::Error for OverdraftError {}
+
+    async fn answer(error: Error) -> (StatusCode, ErrorBody) {
+        let response = ApiError(error).into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("the body");
+        (
+            status,
+            serde_json::from_slice(&body).expect("an error body"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_coded_domain_error_is_422_with_its_code() {
+        let (status, body) = answer(Error::coded(OverdraftError::LimitExceeded)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body.code, "OVERDRAFT_LIMIT_EXCEEDED");
+        assert_eq!(
+            body.message,
+            "command rejected: the overdraft limit would be exceeded"
+        );
+
+        // Without a code, a domain error is still a rejection, with the generic code.
+        let (status, body) = answer(Error::domain(OverdraftError::LimitExceeded)).await;
+        assert_eq!(
+            (status, body.code.as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "REJECTED")
+        );
+
+        // Invariants keep their code, as before.
+        let (status, body) = answer(Error::invariant_code("ACCOUNT_CLOSED")).await;
+        assert_eq!(
+            (status, body.code.as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "ACCOUNT_CLOSED")
+        );
     }
 }

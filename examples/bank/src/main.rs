@@ -94,9 +94,10 @@ enum Command {
         /// Prefix of the Kafka topics (the topic is `<prefix>bank_account`).
         #[arg(long, env = "BANK_TOPIC_PREFIX", default_value = "")]
         topic_prefix: String,
-        /// Consumer group of the balances projection.
-        #[arg(long, env = "BANK_GROUP_ID", default_value = "bank-balances")]
-        group_id: String,
+        /// Prefix of the balances projection's consumer group, which is
+        /// `<prefix>bank_balances` (`<prefix>bank_balances@v<N>` for version N).
+        #[arg(long, env = "BANK_GROUP_PREFIX", default_value = "")]
+        group_prefix: String,
         /// Static group membership id of this instance, stable across restarts and
         /// unique per instance (default `bank-<host name>`).
         #[arg(long, env = "BANK_INSTANCE_ID")]
@@ -208,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         kafka_brokers,
         listen,
         topic_prefix,
-        group_id,
+        group_prefix,
         instance_id,
         kafka_properties,
         pg_max_connections,
@@ -240,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             schema: cli.schema,
             topic_prefix,
-            group_id,
+            group_prefix,
             instance_id: instance_id.unwrap_or_else(bank::service::default_instance_id),
             balances_version,
             transfer_timeout: std::time::Duration::from_millis(transfer_timeout_ms),

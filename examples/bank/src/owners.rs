@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use thalo::{Error, EventEnvelope};
+use thalo::{Error, EventEnvelope, ResultExt as _};
 use thalo_postgres::sqlx::{self, PgConnection, PgPool, Row as _};
 use thalo_postgres::{PgEventStore, PgProjection};
 
@@ -135,7 +135,7 @@ impl PgOwners {
             sqlx::query(create)
                 .execute(&pool)
                 .await
-                .map_err(|e| Error::store("creating bank_owners", e))?;
+                .store_err("creating bank_owners")?;
         }
         Ok(PgOwners { pool, sql })
     }
@@ -150,9 +150,9 @@ impl PgOwners {
             .bind(owner)
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| Error::store("reading bank_owners", e))?;
+            .store_err("reading bank_owners")?;
         row.map(|row| {
-            Ok(OwnerBalance {
+            Ok::<_, sqlx::Error>(OwnerBalance {
                 owner: row.try_get("owner")?,
                 balance: row.try_get("balance")?,
                 in_flight: row.try_get("in_flight")?,
@@ -160,7 +160,7 @@ impl PgOwners {
             })
         })
         .transpose()
-        .map_err(|e: sqlx::Error| Error::store("decoding bank_owners", e))
+        .store_err("decoding bank_owners")
     }
 
     async fn run(
@@ -175,7 +175,7 @@ impl PgOwners {
             .bind(value)
             .execute(&mut *tx)
             .await
-            .map_err(|e| Error::store("updating bank_owners", e))?;
+            .store_err("updating bank_owners")?;
         Ok(())
     }
 }
@@ -200,7 +200,7 @@ impl PgProjection<MoneyEvent> for PgOwners {
                         .bind(&e.owner)
                         .execute(&mut *tx)
                         .await
-                        .map_err(|e| Error::store("updating bank_owners", e))?;
+                        .store_err("updating bank_owners")?;
                     self.run(tx, &sql.open[1], &e.owner, e.initial_deposit)
                         .await?;
                 }
@@ -215,7 +215,7 @@ impl PgProjection<MoneyEvent> for PgOwners {
                         .bind(id)
                         .execute(&mut *tx)
                         .await
-                        .map_err(|e| Error::store("updating bank_owners", e))?;
+                        .store_err("updating bank_owners")?;
                 }
                 BankAccountEvent::TransferWithdrawn(e) => {
                     self.run(tx, &sql.balance, id, -e.amount).await?;
@@ -239,7 +239,7 @@ impl PgProjection<MoneyEvent> for PgOwners {
                     .bind(&e.from)
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| Error::store("updating bank_owners", e))?;
+                    .store_err("updating bank_owners")?;
             }
             MoneyEvent::Transfer(
                 TransferEvent::TransferCompleted(_)
@@ -250,7 +250,7 @@ impl PgProjection<MoneyEvent> for PgOwners {
                     .bind(id)
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| Error::store("updating bank_owners", e))?;
+                    .store_err("updating bank_owners")?;
             }
             MoneyEvent::Transfer(
                 TransferEvent::TransferMoneyWithdrawn(_) | TransferEvent::TransferTimedOut(_),

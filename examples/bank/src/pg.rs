@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use thalo::{Error, EventEnvelope};
+use thalo::{Error, EventEnvelope, ResultExt as _};
 use thalo_postgres::sqlx::{self, PgConnection, PgPool, Row as _};
 use thalo_postgres::{PgEventStore, PgProjection, ReadModelTable};
 
@@ -128,7 +128,7 @@ impl PgBalances {
         .bind(store.schema().as_str())
         .fetch_optional(&pool)
         .await
-        .map_err(|e| Error::store("looking for the unversioned bank_balances", e))?;
+        .store_err("looking for the unversioned bank_balances")?;
         if legacy.as_deref() == Some("r") {
             let v1 = ReadModelTable::new(store.schema(), "bank_balances", 1)?;
             sqlx::query(&format!(
@@ -137,13 +137,13 @@ impl PgBalances {
             ))
             .execute(&pool)
             .await
-            .map_err(|e| Error::store("renaming bank_balances to bank_balances_v1", e))?;
+            .store_err("renaming bank_balances to bank_balances_v1")?;
         }
         let sql = Arc::new(Sql::new(read_model));
         sqlx::query(&sql.create_table)
             .execute(&pool)
             .await
-            .map_err(|e| Error::store("creating bank_balances", e))?;
+            .store_err("creating bank_balances")?;
         // Live at once when no version is (the view exists from the start); otherwise
         // building, until a subscription with this read model catches up.
         store
@@ -172,7 +172,7 @@ impl PgBalances {
         let rows = sqlx::query(&self.sql.select_all)
             .fetch_all(&self.pool)
             .await
-            .map_err(|e| Error::store("reading bank_balances", e))?;
+            .store_err("reading bank_balances")?;
         rows.iter().map(to_balance).collect()
     }
 
@@ -186,7 +186,7 @@ impl PgBalances {
             .bind(account_number)
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| Error::store("reading bank_balances", e))?;
+            .store_err("reading bank_balances")?;
         row.as_ref().map(to_balance).transpose()
     }
 }
@@ -201,7 +201,7 @@ fn to_balance(row: &sqlx::postgres::PgRow) -> Result<AccountBalance, Error> {
             version: u64::try_from(row.try_get::<i64, _>("version")?).unwrap_or(0),
         })
     };
-    get().map_err(|e| Error::store("decoding bank_balances", e))
+    get().store_err("decoding bank_balances")
 }
 
 impl PgProjection<BankAccountEvent> for PgBalances {
@@ -253,7 +253,7 @@ impl PgProjection<BankAccountEvent> for PgBalances {
         query
             .execute(&mut *tx)
             .await
-            .map_err(|e| Error::store("updating bank_balances", e))?;
+            .store_err("updating bank_balances")?;
         Ok(())
     }
 }

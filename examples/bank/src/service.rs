@@ -46,8 +46,11 @@ pub struct ServiceConfig {
     pub schema: String,
     /// Prefix of the Kafka topics (empty: the topic is `bank_account`).
     pub topic_prefix: String,
-    /// Consumer group of the balances projection.
-    pub group_id: String,
+    /// Prefix of the balances projection's consumer group (default: none). The group
+    /// is derived from the projection: `<prefix>bank_balances` for version 1,
+    /// `<prefix>bank_balances@v<N>` for version N (see
+    /// [`thalo_kafka::projection_group_id`]).
+    pub group_prefix: String,
     /// This instance's static group membership id (`group.instance.id`): stable across
     /// restarts, unique per running instance. A restarted instance (even after SIGKILL)
     /// takes its partitions back as soon as it rejoins, instead of waiting for the
@@ -62,7 +65,7 @@ pub struct ServiceConfig {
     /// The balances read model's version (default [`BALANCES_VERSION`]). A version that
     /// is not live yet is rebuilt from the store beside the live one, takes over reads
     /// once it has caught up, and is then fed by its own consumer group
-    /// (`<group_id>-v<N>` from version 2 on).
+    /// (`<group prefix>bank_balances@v<N>` from version 2 on).
     pub balances_version: u32,
     /// How long a transfer's deposit may take before the transfer is compensated
     /// (`bank serve --transfer-timeout-ms`, default 30 s). A durable timer: it fires
@@ -80,7 +83,7 @@ impl Default for ServiceConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             schema: "bank".to_owned(),
             topic_prefix: String::new(),
-            group_id: "bank-balances".to_owned(),
+            group_prefix: String::new(),
             instance_id: default_instance_id(),
             metrics: None,
             shutdown_timeout: std::time::Duration::from_secs(10),
@@ -158,7 +161,8 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
     // One Kafka configuration for every client, so the relay and the consumer agree on
     // the cluster, its security settings and the topic names.
     let mut kafka = KafkaConfig::new(config.kafka_brokers.clone())
-        .with_topic_naming(TopicNaming::prefixed(config.topic_prefix.clone()));
+        .with_topic_naming(TopicNaming::prefixed(config.topic_prefix.clone()))
+        .with_group_prefix(config.group_prefix.clone());
     for (key, value) in &config.kafka_properties {
         kafka = kafka.set(key.clone(), value.clone());
     }
@@ -182,13 +186,10 @@ pub async fn start(config: ServiceConfig, shutdown: Shutdown) -> Result<Running,
         // Within the service's own bound: acknowledgements that do not come by then are
         // published again after the restart.
         .with_shutdown_grace(config.shutdown_timeout / 2);
-    // One consumer group per read-model version: a new version's consumer reads the
-    // topic from its start and skips what its rebuild from the store applied.
-    let group_id = match balances.version() {
-        1 => config.group_id.clone(),
-        version => format!("{}-v{version}", config.group_id),
-    };
-    let consumer = KafkaConsumer::from_kafka_config(&kafka, group_id)
+    // The consumer group derives from the projection's name and version
+    // (`bank_balances`, `bank_balances@v2`): a new version's consumer reads the topic
+    // from its start and skips what its rebuild from the store applied.
+    let consumer = KafkaConsumer::for_projection_from_kafka_config(&kafka)
         .subscribe::<BankAccount>()
         .with_instance_id(config.instance_id.clone())
         // With static membership a restarted member rejoins under its old identity at

@@ -6,15 +6,18 @@
 
 mod common;
 
-use common::{env_or, Service};
+use common::{env_or, store_in, stored_events, Service};
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bank::BankAccount;
 use serde_json::json;
 use sqlx::{PgPool, Row};
+use thalo::AggregateType as _;
+use thalo_postgres::checkpoint_key;
 
 /// How long the read model may take to match the store after the last restart.
 const BOUND: Duration = Duration::from_secs(30);
@@ -71,7 +74,7 @@ async fn sigkilled_service_recovers_within_the_bound() {
             ("BANK_SCHEMA", schema.clone()),
             ("BANK_LISTEN", format!("127.0.0.1:{port}")),
             ("BANK_TOPIC_PREFIX", format!("crash-{id}-")),
-            ("BANK_GROUP_ID", format!("bank-balances-{id}")),
+            ("BANK_GROUP_PREFIX", format!("bank-{id}.")),
             ("BANK_INSTANCE_ID", format!("bank-crash-{id}")),
         ],
         log: std::env::temp_dir().join(format!("bank-crash-{id}.log")),
@@ -143,18 +146,27 @@ async fn sigkilled_service_recovers_within_the_bound() {
         "every acknowledged deposit is stored"
     );
     assert!(stored > 20, "the load ran: {stored} deposits");
-    loop {
-        let actual = read_model(&pool, &schema).await;
-        if actual == expected {
-            break;
-        }
-        assert!(
-            restarted.elapsed() < BOUND,
-            "the read model did not catch up within {BOUND:?}:\nexpected {expected:?}\nactual   {actual:?}\n{}",
+    // The balances' checkpoints show every stored event within the bound; then the read
+    // model is the fold.
+    let store = store_in(&pool, &schema);
+    let events = stored_events(&store, &[BankAccount::TYPE]).await;
+    assert_eq!(
+        events.len() as i64,
+        expected.values().map(|(_, version)| version).sum::<i64>(),
+        "every stored event is read"
+    );
+    let key = checkpoint_key("bank_balances", bank::pg::BALANCES_VERSION);
+    let waited = store
+        .wait_until_projected_by_key(&key, &events, BOUND.saturating_sub(restarted.elapsed()))
+        .await;
+    let actual = read_model(&pool, &schema).await;
+    if let Err(err) = waited {
+        panic!(
+            "the read model did not catch up within {BOUND:?}: {err}\nexpected {expected:?}\nactual   {actual:?}\n{}",
             std::fs::read_to_string(&service.log).unwrap_or_default()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(actual, expected, "the read model is the fold of the store");
     eprintln!(
         "read model equal to the store {:?} after the last restart",
         restarted.elapsed()

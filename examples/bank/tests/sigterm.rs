@@ -38,7 +38,7 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_within_the_bound() {
         .env("BANK_SCHEMA", format!("bank_{id}"))
         .env("BANK_LISTEN", format!("127.0.0.1:{port}"))
         .env("BANK_TOPIC_PREFIX", format!("sigterm-{id}-"))
-        .env("BANK_GROUP_ID", format!("bank-balances-{id}"))
+        .env("BANK_GROUP_PREFIX", format!("bank-{id}."))
         .env("BANK_INSTANCE_ID", format!("bank-sigterm-{id}"))
         .env(
             "BANK_SHUTDOWN_TIMEOUT_SECS",

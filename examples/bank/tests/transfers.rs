@@ -14,8 +14,9 @@ use bank::http::{ErrorBody, TransferView};
 use bank::owners::OwnerBalance;
 use bank::service::{start, ServiceConfig};
 use bank::transfer::TransferStatus;
+use bank::MoneyEvent;
 use serde_json::json;
-use thalo::Shutdown;
+use thalo::{EventSet as _, Shutdown};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfers_complete_compensate_and_replay() {
@@ -29,7 +30,7 @@ async fn transfers_complete_compensate_and_replay() {
         listen: "127.0.0.1:0".parse().expect("address"),
         schema: format!("bank_{id}"),
         topic_prefix: format!("test-{id}-"),
-        group_id: format!("bank-balances-{id}"),
+        group_prefix: format!("bank-{id}."),
         instance_id: format!("bank-test-{id}"),
         transfer_timeout: Duration::from_secs(5),
         ..ServiceConfig::default()
@@ -169,45 +170,44 @@ async fn transfers_complete_compensate_and_replay() {
         assert_eq!(loaded.aggregate.balance(), balance, "{account}");
     }
 
-    // The owners view catches up with the store.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let owner = |name: &'static str| {
-            let (http, base) = (http.clone(), base.clone());
-            async move {
-                http.get(format!("{base}/owners/{name}"))
-                    .send()
-                    .await
-                    .expect("owner")
-                    .json::<OwnerBalance>()
-                    .await
-                    .expect("owner")
-            }
-        };
-        let (ada, bob) = (owner("Ada").await, owner("Bob").await);
-        let expected = (
-            OwnerBalance {
-                owner: "Ada".into(),
-                balance: 120_00,
-                in_flight: 0,
-                accounts: 2,
-            },
-            OwnerBalance {
-                owner: "Bob".into(),
-                balance: 30_00,
-                in_flight: 0,
-                accounts: 1,
-            },
-        );
-        if (ada.clone(), bob.clone()) == expected {
-            break;
+    // The owners view catches up with the store: its checkpoints show every stored event
+    // of the accounts and the transfers (the process manager's included).
+    let stored = common::stored_events(&running.store, MoneyEvent::aggregate_types()).await;
+    running
+        .store
+        .wait_until_projected(&running.owners, &stored, Duration::from_secs(30))
+        .await
+        .expect("the owners view applies every stored event");
+    let owner = |name: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.get(format!("{base}/owners/{name}"))
+                .send()
+                .await
+                .expect("owner")
+                .json::<OwnerBalance>()
+                .await
+                .expect("owner")
         }
-        assert!(
-            Instant::now() < deadline,
-            "owners did not catch up: {ada:?} {bob:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert_eq!(
+        owner("Ada").await,
+        OwnerBalance {
+            owner: "Ada".into(),
+            balance: 120_00,
+            in_flight: 0,
+            accounts: 2,
+        }
+    );
+    assert_eq!(
+        owner("Bob").await,
+        OwnerBalance {
+            owner: "Bob".into(),
+            balance: 30_00,
+            in_flight: 0,
+            accounts: 1,
+        }
+    );
     let res = http
         .get(format!("{base}/owners/Nobody"))
         .send()

@@ -184,7 +184,7 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
             ("BANK_SCHEMA", schema.clone()),
             ("BANK_LISTEN", format!("127.0.0.1:{port}")),
             ("BANK_TOPIC_PREFIX", format!("transfers-crash-{id}-")),
-            ("BANK_GROUP_ID", format!("bank-balances-{id}")),
+            ("BANK_GROUP_PREFIX", format!("bank-{id}.")),
             ("BANK_INSTANCE_ID", format!("bank-transfers-crash-{id}")),
             ("BANK_TRANSFER_TIMEOUT_MS", timeout_ms.to_string()),
         ],

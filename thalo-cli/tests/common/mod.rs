@@ -351,7 +351,9 @@ pub async fn produce(
     delivery.offset
 }
 
-/// Waits until `check` is true, polling; panics with `what` after `timeout`.
+/// Waits until `check` is true, polling; panics with `what` after `timeout`. For what has
+/// no wait of its own (the relay draining the outbox); not for a projection's rows: wait
+/// on its checkpoints (`PgEventStore::wait_until_projected`), then read once.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

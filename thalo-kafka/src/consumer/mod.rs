@@ -54,7 +54,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +85,8 @@ mod offsets;
 mod rebalance;
 mod worker;
 
-pub use handle::ConsumerHandle;
+use handle::StatsCounters;
+pub use handle::{ConsumerHandle, PartitionProgress};
 
 use handle::RunningGuard;
 use instruments::ConsumerMetrics;
@@ -158,7 +159,10 @@ use worker::partition_worker;
 #[derive(Clone, Debug)]
 pub struct KafkaConsumer {
     brokers: String,
-    group_id: String,
+    // `pub(crate)`: `run_projection` (projection.rs) derives the group of a projection.
+    pub(crate) group_id: String,
+    /// Put in front of a projection's derived group id (see projection.rs).
+    pub(crate) group_prefix: String,
     topics: Vec<TopicSource>,
     naming: TopicNaming,
     topic_settings: TopicSettings,
@@ -210,10 +214,13 @@ impl KafkaConsumer {
     /// A consumer in group `group_id` with the brokers, every property and the topic
     /// naming of `config` (the properties reach the consumer, its dead-letter producer
     /// and its admin client). Build the relay from the same
-    /// [`KafkaConfig`](crate::KafkaConfig).
+    /// [`KafkaConfig`](crate::KafkaConfig). For a projection, use
+    /// [`for_projection_from_kafka_config`](KafkaConsumer::for_projection_from_kafka_config):
+    /// a projection's group is derived from its name and version.
     pub fn from_kafka_config(config: &crate::KafkaConfig, group_id: impl Into<String>) -> Self {
         let mut consumer =
             Self::new(config.brokers(), group_id).with_topic_naming(config.topic_naming().clone());
+        consumer.group_prefix = config.group_prefix().to_owned();
         for (key, value) in config.properties() {
             consumer = consumer.set(key, value);
         }
@@ -224,11 +231,15 @@ impl KafkaConsumer {
     /// [`subscribe`](KafkaConsumer::subscribe) or [`with_topic`](KafkaConsumer::with_topic).
     ///
     /// A new group starts at the beginning of each topic (`auto.offset.reset=earliest`),
-    /// so a new projection sees every event still in Kafka.
+    /// so a new projection sees every event still in Kafka. For a projection, use
+    /// [`for_projection`](KafkaConsumer::for_projection): a projection's group is derived
+    /// from its name and version, and [`run_projection`](KafkaConsumer::run_projection)
+    /// uses that one.
     pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
         KafkaConsumer {
             brokers: brokers.into(),
             group_id: group_id.into(),
+            group_prefix: String::new(),
             topics: Vec::new(),
             naming: TopicNaming::default(),
             topic_settings: TopicSettings::default(),
@@ -561,13 +572,14 @@ impl KafkaConsumer {
         self.handle.started();
         let _running = RunningGuard(self.handle.clone());
 
+        let stats = self.handle.new_run();
         let shared = Arc::new(Shared {
             consumer: Arc::clone(&consumer),
             apply,
             dlq_producer,
             metrics: ConsumerMetrics::new(&self.group_id),
             config: self,
-            stats: StatsCounters::default(),
+            stats,
             _event: PhantomData,
         });
         // If this future is dropped before a graceful shutdown (the task is aborted),
@@ -957,7 +969,7 @@ fn commit(consumer: &StreamConsumer<GroupContext>, mode: CommitMode, group: &str
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     /// Already applied (duplicates and redeliveries).
-    pub(crate) skipped: u64,
+    pub(crate) duplicates: u64,
     /// Held behind a parked event of their stream.
     pub(crate) held: u64,
 }
@@ -987,7 +999,7 @@ pub(crate) trait Apply<E: Event>: Send + Sync + 'static {
             let mut counts = Counts::default();
             for envelope in envelopes {
                 let one = self.apply(envelope).await?;
-                counts.skipped += one.skipped;
+                counts.duplicates += one.duplicates;
                 counts.held += one.held;
             }
             Ok(counts)
@@ -1143,14 +1155,8 @@ impl<E: Event, H: EventHandler<E> + 'static> Apply<E> for HandlerApply<H, E> {
 /// [`Error::Store`] and [`Error::Broker`] are outages.
 pub(crate) fn is_outage(err: &Error) -> bool {
     #[cfg(feature = "postgres")]
-    {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = cause {
-            if let Some(sqlx_err) = e.downcast_ref::<sqlx::Error>() {
-                return crate::projection::is_transient(sqlx_err);
-            }
-            cause = e.source();
-        }
+    if let Some(outage) = thalo_postgres::database_outage(err) {
+        return outage;
     }
     matches!(err, Error::Store { .. } | Error::Broker { .. })
 }
@@ -1165,30 +1171,7 @@ pub(crate) struct Shared<E, A> {
     apply: A,
     dlq_producer: FutureProducer,
     config: KafkaConsumer,
-    stats: StatsCounters,
+    stats: Arc<StatsCounters>,
     metrics: ConsumerMetrics,
     _event: PhantomData<fn(E)>,
-}
-
-#[derive(Default)]
-struct StatsCounters {
-    handled: AtomicU64,
-    dead_lettered: AtomicU64,
-    retries: AtomicU64,
-    duplicates: AtomicU64,
-    parked: AtomicU64,
-    held: AtomicU64,
-}
-
-impl StatsCounters {
-    fn snapshot(&self) -> ConsumerStats {
-        ConsumerStats {
-            handled: self.handled.load(Ordering::SeqCst),
-            dead_lettered: self.dead_lettered.load(Ordering::SeqCst),
-            retries: self.retries.load(Ordering::SeqCst),
-            duplicates: self.duplicates.load(Ordering::SeqCst),
-            parked: self.parked.load(Ordering::SeqCst),
-            held: self.held.load(Ordering::SeqCst),
-        }
-    }
 }

@@ -92,6 +92,8 @@ impl ClientContext for GroupContext {
                 if let Some(position) = position {
                     if self.handle.is_assigned(&topic, partition) {
                         record_lag(&self.label, &topic, partition, stats.hi_offset - position);
+                        self.handle
+                            .record_position(&topic, partition, position, stats.hi_offset);
                     }
                 }
             }

@@ -253,14 +253,16 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
                     state.seen.clear();
                 }
                 state.seen.extend(changes);
-                let applied = envelopes.len() as u64 - counts.skipped - counts.held;
+                let applied = envelopes.len() as u64 - counts.duplicates - counts.held;
                 self.stats.handled.fetch_add(applied, Ordering::Relaxed);
                 self.stats
                     .duplicates
-                    .fetch_add(counts.skipped + dropped, Ordering::Relaxed);
+                    .fetch_add(counts.duplicates + dropped, Ordering::Relaxed);
                 self.stats.held.fetch_add(counts.held, Ordering::Relaxed);
                 self.metrics.applied.increment(applied);
-                self.metrics.duplicate.increment(counts.skipped + dropped);
+                self.metrics
+                    .duplicate
+                    .increment(counts.duplicates + dropped);
                 self.metrics.parked.increment(counts.held);
                 true
             }
@@ -416,11 +418,11 @@ impl<E: Event, A: Apply<E>> Shared<E, A> {
         };
         match self.process(message, &envelope, token).await {
             Processed::Done(counts) => {
-                if counts.skipped > 0 {
+                if counts.duplicates > 0 {
                     self.stats
                         .duplicates
-                        .fetch_add(counts.skipped, Ordering::Relaxed);
-                    self.metrics.duplicate.increment(counts.skipped);
+                        .fetch_add(counts.duplicates, Ordering::Relaxed);
+                    self.metrics.duplicate.increment(counts.duplicates);
                 } else if counts.held > 0 {
                     self.stats.held.fetch_add(counts.held, Ordering::Relaxed);
                     self.metrics.parked.increment(counts.held);

@@ -114,11 +114,12 @@ pub type RelayLag = OutboxLag;
 /// ```no_run
 /// # async fn example() -> Result<(), thalo::Error> {
 /// use sqlx::PgPool;
+/// use thalo::ResultExt as _;
 /// use thalo_kafka::{KafkaRelay, TopicNaming};
 ///
 /// let pool = PgPool::connect("postgres://postgres@127.0.0.1:5432/bank")
 ///     .await
-///     .map_err(|e| thalo::Error::store("connecting", e))?;
+///     .store_err("connecting")?;
 /// let relay = KafkaRelay::new(pool, "127.0.0.1:9092")
 ///     .with_topic_naming(TopicNaming::prefixed("bank."))
 ///     .with_batch_size(500);

@@ -19,7 +19,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool, Row};
-use thalo::{commands, events, Aggregate, Error, EventEnvelope};
+use thalo::{
+    commands, events, Aggregate, AggregateType as _, Error, EventEnvelope, EventStore as _,
+    RawEvent,
+};
 use thalo_kafka::{KafkaConsumer, KafkaRelay, TopicNaming, TopicSettings};
 use thalo_postgres::{PgEventStore, PgProjection};
 use tokio::process::{Child, Command};
@@ -157,6 +160,29 @@ impl TestDb {
         .collect()
     }
 
+    /// Every stored event of the test aggregate [`Account`], in the store's global order.
+    pub async fn stored_accounts(&self) -> Vec<EventEnvelope<RawEvent>> {
+        stored_events(&self.store, &[Account::TYPE]).await
+    }
+
+    /// Waits until the test projection ([`Balances`], checkpoint key `balances`) has
+    /// applied every `Account` event stored so far, by its per-stream checkpoints:
+    /// read-your-writes for a settle phase, whichever consumer (or consumers, one after
+    /// the other) feeds it. Panics with the error after `timeout`.
+    pub async fn wait_until_projected(&self, timeout: Duration) {
+        let stored = self.stored_accounts().await;
+        if let Err(err) = self
+            .store
+            .wait_until_projected(&self.projection(), &stored, timeout)
+            .await
+        {
+            panic!(
+                "the projection did not apply the {} stored events: {err}",
+                stored.len()
+            );
+        }
+    }
+
     pub async fn outbox_len(&self) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {}.outbox", self.schema))
             .fetch_one(&self.pool)
@@ -169,6 +195,28 @@ impl TestDb {
             .execute(&self.pool)
             .await;
         self.pool.close().await;
+    }
+}
+
+/// Every stored event of `aggregate_types`, in the store's global order: what a
+/// projection of those types has to have applied to be caught up with the store (pass
+/// them to `PgEventStore::wait_until_projected`).
+pub async fn stored_events(
+    store: &PgEventStore,
+    aggregate_types: &[&str],
+) -> Vec<EventEnvelope<RawEvent>> {
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_all(after, 1000).await.expect("read the store");
+        let Some(last) = page.last() else {
+            return stored;
+        };
+        after = last.position;
+        stored.extend(
+            page.into_iter()
+                .filter(|e| aggregate_types.contains(&e.aggregate_type.as_str())),
+        );
     }
 }
 
@@ -188,7 +236,24 @@ pub fn consumer(naming: &TopicNaming) -> KafkaConsumer {
 }
 
 pub fn consumer_in_group(naming: &TopicNaming, group: &str) -> KafkaConsumer {
-    KafkaConsumer::new(brokers(), group)
+    configured(KafkaConsumer::new(brokers(), group), naming)
+}
+
+/// A consumer for a projection, in a group of its own: the projection's group is
+/// `<random prefix>.<checkpoint key>`.
+pub fn projection_consumer(naming: &TopicNaming) -> KafkaConsumer {
+    projection_consumer_with_prefix(naming, &random_name("group"))
+}
+
+/// A consumer for a projection whose group is `<prefix>.<checkpoint key>`: the same
+/// prefix and projection give the same group (a restarted member).
+pub fn projection_consumer_with_prefix(naming: &TopicNaming, prefix: &str) -> KafkaConsumer {
+    configured(KafkaConsumer::for_projection(brokers()), naming)
+        .with_group_prefix(format!("{prefix}."))
+}
+
+fn configured(consumer: KafkaConsumer, naming: &TopicNaming) -> KafkaConsumer {
+    consumer
         .with_topic_naming(naming.clone())
         .with_topic_settings(topic_settings())
         .subscribe::<Account>()
@@ -360,6 +425,12 @@ pub async fn produce_raw(
 }
 
 /// Waits until `check` is true, polling; panics with `what` after `timeout`.
+///
+/// For what has no wait of its own: the relay draining the outbox or taking the lead, a
+/// plain handler's in-memory record, a consumer's counters, parking state. Not for a
+/// Postgres projection's rows: wait on its checkpoints instead
+/// ([`TestDb::wait_until_projected`], `PgEventStore::wait_until_projected`), then read
+/// once.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

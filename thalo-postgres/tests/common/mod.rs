@@ -405,12 +405,12 @@ pub async fn connection() -> PgConnection {
 #[derive(Debug)]
 pub struct Counts {
     pub applied: usize,
-    pub skipped: usize,
+    pub duplicates: usize,
     pub held: usize,
 }
 
 impl PartialEq<Counts> for thalo_postgres::Applied {
     fn eq(&self, other: &Counts) -> bool {
-        (self.applied, self.skipped, self.held) == (other.applied, other.skipped, other.held)
+        (self.applied, self.duplicates, self.held) == (other.applied, other.duplicates, other.held)
     }
 }

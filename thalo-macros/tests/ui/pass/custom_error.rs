@@ -74,6 +74,13 @@ fn main() {
     );
     let err: thalo::Error = thalo::CommandError::into_error(err);
     assert!(err.downcast_domain::<AccountError>().is_some());
+    // `AccountError` has no `thalo::ErrorCode`: `reject` gives no code either.
+    let rejected = Account::reject(AccountError::InsufficientFunds {
+        balance: 5,
+        amount: 7,
+    });
+    assert_eq!(rejected.code(), None);
+    assert!(rejected.downcast_domain::<AccountError>().is_some());
     assert_eq!(err.to_string(), "command rejected: cannot withdraw 7 from 5");
     assert_eq!(account.id(), "a");
 }
