@@ -33,6 +33,8 @@ const AGGREGATES: usize = 200;
 const PARTITIONS: i32 = 6;
 const LATENCY_RATE: u64 = 1_000;
 const LATENCY_SECONDS: u64 = 10;
+const RYW_WRITERS: u64 = 10;
+const RYW_COMMANDS: u64 = 60;
 
 #[derive(Aggregate, Clone, Debug, Default)]
 pub struct Account {
@@ -431,6 +433,75 @@ async fn main() -> anyhow::Result<()> {
     };
     let achieved_rate = sent.load(Ordering::Relaxed) as f64 / write_elapsed.as_secs_f64();
 
+    // 4. Read-your-writes: append, then wait until the Kafka-fed projection shows it
+    // (`wait_until_projected`, by its checkpoints): what a `Consistency: projected`
+    // request pays on top of its command.
+    let stop_projected = CancellationToken::new();
+    let projected_consumer = tokio::spawn(
+        KafkaConsumer::for_projection(brokers.clone())
+            .with_group_prefix(format!("{}.", name("ryw")))
+            .with_topic(topic.clone())
+            .with_topic_settings(settings.clone())
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "5")
+            .run_projection(
+                store.clone(),
+                Balances {
+                    schema: schema.clone(),
+                },
+                stop_projected.clone(),
+            ),
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let projection = Balances {
+        schema: schema.clone(),
+    };
+    let waits: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..RYW_WRITERS {
+        let (store, waits) = (store.clone(), waits.clone());
+        let projection = Balances {
+            schema: projection.schema.clone(),
+        };
+        tasks.push(tokio::spawn(async move {
+            let id = format!("ryw-{w}");
+            for version in 0..RYW_COMMANDS {
+                let stored = store
+                    .append::<Account>(
+                        &id,
+                        version,
+                        vec![AccountEvent::Deposited(DepositedEvent { amount: 1 })],
+                        &Metadata::default(),
+                    )
+                    .await
+                    .expect("append");
+                let committed = Instant::now();
+                store
+                    .wait_until_projected(&projection, &stored, Duration::from_secs(10))
+                    .await
+                    .expect("projected");
+                waits
+                    .lock()
+                    .unwrap()
+                    .push(committed.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    stop_projected.cancel();
+    projected_consumer.await??;
+    let mut waits = std::mem::take(&mut *waits.lock().unwrap());
+    waits.sort_by(|a, b| a.total_cmp(b));
+    let wait_pct = |p: f64| {
+        waits
+            .get(((waits.len() as f64 * p) as usize).min(waits.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+
     stop.cancel();
     relay_task.await??;
 
@@ -474,6 +545,22 @@ async fn main() -> anyhow::Result<()> {
             raw: format!("{} events at {achieved_rate:.0}/s", latencies.len()),
             ratio: "-".into(),
             limit: "one batch in flight: an event waits for the batch before it to be acked, then its own ack (acks=all) and the consumer fetch",
+        },
+        Row {
+            what: "commit -> wait_until_projected returns (Kafka-fed projection), ms",
+            thalo: format!(
+                "p50 {:.1}, p99 {:.1}, max {:.1}",
+                wait_pct(0.50),
+                wait_pct(0.99),
+                waits.last().copied().unwrap_or(f64::NAN)
+            ),
+            raw: format!(
+                "{} commands, {RYW_WRITERS} writers; commit -> handler p50 {:.1} (row above)",
+                waits.len(),
+                pct(0.50)
+            ),
+            ratio: format!("{:.2}x p50", wait_pct(0.50) / pct(0.50)),
+            limit: "the pipeline above, plus the projection's transaction, plus the wait's polling of the checkpoints (2 ms doubling to its cap)",
         },
     ];
     println!("| measurement | thalo-kafka | raw rdkafka | ratio | what limits it |");
