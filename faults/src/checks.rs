@@ -75,23 +75,6 @@ async fn balances_key(store: &PgEventStore) -> anyhow::Result<String> {
     Ok(checkpoint_key("bank_balances", live.unwrap_or(1)).into_owned())
 }
 
-/// Every stored account event, in the store's global order.
-async fn stored_accounts(store: &PgEventStore) -> anyhow::Result<Vec<EventEnvelope<RawEvent>>> {
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store
-            .read_all(after, 1000)
-            .await
-            .context("reading the events")?;
-        let Some(last) = page.last() else {
-            return Ok(stored);
-        };
-        after = last.position;
-        stored.extend(page.into_iter().filter(|e| e.aggregate_type == ACCOUNT));
-    }
-}
-
 /// Waits until the balances have applied `events` (by their checkpoints): `Ok(false)`
 /// when `bound` passed first or one of their streams is parked (the checks report
 /// parking), with the reason on stderr.
@@ -101,13 +84,20 @@ async fn projected(
     bound: Duration,
 ) -> anyhow::Result<bool> {
     let key = balances_key(store).await?;
-    match store.wait_until_projected_by_key(&key, events, bound).await {
+    let result = store.wait_until_projected_by_key(&key, events, bound).await;
+    waited(result, "waiting for the balances")
+}
+
+/// A wait's outcome: `Ok(false)` when it timed out or a stream is parked (the checks
+/// report parking), with the reason on stderr.
+fn waited(result: Result<(), thalo::Error>, what: &'static str) -> anyhow::Result<bool> {
+    match result {
         Ok(()) => Ok(true),
         Err(err @ (thalo::Error::Timeout { .. } | thalo::Error::Handler { .. })) => {
             eprintln!("  {err}");
             Ok(false)
         }
-        Err(err) => Err(err).context("waiting for the balances"),
+        Err(err) => Err(err).context(what),
     }
 }
 
@@ -165,9 +155,12 @@ pub async fn settle(pool: &PgPool, schema: &str, bound: Duration) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let store = store_in(pool, schema)?;
-    let stored = stored_accounts(&store).await?;
+    let key = balances_key(&store).await?;
     let left = deadline.saturating_duration_since(Instant::now());
-    if !projected(&store, &stored, left).await? {
+    let caught_up = store
+        .wait_until_caught_up_by_key(&key, &[ACCOUNT], left)
+        .await;
+    if !waited(caught_up.map(drop), "waiting for the balances")? {
         return Ok(false);
     }
     Ok(read_model(pool, schema).await == folded(pool, schema).await?)

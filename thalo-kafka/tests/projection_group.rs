@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use sqlx::PgConnection;
-use thalo::{Error, EventEnvelope, EventStore, Metadata};
+use thalo::{AggregateType as _, Error, EventEnvelope, EventStore, Metadata};
 use thalo_kafka::{ConsumerStats, KafkaConsumer};
 use thalo_postgres::{checkpoint_key, PgProjection};
 use tokio_util::sync::CancellationToken;
@@ -74,10 +74,9 @@ async fn run(db: &TestDb, consumer: KafkaConsumer, tally: &Tally, catch_up: bool
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run_projection(db.store.clone(), tally.clone(), stop.clone()));
     if catch_up {
-        let stored = db.stored_accounts().await;
         if let Err(err) = db
             .store
-            .wait_until_projected(tally, &stored, Duration::from_secs(60))
+            .wait_until_caught_up(tally, &[Account::TYPE], Duration::from_secs(60))
             .await
         {
             panic!("`{}` did not apply the stored events: {err}", tally.key());

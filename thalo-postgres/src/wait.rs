@@ -107,12 +107,90 @@ impl PgEventStore {
         if streams.is_empty() {
             return Ok(());
         }
-        let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+        let mut target = Streams::default();
         for ((aggregate_type, aggregate_id), sequence) in streams {
-            types.push(aggregate_type);
-            ids.push(aggregate_id);
-            sequences.push(to_i64(sequence, "sequence")?);
+            target.types.push(aggregate_type.to_owned());
+            target.ids.push(aggregate_id.to_owned());
+            target.sequences.push(to_i64(sequence, "sequence")?);
         }
+        self.wait_for_streams(key, &target, timeout, Instant::now())
+            .await
+    }
+
+    /// Waits until `projection` has applied every event of `aggregate_types` stored when
+    /// the call began: a settle phase (after a load, a restart, a rebuild) without
+    /// reading the events back. One query finds the last sequence of each stream of
+    /// those types; then the wait is [`wait_until_projected`](PgEventStore::wait_until_projected)'s.
+    /// Returns how many events that is (the sum of the streams' last sequences).
+    ///
+    /// It reads the `events` table once per call: meant for tests, settle phases and
+    /// operations, not for every request (use `wait_until_projected` with the command's
+    /// events there).
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_until_projected`](PgEventStore::wait_until_projected).
+    pub async fn wait_until_caught_up<E, P>(
+        &self,
+        projection: &P,
+        aggregate_types: &[&str],
+        timeout: Duration,
+    ) -> Result<u64, Error>
+    where
+        E: Event,
+        P: PgProjection<E>,
+    {
+        let key = checkpoint_key(projection.name(), projection.version());
+        self.wait_until_caught_up_by_key(&key, aggregate_types, timeout)
+            .await
+    }
+
+    /// [`wait_until_caught_up`](PgEventStore::wait_until_caught_up) for the projection
+    /// whose checkpoints are kept under `key` (its [`checkpoint_key`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_until_projected`](PgEventStore::wait_until_projected).
+    pub async fn wait_until_caught_up_by_key(
+        &self,
+        key: &str,
+        aggregate_types: &[&str],
+        timeout: Duration,
+    ) -> Result<u64, Error> {
+        let started = Instant::now();
+        let rows = sqlx::query(&format!(
+            "SELECT aggregate_type, aggregate_id, max(sequence) FROM {} \
+             WHERE aggregate_type = ANY($1) GROUP BY aggregate_type, aggregate_id",
+            self.inner.schema.qualify("events")
+        ))
+        .bind(aggregate_types)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(store("reading the streams' last sequences"))?;
+        let mut streams = Streams::default();
+        let mut events = 0;
+        for row in rows {
+            let sequence: i64 = row.get(2);
+            events += to_u64(sequence, "sequence")?;
+            streams.types.push(row.get(0));
+            streams.ids.push(row.get(1));
+            streams.sequences.push(sequence);
+        }
+        if !streams.sequences.is_empty() {
+            self.wait_for_streams(key, &streams, timeout, started)
+                .await?;
+        }
+        Ok(events)
+    }
+
+    /// Waits until the checkpoints of `key` reach each stream's sequence.
+    async fn wait_for_streams(
+        &self,
+        key: &str,
+        streams: &Streams,
+        timeout: Duration,
+        started: Instant,
+    ) -> Result<(), Error> {
         let sql = format!(
             "SELECT k.aggregate_type, k.aggregate_id, k.sequence, c.sequence AS reached, \
                     COALESCE(c.parked, false) AS parked \
@@ -124,14 +202,13 @@ impl PgEventStore {
              LIMIT 1",
             self.inner.schema.qualify("stream_checkpoints")
         );
-        let started = Instant::now();
         let mut pause = FIRST_POLL;
         loop {
             let behind = sqlx::query(&sql)
                 .bind(key)
-                .bind(&types)
-                .bind(&ids)
-                .bind(&sequences)
+                .bind(&streams.types)
+                .bind(&streams.ids)
+                .bind(&streams.sequences)
                 .fetch_optional(&self.inner.pool)
                 .await
                 .map_err(store("reading a projection's checkpoints"))?;
@@ -173,4 +250,12 @@ impl PgEventStore {
             pause = (pause * 2).min(MAX_POLL);
         }
     }
+}
+
+/// Streams and the sequence each must reach, as query parameters.
+#[derive(Default)]
+struct Streams {
+    types: Vec<String>,
+    ids: Vec<String>,
+    sequences: Vec<i64>,
 }

@@ -189,3 +189,44 @@ async fn a_wait_times_out_or_fails_at_once_for_a_parked_stream() {
     let text = format!("{err} {:?}", err);
     assert!(text.contains("parked"), "{text}");
 }
+
+/// `wait_until_caught_up` waits for every event of the given types stored when it
+/// began, without the events at hand, and says how many that is; events of other types
+/// do not count.
+#[tokio::test]
+async fn a_wait_for_everything_stored_counts_the_events() {
+    let db = common::store().await;
+    let projection = Balances::new(&db, 1).await;
+    let repo = Repository::new(db.store.clone());
+    for (i, id) in [new_id(), new_id()].iter().enumerate() {
+        for amount in 0..=i as i64 {
+            repo.execute::<Account>(id, AccountCommand::Deposit { amount: amount + 1 })
+                .await
+                .unwrap();
+        }
+    }
+    let types = [<Account as thalo::AggregateType>::TYPE];
+    let err = db
+        .store
+        .wait_until_caught_up(&projection, &types, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+
+    PgSubscription::new::<Account>(db.store.clone(), projection.clone())
+        .catch_up()
+        .await
+        .unwrap();
+    let events = db
+        .store
+        .wait_until_caught_up(&projection, &types, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(events, 3);
+    let none = db
+        .store
+        .wait_until_caught_up_by_key("ryw_balances", &["no_such_type"], Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+}

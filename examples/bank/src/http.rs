@@ -375,27 +375,7 @@ async fn execute(
 ) -> Result<Executed, ApiError> {
     crate::account::validate_account_number(&id)?;
     let key = idempotency_key(headers)?;
-    let metadata = Metadata::new()
-        .with_correlation_id(Uuid::new_v4())
-        .with_header("source", "bank-http");
-    let metadata = with_trace_context(metadata, headers);
-    let (stored, replayed) = match key {
-        Some(key) => {
-            let once = state
-                .repository
-                .execute_once_with::<BankAccount>(&id, key, command, &metadata)
-                .await?;
-            let replayed = once.is_replayed();
-            (once.into_events(), replayed)
-        }
-        None => (
-            state
-                .repository
-                .execute_with::<BankAccount>(&id, command, &metadata)
-                .await?,
-            false,
-        ),
-    };
+    let (stored, replayed) = run::<BankAccount>(state, headers, &id, key, command).await?;
     if wants_projected(headers)? {
         wait_until_projected(state, &stored).await?;
     }
@@ -404,6 +384,41 @@ async fn execute(
         status,
         events,
         replayed,
+    })
+}
+
+/// Executes `command` on aggregate `id` with the request's metadata (a new correlation
+/// id, the caller's trace context), exactly once under the request's idempotency `key`
+/// when it has one; the stored events, and whether they were replayed from the key's
+/// record.
+async fn run<A>(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &A::Id,
+    key: Option<CommandId>,
+    command: A::Command,
+) -> Result<(Vec<EventEnvelope<A::Event>>, bool), Error>
+where
+    A: thalo::Aggregate,
+    A::Command: Clone,
+{
+    let metadata = Metadata::new()
+        .with_correlation_id(Uuid::new_v4())
+        .with_header("source", "bank-http");
+    let metadata = with_trace_context(metadata, headers);
+    let repository = &state.repository;
+    Ok(match key {
+        Some(key) => {
+            let once = repository
+                .execute_once_with::<A>(id, key, command, &metadata)
+                .await?;
+            let replayed = once.is_replayed();
+            (once.into_events(), replayed)
+        }
+        None => (
+            repository.execute_with::<A>(id, command, &metadata).await?,
+            false,
+        ),
     })
 }
 
@@ -558,27 +573,7 @@ async fn request_transfer(
         to: body.to,
         amount: body.amount,
     };
-    let metadata = Metadata::new()
-        .with_correlation_id(Uuid::new_v4())
-        .with_header("source", "bank-http");
-    let metadata = with_trace_context(metadata, headers);
-    let (stored, replayed) = match key {
-        Some(key) => {
-            let once = state
-                .repository
-                .execute_once_with::<Transfer>(&id, key, command, &metadata)
-                .await?;
-            let replayed = once.is_replayed();
-            (once.into_events(), replayed)
-        }
-        None => (
-            state
-                .repository
-                .execute_with::<Transfer>(&id, command, &metadata)
-                .await?,
-            false,
-        ),
-    };
+    let (stored, replayed) = run::<Transfer>(state, headers, &id, key, command).await?;
     // The answer is the transfer as its request left it, replayed or not.
     let mut transfer = <Transfer as thalo::Aggregate>::new(id);
     for envelope in &stored {

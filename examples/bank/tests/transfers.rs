@@ -172,10 +172,13 @@ async fn transfers_complete_compensate_and_replay() {
 
     // The owners view catches up with the store: its checkpoints show every stored event
     // of the accounts and the transfers (the process manager's included).
-    let stored = common::stored_events(&running.store, MoneyEvent::aggregate_types()).await;
     running
         .store
-        .wait_until_projected(&running.owners, &stored, Duration::from_secs(30))
+        .wait_until_caught_up(
+            &running.owners,
+            MoneyEvent::aggregate_types(),
+            Duration::from_secs(30),
+        )
         .await
         .expect("the owners view applies every stored event");
     let owner = |name: &'static str| {

@@ -19,10 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool, Row};
-use thalo::{
-    commands, events, Aggregate, AggregateType as _, Error, EventEnvelope, EventStore as _,
-    RawEvent,
-};
+use thalo::{commands, events, Aggregate, AggregateType as _, Error, EventEnvelope};
 use thalo_kafka::{KafkaConsumer, KafkaRelay, TopicNaming, TopicSettings};
 use thalo_postgres::{PgEventStore, PgProjection};
 use tokio::process::{Child, Command};
@@ -160,26 +157,17 @@ impl TestDb {
         .collect()
     }
 
-    /// Every stored event of the test aggregate [`Account`], in the store's global order.
-    pub async fn stored_accounts(&self) -> Vec<EventEnvelope<RawEvent>> {
-        stored_events(&self.store, &[Account::TYPE]).await
-    }
-
     /// Waits until the test projection ([`Balances`], checkpoint key `balances`) has
     /// applied every `Account` event stored so far, by its per-stream checkpoints:
     /// read-your-writes for a settle phase, whichever consumer (or consumers, one after
     /// the other) feeds it. Panics with the error after `timeout`.
     pub async fn wait_until_projected(&self, timeout: Duration) {
-        let stored = self.stored_accounts().await;
         if let Err(err) = self
             .store
-            .wait_until_projected(&self.projection(), &stored, timeout)
+            .wait_until_caught_up(&self.projection(), &[Account::TYPE], timeout)
             .await
         {
-            panic!(
-                "the projection did not apply the {} stored events: {err}",
-                stored.len()
-            );
+            panic!("the projection did not apply the stored events: {err}");
         }
     }
 
@@ -195,28 +183,6 @@ impl TestDb {
             .execute(&self.pool)
             .await;
         self.pool.close().await;
-    }
-}
-
-/// Every stored event of `aggregate_types`, in the store's global order: what a
-/// projection of those types has to have applied to be caught up with the store (pass
-/// them to `PgEventStore::wait_until_projected`).
-pub async fn stored_events(
-    store: &PgEventStore,
-    aggregate_types: &[&str],
-) -> Vec<EventEnvelope<RawEvent>> {
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store.read_all(after, 1000).await.expect("read the store");
-        let Some(last) = page.last() else {
-            return stored;
-        };
-        after = last.position;
-        stored.extend(
-            page.into_iter()
-                .filter(|e| aggregate_types.contains(&e.aggregate_type.as_str())),
-        );
     }
 }
 

@@ -6,7 +6,6 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use thalo::{EventEnvelope, EventStore as _, RawEvent};
 use thalo_postgres::PgEventStore;
 use tokio::process::{Child, Command};
 
@@ -22,28 +21,6 @@ pub fn store_in(pool: &sqlx::PgPool, schema: &str) -> PgEventStore {
         .schema(schema)
         .build()
         .expect("the bank's store")
-}
-
-/// Every stored event of `aggregate_types`, in the store's global order: what a
-/// projection of those types has to have applied to be caught up with the store (pass
-/// them to `PgEventStore::wait_until_projected`).
-pub async fn stored_events(
-    store: &PgEventStore,
-    aggregate_types: &[&str],
-) -> Vec<EventEnvelope<RawEvent>> {
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store.read_all(after, 1000).await.expect("read the store");
-        let Some(last) = page.last() else {
-            return stored;
-        };
-        after = last.position;
-        stored.extend(
-            page.into_iter()
-                .filter(|e| aggregate_types.contains(&e.aggregate_type.as_str())),
-        );
-    }
 }
 
 /// `bank serve` as a child process, configured by `envs`, logging to `log`.
