@@ -174,7 +174,7 @@ impl KafkaConsumer {
     /// when it differs).
     ///
     /// Messages that are already waiting in a partition's queue are applied together in
-    /// one transaction (up to [`with_max_batch`](KafkaConsumer::with_max_batch)); when
+    /// one transaction (up to [`with_batch_size`](KafkaConsumer::with_batch_size)); when
     /// such a batch fails, its messages are retried one by one, so one bad event is
     /// dead-lettered alone.
     ///

@@ -88,7 +88,7 @@ async fn relay_survives_a_broker_restart() {
         .with_topic_settings(topic_settings())
         .with_poll_interval(Duration::from_millis(200))
         .with_batch_size(50)
-        .with_backoff(
+        .with_retry(
             thalo_kafka::RetryPolicy::new(u32::MAX)
                 .with_initial_backoff(Duration::from_millis(100))
                 .with_max_backoff(Duration::from_secs(1)),

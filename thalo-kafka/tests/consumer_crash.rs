@@ -52,7 +52,7 @@ async fn projection_is_exact_after_a_crash_before_offsets_are_committed() {
     let projection_consumer = |commit_interval: Duration| {
         projection_consumer_with_prefix(&naming, &prefix)
             .with_commit_interval(commit_interval)
-            .with_max_batch(10)
+            .with_batch_size(10)
     };
 
     // Consumer 1 never commits on its own (commit interval of an hour) and crashes

@@ -248,7 +248,7 @@ fn configured_set(consumer: KafkaConsumer, naming: &TopicNaming) -> KafkaConsume
         )
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "500")
-        .with_max_batch(10)
+        .with_batch_size(10)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

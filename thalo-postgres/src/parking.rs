@@ -2,9 +2,12 @@
 //! aggregate's stream, and its later events wait behind it instead of being applied
 //! past it.
 //!
-//! A consumer (an event handler or a projection, by name) parks a stream when it gives
+//! A consumer parks a stream when it gives
 //! up on event `n` (its handler keeps failing, or the event cannot be decoded) or when
-//! it finds a gap (it expected `n` and got `n + k`). From then on, that consumer holds
+//! it finds a gap (it expected `n` and got `n + k`). The `consumer` argument of the
+//! functions below names it: a Postgres projection's checkpoint key
+//! ([`checkpoint_key`](crate::checkpoint_key)`(name, version)`), or a
+//! plain handler's consumer group id. From then on, that consumer holds
 //! every later event of the stream: it counts them (`held`) and moves on, so other
 //! streams keep flowing. Nothing is lost, because every held event is in the store:
 //!
@@ -33,7 +36,7 @@ use crate::{row, PgEventStore, PgProjection};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ParkedStream {
-    /// The consumer (handler or projection name).
+    /// The consumer: a projection's checkpoint key, or a handler's consumer group id.
     pub consumer: String,
     /// Type name of the aggregate.
     pub aggregate_type: String,

@@ -237,7 +237,7 @@ pub struct PgProcessManager<P> {
     sql: ProcessSql,
     aggregate_types: &'static [&'static str],
     batch_size: usize,
-    idle_timeout: Duration,
+    poll_interval: Duration,
     /// Test hook: fail this many commits (after the commands ran).
     fail_before_commit: Option<Arc<AtomicU32>>,
 }
@@ -253,7 +253,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
             sql,
             aggregate_types: P::Event::aggregate_types(),
             batch_size: 100,
-            idle_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
             fail_before_commit: None,
         }
     }
@@ -276,8 +276,8 @@ impl<P: ProcessManager> PgProcessManager<P> {
     /// How long to wait for a notification before polling (default 1 s); due timers
     /// are fired on time regardless.
     #[must_use]
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -870,8 +870,8 @@ impl<P: ProcessManager> PgProcessManager<P> {
         let (_, position) = self.catch_up_from().await?;
         self.fire_due_timers().await?;
         let wait = match self.next_due().await? {
-            Some(due) => due.min(self.idle_timeout),
-            None => self.idle_timeout,
+            Some(due) => due.min(self.poll_interval),
+            None => self.poll_interval,
         };
         Ok((position, wait))
     }
@@ -890,7 +890,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
     /// The process manager's error ([`Error::Handler`]) or a decoding error.
     pub async fn run(self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
         let shutdown = shutdown.into();
-        let mut backoff = Backoff::new(self.idle_timeout);
+        let mut backoff = Backoff::new(self.poll_interval);
         loop {
             let round = tokio::select! {
                 () = shutdown.triggered() => return Ok(self.manager),

@@ -62,7 +62,7 @@ pub struct PgSubscription<P, E> {
     /// The aggregate types whose events the projection gets.
     aggregate_types: &'static [&'static str],
     batch_size: usize,
-    idle_timeout: Duration,
+    poll_interval: Duration,
     /// The versioned read model this subscription builds and promotes, if any.
     read_model: Option<Vec<ReadModelTable>>,
     /// Whether this subscription's version is settled: live, retired, or not promoted
@@ -173,7 +173,7 @@ where
             projection,
             aggregate_types,
             batch_size: 500,
-            idle_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
             read_model: None,
             settled: AtomicBool::new(false),
             progress: Progress::new(),
@@ -231,8 +231,8 @@ where
 
     /// How long to wait for a notification before polling (default 1 s).
     #[must_use]
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -420,7 +420,7 @@ where
     /// stopped it; the checkpoint stays before the failing batch.
     pub async fn run(self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
         let shutdown = shutdown.into();
-        let mut backoff = Backoff::new(self.idle_timeout);
+        let mut backoff = Backoff::new(self.poll_interval);
         loop {
             let caught_up = tokio::select! {
                 () = shutdown.triggered() => return Ok(self.projection),
@@ -465,7 +465,7 @@ where
             };
             tokio::select! {
                 () = shutdown.triggered() => return Ok(self.projection),
-                () = self.store.wait_for_events(position, self.idle_timeout) => {}
+                () = self.store.wait_for_events(position, self.poll_interval) => {}
             }
         }
     }

@@ -308,7 +308,7 @@ async fn a_subscription_backs_off_while_the_store_fails_and_then_catches_up() {
     });
     // A long idle timeout: only the backoff decides how often the failing batch runs.
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Arc::clone(&projection))
-        .with_idle_timeout(Duration::from_secs(60));
+        .with_poll_interval(Duration::from_secs(60));
     let progress = subscription.progress();
     let stop = thalo::Shutdown::new();
     let running = tokio::spawn(subscription.run(stop.clone()));

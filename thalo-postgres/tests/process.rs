@@ -18,7 +18,7 @@ use transfer::*;
 
 fn runner(store: &PgEventStore, timeout: Duration) -> PgProcessManager<Transfers> {
     PgProcessManager::new(store.clone(), Transfers { timeout })
-        .with_idle_timeout(Duration::from_millis(50))
+        .with_poll_interval(Duration::from_millis(50))
 }
 
 async fn open(repo: &Repository<PgEventStore>, wallet: &str, cents: i64) {

@@ -326,7 +326,7 @@ async fn concurrent_appliers_of_one_batch_apply_it_once() {
 async fn run_follows_new_events_and_stops_on_shutdown() {
     let db = common::store().await;
     let subscription = PgSubscription::new::<Account>(db.store.clone(), Balances::new(&db).await)
-        .with_idle_timeout(Duration::from_secs(30));
+        .with_poll_interval(Duration::from_secs(30));
     let progress = subscription.progress();
     let stop = thalo::Shutdown::new();
     let runner = tokio::spawn(subscription.run(stop.clone()));

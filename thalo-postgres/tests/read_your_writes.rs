@@ -80,7 +80,7 @@ async fn a_command_is_visible_once_the_wait_returns() {
     let projection = Balances::new(&db, 1).await;
     // A long idle timeout: only the store's notifications make the subscription quick.
     let subscription = PgSubscription::new::<Account>(db.store.clone(), projection.clone())
-        .with_idle_timeout(Duration::from_secs(30));
+        .with_poll_interval(Duration::from_secs(30));
     let progress = subscription.progress();
     let shutdown = Shutdown::new();
     let running = tokio::spawn(subscription.run(shutdown.clone()));

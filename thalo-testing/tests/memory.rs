@@ -136,7 +136,7 @@ async fn run_follows_new_events_until_shutdown() {
     let projection = Arc::new(Recorder::default());
     let stop = thalo::Shutdown::new();
     let sub = Subscription::new::<Account>(store.clone(), projection.clone())
-        .with_idle_timeout(Duration::from_secs(30));
+        .with_poll_interval(Duration::from_secs(30));
     let progress = sub.progress();
     let task = tokio::spawn(sub.run(stop.clone()));
 

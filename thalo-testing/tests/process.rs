@@ -226,7 +226,7 @@ async fn in_memory_transfers_complete_refund_and_time_out() {
             timeout: Duration::from_millis(200),
         },
     )
-    .with_idle_timeout(Duration::from_millis(20));
+    .with_poll_interval(Duration::from_millis(20));
     let stop = thalo::Shutdown::new();
     let running = tokio::spawn(runner.run(stop.clone()));
 

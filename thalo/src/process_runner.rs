@@ -124,7 +124,7 @@ pub struct ProcessRunner<S, P: ProcessManager> {
     /// Timers by (instance, name).
     timers: BTreeMap<(String, String), Timer>,
     batch_size: usize,
-    idle_timeout: Duration,
+    poll_interval: Duration,
 }
 
 #[derive(Debug)]
@@ -156,7 +156,7 @@ where
             instances: HashMap::new(),
             timers: BTreeMap::new(),
             batch_size: 500,
-            idle_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
         }
     }
 
@@ -169,8 +169,8 @@ where
 
     /// How long to wait for new events before polling again (default 1 s).
     #[must_use]
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -346,7 +346,7 @@ where
     /// The process manager's error ([`Error::Handler`]) or a decoding error.
     pub async fn run(mut self, shutdown: impl Into<Shutdown>) -> Result<Self, Error> {
         let shutdown = shutdown.into();
-        let mut backoff = Backoff::new(self.idle_timeout);
+        let mut backoff = Backoff::new(self.poll_interval);
         loop {
             let result = match self.catch_up().await {
                 Ok(_) => self.fire_due_timers().await.map(|_| ()),
@@ -369,8 +369,8 @@ where
             let wait = match self.timers.values().map(|t| t.due).min() {
                 Some(due) => due
                     .saturating_duration_since(Instant::now())
-                    .min(self.idle_timeout),
-                None => self.idle_timeout,
+                    .min(self.poll_interval),
+                None => self.poll_interval,
             };
             debug!(
                 process_manager = self.manager.name(),

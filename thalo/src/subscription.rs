@@ -79,7 +79,7 @@ pub struct Subscription<S, P, E> {
     /// The aggregate types whose events the projection gets.
     aggregate_types: &'static [&'static str],
     batch_size: usize,
-    idle_timeout: Duration,
+    poll_interval: Duration,
     progress: Progress,
     _event: PhantomData<fn() -> E>,
 }
@@ -116,7 +116,7 @@ where
             projection,
             aggregate_types,
             batch_size: 500,
-            idle_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
             progress: Progress::new(),
             _event: PhantomData,
         }
@@ -131,8 +131,8 @@ where
 
     /// How long to wait for a wake-up from the store before polling again (default 1 s).
     #[must_use]
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -242,7 +242,7 @@ where
     /// Returns the projection's error ([`Error::Handler`]) or the decoding error.
     pub async fn run(mut self, shutdown: impl Into<Shutdown>) -> Result<P, Error> {
         let shutdown = shutdown.into();
-        let mut backoff = Backoff::new(self.idle_timeout);
+        let mut backoff = Backoff::new(self.poll_interval);
         loop {
             match self.catch_up().await {
                 Ok(n) => {
@@ -284,7 +284,7 @@ where
             };
             tokio::select! {
                 () = shutdown.triggered() => return Ok(self.projection),
-                () = self.store.wait_for_events(position, self.idle_timeout) => {}
+                () = self.store.wait_for_events(position, self.poll_interval) => {}
             }
         }
     }
@@ -307,10 +307,10 @@ impl Backoff {
     /// that rarely anyway need not retry more often.
     const MAX: Duration = Duration::from_secs(30);
 
-    pub fn new(idle_timeout: Duration) -> Self {
+    pub fn new(poll_interval: Duration) -> Self {
         Backoff {
             next: Self::FIRST,
-            max: Self::MAX.max(idle_timeout),
+            max: Self::MAX.max(poll_interval),
         }
     }
 
@@ -564,7 +564,7 @@ mod tests {
         // A long idle timeout: only the backoff decides how often a failing store is
         // asked again.
         let subscription = Subscription::new::<Ticker>(store.clone(), Arc::clone(&seen))
-            .with_idle_timeout(Duration::from_secs(60));
+            .with_poll_interval(Duration::from_secs(60));
         let running = tokio::spawn(subscription.run(stop.clone()));
 
         // Reads at about 0, 0.1, 0.3 and 0.7 s (the next at 1.5 s): 4 in 1.2 s, where an

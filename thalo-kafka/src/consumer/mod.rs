@@ -430,8 +430,8 @@ impl KafkaConsumer {
     /// Most messages a Postgres projection applies in one transaction (default 200).
     /// Only messages that are already waiting are batched, so this never adds latency.
     #[must_use]
-    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
-        self.max_batch = max_batch.max(1);
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.max_batch = batch_size.max(1);
         self
     }
 

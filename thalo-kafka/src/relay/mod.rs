@@ -279,7 +279,7 @@ impl KafkaRelay {
     /// lost database connection (default 100 ms doubling up to 30 s; `max_attempts` is
     /// ignored: the relay never gives up). Only the aggregates that failed wait.
     #[must_use]
-    pub fn with_backoff(mut self, retry: RetryPolicy) -> Self {
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.config.retry = retry;
         self
     }

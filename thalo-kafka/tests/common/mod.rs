@@ -125,7 +125,7 @@ impl TestDb {
             .with_topic_settings(topic_settings())
             .with_poll_interval(Duration::from_millis(200))
             .with_lock_retry_interval(Duration::from_millis(200))
-            .with_backoff(
+            .with_retry(
                 thalo_kafka::RetryPolicy::new(u32::MAX)
                     .with_initial_backoff(Duration::from_millis(50))
                     .with_max_backoff(Duration::from_secs(1)),
