@@ -4,6 +4,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use thalo::__private::Backoff;
 use thalo::{Aggregate, Error, Event, EventEnvelope, EventSet, EventStore, Progress, Shutdown};
 use tracing::{debug, info, warn};
@@ -79,6 +80,8 @@ struct Step {
     applied: Applied,
     /// The checkpoint after the batch.
     position: u64,
+    /// When the batch's last event was stored.
+    last_stored: Option<DateTime<Utc>>,
 }
 
 impl<P, E> PgSubscription<P, E>
@@ -282,7 +285,13 @@ where
             } else {
                 self.batch_size as u64
             };
-            thalo::__private::projection_progress(self.projection.name(), step.position, lag);
+            let last_stored = step.last_stored.filter(|_| lag > 0);
+            thalo::__private::projection_progress(
+                self.projection.name(),
+                step.position,
+                lag,
+                last_stored,
+            );
             if step.read < self.batch_size {
                 if registered {
                     self.promote().await?;
@@ -367,7 +376,7 @@ where
             inner.horizon_wait,
         )
         .await?;
-        let Some(last) = batch.last().map(|e| e.position) else {
+        let Some((last, last_stored)) = batch.last().map(|e| (e.position, e.timestamp)) else {
             // End the transaction now rather than when `tx` is dropped: a dropped
             // transaction's ROLLBACK is only sent when its connection is next used or
             // returned to the pool, and until then it holds its locks.
@@ -378,6 +387,7 @@ where
                 read: 0,
                 applied: Applied::default(),
                 position,
+                last_stored: None,
             });
         };
         let envelopes = batch
@@ -397,6 +407,7 @@ where
             read: batch.len(),
             applied,
             position: last,
+            last_stored: Some(last_stored),
         })
     }
 

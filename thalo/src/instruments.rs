@@ -23,6 +23,8 @@ pub(crate) const CACHE_MISSES: &str = "thalo_cache_misses_total";
 pub(crate) const PROJECTION_POSITION: &str = "thalo_projection_position";
 /// `thalo_projection_lag_events{projection}`.
 pub(crate) const PROJECTION_LAG: &str = "thalo_projection_lag_events";
+/// `thalo_projection_lag_seconds{projection}`.
+pub(crate) const PROJECTION_LAG_SECONDS: &str = "thalo_projection_lag_seconds";
 
 /// How a command ended, as the `outcome` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,11 +92,24 @@ pub(crate) fn cache_miss(aggregate_type: &'static str) {
 }
 
 /// Records a projection's checkpoint after a batch; `lag` is the number of events known
-/// to wait after it (see the crate docs for what "known" means). Shared with
-/// `thalo_postgres::PgSubscription` through `__private`.
-pub fn projection_progress(projection: &str, position: u64, lag: u64) {
+/// to wait after it (see the crate docs for what "known" means), and `last_stored` the
+/// time the batch's last event was stored, when the batch was full (its age is how far
+/// behind the projection runs; a batch that reached the end of the log is 0 s behind).
+/// Shared with `thalo_postgres::PgSubscription` through `__private`.
+pub fn projection_progress(
+    projection: &str,
+    position: u64,
+    lag: u64,
+    last_stored: Option<chrono::DateTime<chrono::Utc>>,
+) {
     // One label allocation per batch, not per event.
     let projection = projection.to_owned();
     metrics::gauge!(PROJECTION_POSITION, "projection" => projection.clone()).set(position as f64);
-    metrics::gauge!(PROJECTION_LAG, "projection" => projection).set(lag as f64);
+    metrics::gauge!(PROJECTION_LAG, "projection" => projection.clone()).set(lag as f64);
+    let behind = last_stored.map_or(0.0, |stored| {
+        (chrono::Utc::now() - stored)
+            .to_std()
+            .map_or(0.0, |age| age.as_secs_f64())
+    });
+    metrics::gauge!(PROJECTION_LAG_SECONDS, "projection" => projection).set(behind);
 }

@@ -236,6 +236,7 @@
 //! | `thalo_cache_misses_total` | counter | `aggregate_type` | [`Repository::with_cache`] | attempts that loaded the aggregate (as [`CacheStats::misses`]) |
 //! | `thalo_projection_position` | gauge | `projection` | [`Subscription`], `PgSubscription` | the checkpoint (global position) after the last batch |
 //! | `thalo_projection_lag_events` | gauge | `projection` | [`Subscription`], `PgSubscription` | events known to wait: 0 when the last batch reached the end of the log, the batch size (a lower bound) while catching up |
+//! | `thalo_projection_lag_seconds` | gauge | `projection` | [`Subscription`], `PgSubscription` | how far behind in time: 0 when the last batch reached the end of the log, the age of the last event handled while catching up |
 //! | `thalo_appends_total` | counter | `aggregate_type` | `PgEventStore` | appends that stored events (plain, keyed, in a transaction, group-committed) |
 //! | `thalo_append_events_total` | counter | `aggregate_type` | `PgEventStore` | events stored |
 //! | `thalo_group_commit_batch_size` | histogram | | `PgEventStore` with group commit | appends per group-commit batch |

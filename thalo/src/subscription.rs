@@ -166,6 +166,7 @@ where
             let batch = self.store.read_all(position, self.batch_size).await?;
             let Some(last) = batch.last().map(|e| e.position) else {
                 self.progress.advance(position, 0, true);
+                instruments::projection_progress(&name, position, 0, None);
                 return Ok(handled);
             };
             let full = batch.len() == self.batch_size;
@@ -205,7 +206,8 @@ where
                 // A batch that was not full read up to the end of the log: nothing is
                 // known to wait. A full one says at least one more batch may.
                 let lag = if full { self.batch_size as u64 } else { 0 };
-                instruments::projection_progress(&name, position, lag);
+                let last_stored = batch.last().filter(|_| full).map(|e| e.timestamp);
+                instruments::projection_progress(&name, position, lag, last_stored);
                 if !full {
                     return Ok(handled);
                 }

@@ -199,3 +199,95 @@ fn commands_cache_and_projections_are_counted_exactly() {
     assert_eq!(gauge("thalo_projection_position"), 6.0);
     assert_eq!(gauge("thalo_projection_lag_events"), 0.0);
 }
+
+/// Reads the projection's lag gauges while it handles events, to see the values the
+/// subscription set after the batch before.
+struct Watcher {
+    recorder: &'static DebuggingRecorder,
+    seen: std::sync::Mutex<Vec<(f64, f64)>>,
+}
+
+impl EventHandler<MeterEvent> for Watcher {
+    async fn handle(&self, _: &EventEnvelope<MeterEvent>) -> Result<(), Error> {
+        let metrics = snapshot(self.recorder);
+        let gauge = |name: &str| match metrics.get(&(
+            MetricKind::Gauge,
+            name.to_owned(),
+            vec![("projection".to_owned(), "watcher".to_owned())],
+        )) {
+            Some(DebugValue::Gauge(value)) => value.into_inner(),
+            _ => -1.0,
+        };
+        self.seen.lock().expect("lock").push((
+            gauge("thalo_projection_lag_events"),
+            gauge("thalo_projection_lag_seconds"),
+        ));
+        Ok(())
+    }
+}
+
+impl Projection<MeterEvent> for Watcher {
+    fn name(&self) -> &str {
+        "watcher"
+    }
+}
+
+#[test]
+fn a_projection_behind_the_log_reports_how_far_in_events_and_time() {
+    let recorder: &'static DebuggingRecorder = Box::leak(Box::new(DebuggingRecorder::new()));
+    let _local = metrics::set_default_local_recorder(recorder);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen = runtime.block_on(async {
+        let store = InMemoryEventStore::new();
+        let repository = Repository::new(store.clone());
+        for by in 1..=4 {
+            repository
+                .execute::<Meter>(&1, MeterCommand::Add { by })
+                .await
+                .expect("add");
+        }
+        // The events are at least 50 ms old when the projection starts.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let watcher = Watcher {
+            recorder,
+            seen: std::sync::Mutex::new(Vec::new()),
+        };
+        let mut subscription = Subscription::new::<Meter>(store, watcher).with_batch_size(2);
+        assert_eq!(subscription.catch_up().await.expect("catch up"), 4);
+        let seen = subscription.projection().seen.lock().expect("lock").clone();
+        seen
+    });
+    // Events 1-2: no batch done yet. Events 3-4: the first batch was full, so at least
+    // a batch waits, and its last event was stored 50 ms or more before.
+    assert_eq!(seen.len(), 4);
+    assert_eq!(
+        seen[0],
+        (-1.0, -1.0),
+        "nothing recorded before the first batch"
+    );
+    let (events, seconds) = seen[2];
+    assert_eq!(events, 2.0, "a full batch: a batch more may wait");
+    assert!(
+        seconds >= 0.05,
+        "behind by the age of the batch's last event: {seconds}"
+    );
+    // The last batch was not full: caught up, 0 behind.
+    let metrics = snapshot(recorder);
+    for name in [
+        "thalo_projection_lag_events",
+        "thalo_projection_lag_seconds",
+    ] {
+        assert_eq!(
+            metrics.get(&(
+                MetricKind::Gauge,
+                name.to_owned(),
+                vec![("projection".to_owned(), "watcher".to_owned())],
+            )),
+            Some(&DebugValue::Gauge(0.0.into())),
+            "{name} once caught up"
+        );
+    }
+}
