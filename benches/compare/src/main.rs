@@ -643,7 +643,7 @@ fn crate_versions() -> Vec<String> {
     .iter()
     .find_map(|p| std::fs::read_to_string(p).ok())
     .unwrap_or_default();
-    let mut found = vec!["thalo 0.1.0 (this workspace)".to_owned()];
+    let mut found = vec!["thalo 0.9.0 (this workspace)".to_owned()];
     let mut name = "";
     for line in lock.lines() {
         if let Some(n) = line.strip_prefix("name = \"") {

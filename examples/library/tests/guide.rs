@@ -216,7 +216,7 @@ fn dependency(entry: &toml::Value, workspace: &toml::Table, name: &str) -> Depen
     let mut all = features(inherited);
     all.extend(features(entry));
     Dependency {
-        // `=0.1.0` pins the workspace's own crates; a crate of its own asks for `0.1`.
+        // `=0.9.0` pins the workspace's own crates; a crate of its own asks for `0.9`.
         version: version(inherited)
             .unwrap_or_else(|| panic!("`{name}` has no version in the workspace"))
             .trim_start_matches('=')
@@ -279,7 +279,7 @@ fn the_guides_cargo_toml_has_the_examples_dependencies() {
         for name in used_names.intersection(&shown_names) {
             let expected = dependency(&used[*name], &workspace, name);
             let actual = dependency(&shown[*name], &workspace, name);
-            // `0.1` in the guide for `=0.1.0` here; otherwise the same requirement.
+            // `0.9` in the guide for `=0.9.0` here; otherwise the same requirement.
             let same_version = expected.version == actual.version
                 || expected
                     .version
