@@ -1049,20 +1049,58 @@ impl thalo_postgres::PgProjection<common::AccountEvent> for Deposits {
 #[tokio::test(flavor = "multi_thread")]
 async fn projection_versions_rebuild_promote_and_drop() {
     let db = TestDb::new().await;
-    let a = random_name("a");
-    db.deposit(&a, 0, 30).await;
+    let accounts: Vec<String> = (0..3).map(|_| random_name("a")).collect();
+    for account in &accounts {
+        db.deposit(account, 0, 10).await;
+    }
     let subscription = |projection: Deposits| {
         let table = projection.table.clone();
         thalo_postgres::PgSubscription::new::<common::Account>(db.store.clone(), projection)
             .with_batch_size(5)
+            .with_poll_interval(Duration::from_millis(20))
             .with_read_model(vec![table])
     };
+    let view = db.table("deposits");
 
-    // Version 1 is live; version 2 is deployed later, and `rebuild` watches it.
-    subscription(Deposits::new(&db, 1).await)
-        .catch_up()
-        .await
-        .unwrap();
+    // Version 1 is live and keeps applying new events; writers keep depositing and
+    // readers keep reading the view while version 2 is deployed and builds, and
+    // `thalo projection rebuild` watches it until it takes over.
+    let v1 = subscription(Deposits::new(&db, 1).await);
+    v1.catch_up().await.unwrap();
+    let stop = thalo::Shutdown::new();
+    let v1 = tokio::spawn(v1.run(stop.clone()));
+    let writer = tokio::spawn({
+        let (db, accounts, stop) = (db.clone(), accounts.clone(), stop.clone());
+        async move {
+            let mut versions = vec![10_u64; accounts.len()];
+            let mut written = 0;
+            while !stop.is_triggered() {
+                let i = written % accounts.len();
+                db.deposit(&accounts[i], versions[i], 1).await;
+                versions[i] += 1;
+                written += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        }
+    });
+    let reader = tokio::spawn({
+        let (pool, view, stop) = (db.pool.clone(), view.clone(), stop.clone());
+        async move {
+            let (mut reads, mut failures) = (0, Vec::new());
+            while !stop.is_triggered() {
+                match sqlx::query_scalar::<_, Option<i64>>(&format!("SELECT sum(n)::BIGINT FROM {view}"))
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(_) => reads += 1,
+                    Err(err) => failures.push(err.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (reads, failures)
+        }
+    });
     let watch = tokio::task::spawn_blocking({
         let db = db.clone();
         move || {
@@ -1080,14 +1118,53 @@ async fn projection_versions_rebuild_promote_and_drop() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    subscription(Deposits::new(&db, 2).await)
-        .catch_up()
-        .await
-        .unwrap();
+    let v2 = tokio::spawn(subscription(Deposits::new(&db, 2).await).run(stop.clone()));
     let watched = watch.await.unwrap().json();
     assert_eq!(watched["state"], "live", "{watched}");
     assert_eq!(watched["version"], 2);
-    assert_eq!(watched["position"], watched["head"]);
+    // Writes went on through the swap; then everything stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.trigger();
+    let written = writer.await.unwrap();
+    let (reads, failures) = reader.await.unwrap();
+    v1.await.unwrap().unwrap();
+    v2.await.unwrap().unwrap();
+    assert!(written > 0, "writes went on during the rebuild");
+    assert!(reads > 0, "reads went on during the rebuild: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "reads failed during the swap: {failures:?}"
+    );
+
+    // Both versions catch up with the last writes (they stopped with the writers).
+    // Version 2 is the fold of the store: one row per account, one count per deposit.
+    for version in [1, 2] {
+        subscription(Deposits {
+            table: thalo_postgres::ReadModelTable::new(db.store.schema(), "deposits", version)
+                .unwrap(),
+        })
+        .catch_up()
+        .await
+        .unwrap();
+    }
+    let fold: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT aggregate_id, count(*) FROM {} GROUP BY aggregate_id ORDER BY aggregate_id",
+        db.table("events")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let rebuilt: Vec<(String, i64)> =
+        sqlx::query_as(&format!("SELECT id, n FROM {view} ORDER BY id"))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rebuilt, fold,
+        "the view (version 2) equals the fold of the store"
+    );
+    let total: i64 = fold.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 30 + written as i64);
 
     let versions = db
         .thalo(&["--json", "projection", "versions", "deposits"])
@@ -1107,20 +1184,19 @@ async fn projection_versions_rebuild_promote_and_drop() {
     );
 
     // Roll back to version 1, then forward again; readers follow the view.
-    let view = db.table("deposits");
     let read = || async {
-        sqlx::query_scalar::<_, i64>(&format!("SELECT n FROM {view}"))
+        sqlx::query_scalar::<_, i64>(&format!("SELECT sum(n)::BIGINT FROM {view}"))
             .fetch_one(&db.pool)
             .await
             .unwrap()
     };
-    assert_eq!(read().await, 30);
+    assert_eq!(read().await, total);
     db.thalo(&["projection", "promote", "deposits", "1"])
         .fails(2);
     db.thalo(&["projection", "promote", "deposits", "1", "--yes"])
         .ok();
     assert_eq!(db.store.live_version("deposits").await.unwrap(), Some(1));
-    assert_eq!(read().await, 30);
+    assert_eq!(read().await, total, "version 1 applied every event too");
     db.thalo(&["projection", "promote", "deposits", "2", "--yes"])
         .ok();
 
@@ -1162,24 +1238,21 @@ async fn projection_versions_rebuild_promote_and_drop() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
+    let brokers = common::require_kafka().await;
     let db = TestDb::new().await;
     let a = random_name("a");
     db.deposit(&a, 0, 3).await;
+    // The projection's checkpoint key is its group, so a fresh name per run.
+    let name = random_name("balances");
+    let balances = name.as_str();
     db.store
-        .park_stream("balances", ACCOUNT, &a, 2, "a bug in the projection")
+        .park_stream(balances, ACCOUNT, &a, 2, "a bug in the projection")
         .await
         .unwrap();
 
     // Not parked: refused.
-    db.thalo(&[
-        "dlq",
-        "redrive",
-        "--consumer",
-        "balances",
-        ACCOUNT,
-        "nobody",
-    ])
-    .fails(1);
+    db.thalo(&["dlq", "redrive", "--consumer", balances, ACCOUNT, "nobody"])
+        .fails(1);
     // Recorded; with no consumer running it stays a request.
     let requested = db
         .thalo(&[
@@ -1187,14 +1260,14 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
             "dlq",
             "redrive",
             "--consumer",
-            "balances",
+            balances,
             ACCOUNT,
             &a,
         ])
         .json();
     assert_eq!(requested["outcome"], "requested");
     assert_eq!(
-        db.store.redrive_requests("balances").await.unwrap(),
+        db.store.redrive_requests(balances).await.unwrap(),
         [(ACCOUNT.to_owned(), a.clone())]
     );
     let timeout = db
@@ -1202,7 +1275,7 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
             "dlq",
             "redrive",
             "--consumer",
-            "balances",
+            balances,
             ACCOUNT,
             &a,
             "--wait-secs",
@@ -1214,13 +1287,14 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
 
     // The consumer tries and fails: the command says why.
     let waiting = tokio::task::spawn_blocking({
-        let (db, a) = (db.clone(), a.clone());
+        let (db, a, name) = (db.clone(), a.clone(), name.clone());
         move || {
+            let balances = name.as_str();
             db.thalo(&[
                 "dlq",
                 "redrive",
                 "--consumer",
-                "balances",
+                balances,
                 ACCOUNT,
                 &a,
                 "--wait-secs",
@@ -1230,7 +1304,7 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     db.store
-        .fail_redrive_request("balances", ACCOUNT, &a, "still broken: division by zero")
+        .fail_redrive_request(balances, ACCOUNT, &a, "still broken: division by zero")
         .await
         .unwrap();
     let failed = waiting.await.unwrap();
@@ -1239,14 +1313,15 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
 
     // The consumer re-drives it: the command reports success.
     let waiting = tokio::task::spawn_blocking({
-        let (db, a) = (db.clone(), a.clone());
+        let (db, a, name) = (db.clone(), a.clone(), name.clone());
         move || {
+            let balances = name.as_str();
             db.thalo(&[
                 "--json",
                 "dlq",
                 "redrive",
                 "--consumer",
-                "balances",
+                balances,
                 ACCOUNT,
                 &a,
                 "--wait-secs",
@@ -1254,22 +1329,33 @@ async fn dlq_redrive_asks_the_running_consumer_and_reports_the_outcome() {
             ])
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let redriven = db
-        .store
-        .redrive_projection(
-            &Noop {
-                name: "balances".to_owned(),
-            },
-            ACCOUNT,
-            &a,
-        )
-        .await
-        .unwrap()
-        .expect("parked");
-    assert_eq!(redriven.sequence, 3);
+    // A real consumer of the projection, running: it looks for requests once a second,
+    // re-drives the stream from the store (events 2 and 3) and records the outcome.
+    let prefix = format!("{}.", random_name("t"));
+    let shutdown = thalo::Shutdown::new();
+    let consumer = tokio::spawn(
+        thalo_kafka::KafkaConsumer::for_projection(brokers)
+            .with_topic_naming(thalo_kafka::TopicNaming::prefixed(prefix))
+            .with_topic_settings(thalo_kafka::TopicSettings::default().with_partitions(1))
+            .subscribe::<common::Account>()
+            .run_projection(
+                db.store.clone(),
+                Noop { name: name.clone() },
+                shutdown.clone(),
+            ),
+    );
     let done = waiting.await.unwrap().json();
-    assert_eq!(done["outcome"], "redriven");
+    assert_eq!(done["outcome"], "redriven", "{done}");
+    assert!(
+        db.store
+            .parked_streams(Some(balances))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no longer parked"
+    );
+    shutdown.trigger();
+    consumer.await.unwrap().unwrap();
     let actions: Vec<String> = db
         .parking_log()
         .await
