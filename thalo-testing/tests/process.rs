@@ -1,6 +1,7 @@
 //! Process managers: given/when/then with `ProcessManagerTest`, and end to end in memory
 //! with `ProcessRunner` over an `InMemoryEventStore`.
 
+mod timers;
 mod transfer;
 
 use std::time::Duration;
@@ -286,4 +287,104 @@ async fn in_memory_transfers_complete_refund_and_time_out() {
             "Refunded"
         ]
     );
+}
+
+/// A runner of the `timers` fixture over a fresh in-memory store.
+fn timer_runner() -> (
+    Repository<InMemoryEventStore>,
+    ProcessRunner<InMemoryEventStore, timers::Timers>,
+) {
+    let repo = Repository::new(InMemoryEventStore::new());
+    let runner = ProcessRunner::new(repo.clone(), timers::Timers);
+    (repo, runner)
+}
+
+#[tokio::test]
+async fn a_timer_that_completes_its_instance_stops_the_other_due_timers() {
+    let (repo, mut runner) = timer_runner();
+    timers::schedule(&repo, "p", "a", 10, "complete").await;
+    timers::schedule(&repo, "p", "b", 30, "").await;
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.timers("p"), ["a", "b"]);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+
+    // Both are due; `a` fires first and completes the instance: `b` must not fire.
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 1);
+    assert!(runner.is_completed("p"));
+    assert!(runner.timers("p").is_empty());
+    assert_eq!(runner.state("p").unwrap().fired, ["a"]);
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+    runner.catch_up().await.unwrap(); // `Fired`, ignored: completed
+    assert!(runner.is_completed("p"), "completion is final");
+    assert_eq!(timers::fired(repo.store(), "p").await, ["a"]);
+}
+
+#[tokio::test]
+async fn a_timer_cancelled_or_replaced_by_an_earlier_firing_of_the_batch_does_not_fire() {
+    let (repo, mut runner) = timer_runner();
+    timers::schedule(&repo, "p", "a", 10, "cancel:b").await;
+    timers::schedule(&repo, "p", "b", 20, "").await;
+    timers::schedule(&repo, "p", "c", 30, "set:d:500").await;
+    timers::schedule(&repo, "p", "d", 40, "").await;
+    timers::schedule(&repo, "p", "e", 50, "").await;
+    runner.catch_up().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // All five are due: `a` cancels `b`, `c` moves `d` 500 ms later; `e` fires.
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 3);
+    assert_eq!(runner.state("p").unwrap().fired, ["a", "c", "e"]);
+    assert_eq!(runner.timers("p"), ["d"], "`d` waits for its new time");
+    assert!(!runner.is_completed("p"));
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 1);
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+    assert!(runner.timers("p").is_empty());
+    assert_eq!(
+        timers::fired(repo.store(), "p").await,
+        ["a", "c", "e", "d"],
+        "`b` never fired, `d` once"
+    );
+}
+
+#[tokio::test]
+async fn cancel_timer_alone_cancels_one_timer_and_the_other_still_fires() {
+    let (repo, mut runner) = timer_runner();
+    timers::schedule(&repo, "p", "a", 30, "").await;
+    timers::schedule(&repo, "p", "b", 30, "").await;
+    runner.catch_up().await.unwrap();
+    timers::cancel(&repo, "p", "b").await;
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.timers("p"), ["a"]);
+    assert!(!runner.is_completed("p"), "cancelling does not complete");
+
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+    assert!(runner.timers("p").is_empty());
+    assert!(!runner.is_completed("p"));
+    assert_eq!(runner.state("p").unwrap().fired, ["a"]);
+    assert_eq!(timers::fired(repo.store(), "p").await, ["a"]);
+}
+
+#[tokio::test]
+async fn setting_a_timer_again_replaces_it() {
+    let (repo, mut runner) = timer_runner();
+    timers::schedule(&repo, "p", "x", 10, "").await;
+    timers::schedule(&repo, "p", "x", 600, "").await;
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.timers("p"), ["x"]);
+
+    // The first time has passed: the replaced timer does not fire ...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+    assert_eq!(runner.timers("p"), ["x"]);
+    // ... its replacement does, once, at its own time.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 1);
+    assert_eq!(runner.fire_due_timers().await.unwrap(), 0);
+    assert!(runner.timers("p").is_empty());
+    assert_eq!(timers::fired(repo.store(), "p").await, ["x"]);
 }

@@ -264,7 +264,12 @@ where
         Ok(true)
     }
 
-    /// Fires every timer that is due, and returns how many fired.
+    /// Fires every timer that is due, earliest first, and returns how many fired.
+    ///
+    /// A timer fires only if it is still pending when its turn comes: one that an
+    /// earlier firing of the same call cancelled, replaced (set again under its name) or
+    /// cancelled by completing the instance does not fire (a replacement fires at its
+    /// own time), and a completed instance's timers never fire.
     ///
     /// # Errors
     ///
@@ -279,12 +284,21 @@ where
             .collect();
         due.sort_by_key(|(_, t)| t.due);
         let mut fired = 0;
-        for ((instance, name), timer) in due {
-            let mut state = self
-                .instances
-                .get(&instance)
-                .map(|i| i.state.clone())
-                .unwrap_or_default();
+        for (key, timer) in due {
+            // An earlier timer of this call may have cancelled or replaced this one (a
+            // replacement has a new id), or completed its instance.
+            if self.timers.get(&key).map(|t| t.id) != Some(timer.id) {
+                continue;
+            }
+            let (instance, name) = key;
+            let mut state = match self.instances.get(&instance) {
+                Some(i) if i.completed => {
+                    self.timers.remove(&(instance, name));
+                    continue;
+                }
+                Some(i) => i.state.clone(),
+                None => P::State::default(),
+            };
             let actions = self
                 .manager
                 .on_timer::<S>(&mut state, &name)
@@ -322,16 +336,13 @@ where
                 }
             }
         }
-        if effects.completed {
+        // Completion is final: nothing saved afterwards makes the instance run again.
+        let completed = effects.completed || self.is_completed(&instance);
+        if completed {
             self.timers.retain(|(i, _), _| *i != instance);
         }
-        self.instances.insert(
-            instance,
-            Instance {
-                state,
-                completed: effects.completed,
-            },
-        );
+        self.instances
+            .insert(instance, Instance { state, completed });
     }
 
     /// Catches up and fires due timers until `shutdown` is triggered, then returns the
