@@ -1,10 +1,12 @@
 //! Given / when / then for process managers.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::{self, Debug};
+use std::time::Duration;
 
 use thalo::{
-    Action, Aggregate, Error, Event, EventEnvelope, InMemoryEventStore, Metadata, ProcessManager,
+    Action, Aggregate, CommandId, Error, Event, EventEnvelope, InMemoryEventStore, Metadata,
+    ProcessManager,
 };
 use uuid::Uuid;
 
@@ -17,7 +19,13 @@ type Store = InMemoryEventStore;
 /// [`when`](ProcessManagerTest::when) or a timer with
 /// [`when_timer`](ProcessManagerTest::when_timer), and check the [`ProcessOutcome`]:
 /// the commands it issued (by their `Display` text, `step: aggregate_type/id Command`),
-/// its timers, its state, whether it completed.
+/// their idempotency keys, its timers (with their delays), its state, whether it
+/// completed.
+///
+/// As in the runners, only a pending timer of a running instance fires:
+/// [`when_timer`](ProcessManagerTest::when_timer) and
+/// [`given_timer`](ProcessManagerTest::given_timer) panic for a timer that was never set
+/// (or was cancelled, or fired already) and for a completed instance.
 ///
 /// Commands are not executed; they succeed unless a step is declared rejected with
 /// [`rejecting`](ProcessManagerTest::rejecting), in which case
@@ -76,6 +84,7 @@ type Store = InMemoryEventStore;
 /// ProcessManagerTest::new(Expiry)
 ///     .when::<Order>("o-1".to_owned(), PlacedEvent {})
 ///     .then_timer_set("expire")
+///     .then_timer_set_after("expire", std::time::Duration::from_secs(60))
 ///     .then_commands(&[]);
 /// ProcessManagerTest::new(Expiry)
 ///     .given::<Order>("o-1".to_owned(), PlacedEvent {})
@@ -86,7 +95,7 @@ pub struct ProcessManagerTest<P: ProcessManager> {
     manager: P,
     state: P::State,
     completed: bool,
-    timers: BTreeSet<String>,
+    timers: BTreeMap<String, PendingTimer>,
     rejections: HashMap<String, Error>,
     position: u64,
     sequences: HashMap<(&'static str, String), u64>,
@@ -110,7 +119,7 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
             manager,
             state: P::State::default(),
             completed: false,
-            timers: BTreeSet::new(),
+            timers: BTreeMap::new(),
             rejections: HashMap::new(),
             position: 0,
             sequences: HashMap::new(),
@@ -154,6 +163,24 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
         self
     }
 
+    /// Fires the pending timer `name` in the instance's past (its commands count as
+    /// succeeded or rejected, its timers as set).
+    ///
+    /// # Panics
+    ///
+    /// When the timer is not pending or the instance has completed (the runners would
+    /// not fire it; see [`when_timer`](ProcessManagerTest::when_timer)), or the process
+    /// manager fails on it.
+    #[must_use]
+    #[track_caller]
+    pub fn given_timer(mut self, name: &str) -> Self {
+        let timer = self.pending_timer(name, "given_timer");
+        if let Err(err) = self.step(Trigger::Timer(name, timer.id)) {
+            panic!("given timer `{name}` failed: {err}");
+        }
+        self
+    }
+
     /// The instance's state so far.
     pub fn state(&self) -> &P::State {
         &self.state
@@ -176,14 +203,42 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
         self.outcome(result)
     }
 
-    /// Fires the timer `name` and captures what the process manager did. The timer need
-    /// not have been set.
+    /// Fires the pending timer `name` and captures what the process manager did.
+    ///
+    /// # Panics
+    ///
+    /// When the timer is not pending (never set by a `given` event or timer, cancelled,
+    /// replaced by completion, or fired already) or the instance has completed: the
+    /// runners fire only the pending timers of running instances, so such a firing
+    /// would test something that cannot happen.
+    #[track_caller]
     pub fn when_timer(mut self, name: &str) -> ProcessOutcome<P> {
-        let result = self.step(Trigger::Timer(name));
+        let timer = self.pending_timer(name, "when_timer");
+        let result = self.step(Trigger::Timer(name, timer.id));
         self.outcome(result)
     }
 
-    fn outcome(self, result: Result<Vec<String>, Error>) -> ProcessOutcome<P> {
+    /// The pending timer `name`, or a panic explaining why `method` cannot fire it.
+    #[track_caller]
+    fn pending_timer(&self, name: &str, method: &str) -> PendingTimer {
+        if self.completed {
+            panic!(
+                "{method}(\"{name}\"): the instance has completed, and the runners never fire \
+                 a completed instance's timers"
+            );
+        }
+        match self.timers.get(name) {
+            Some(timer) => *timer,
+            None => panic!(
+                "{method}(\"{name}\"): the timer is not pending (pending: {:?}); the runners \
+                 fire only timers set by an earlier event or timer and not cancelled or \
+                 fired since",
+                self.timers.keys().collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    fn outcome(self, result: Result<Step, Error>) -> ProcessOutcome<P> {
         ProcessOutcome {
             result,
             state: self.state,
@@ -228,27 +283,43 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
         }
     }
 
-    /// Runs one event or timer: the commands issued, by their `Display` text.
-    fn step(&mut self, trigger: Trigger<'_, P::Event>) -> Result<Vec<String>, Error> {
-        let actions = match trigger {
+    /// Runs one event or timer: the commands issued, by their `Display` text, and
+    /// their keys.
+    fn step(&mut self, trigger: Trigger<'_, P::Event>) -> Result<Step, Error> {
+        let (cause, actions) = match trigger {
             Trigger::Event(envelope) => {
                 if self.completed || self.manager.correlate(envelope).is_none() {
-                    return Ok(Vec::new());
+                    return Ok(Step {
+                        cause: envelope.id,
+                        commands: Vec::new(),
+                        keys: Vec::new(),
+                    });
                 }
-                self.manager.react::<Store>(&mut self.state, envelope)?
+                (
+                    envelope.id,
+                    self.manager.react::<Store>(&mut self.state, envelope)?,
+                )
             }
-            Trigger::Timer(name) => {
+            Trigger::Timer(name, id) => {
                 self.timers.remove(name);
-                self.manager.on_timer::<Store>(&mut self.state, name)?
+                (id, self.manager.on_timer::<Store>(&mut self.state, name)?)
             }
         };
         let mut queue: std::collections::VecDeque<Action<Store>> = actions.into();
-        let mut commands = Vec::new();
+        let mut step = Step {
+            cause,
+            commands: Vec::new(),
+            keys: Vec::new(),
+        };
         let mut rounds = 0;
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Command(command) => {
-                    commands.push(command.to_string());
+                    step.commands.push(command.to_string());
+                    step.keys.push((
+                        command.step().to_owned(),
+                        thalo::__private::command_key(cause, command.step()),
+                    ));
                     if let Some(error) = self.rejections.get(command.step()) {
                         // As the runners: compensations rejected again and again stop.
                         rounds += 1;
@@ -271,8 +342,10 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
                         }
                     }
                 }
-                Action::SetTimer { name, .. } => {
-                    self.timers.insert(name);
+                Action::SetTimer { name, after } => {
+                    // A new id, as the runners give a timer set again.
+                    let id = Uuid::new_v4();
+                    self.timers.insert(name, PendingTimer { after, id });
                 }
                 Action::CancelTimer { name } => {
                     self.timers.remove(&name);
@@ -283,21 +356,46 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
                 }
             }
         }
-        Ok(commands)
+        Ok(step)
     }
 }
 
 enum Trigger<'a, E> {
     Event(&'a EventEnvelope<E>),
-    Timer(&'a str),
+    /// A timer, with its id (the cause of its commands' keys).
+    Timer(&'a str, Uuid),
+}
+
+/// A pending timer: its delay, and its id.
+#[derive(Clone, Copy)]
+struct PendingTimer {
+    after: Duration,
+    id: Uuid,
+}
+
+impl Debug for PendingTimer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Debug::fmt(&self.after, f)
+    }
+}
+
+/// What one event or timer issued.
+#[derive(Debug)]
+struct Step {
+    /// The id of the event or timer.
+    cause: Uuid,
+    /// The commands' `Display` texts.
+    commands: Vec<String>,
+    /// The commands' steps and keys, in the same order.
+    keys: Vec<(String, CommandId)>,
 }
 
 /// What one event or timer did to a process manager instance.
 pub struct ProcessOutcome<P: ProcessManager> {
-    result: Result<Vec<String>, Error>,
+    result: Result<Step, Error>,
     state: P::State,
     completed: bool,
-    timers: BTreeSet<String>,
+    timers: BTreeMap<String, PendingTimer>,
 }
 
 impl<P: ProcessManager> Debug for ProcessOutcome<P> {
@@ -321,8 +419,8 @@ impl<P: ProcessManager> ProcessOutcome<P> {
     #[track_caller]
     pub fn then_commands(self, expected: &[&str]) -> Self {
         match &self.result {
-            Ok(commands) => assert_eq!(
-                commands, expected,
+            Ok(step) => assert_eq!(
+                step.commands, expected,
                 "the process manager issued other commands"
             ),
             Err(err) => {
@@ -341,10 +439,32 @@ impl<P: ProcessManager> ProcessOutcome<P> {
     pub fn then_timer_set(self, name: &str) -> Self {
         self.assert_ok();
         assert!(
-            self.timers.contains(name),
+            self.timers.contains_key(name),
             "expected timer `{name}` to be set; pending: {:?}",
             self.timers
         );
+        self
+    }
+
+    /// Asserts that the timer `name` is pending afterwards, set with the delay `after`
+    /// (by the last action that set it).
+    ///
+    /// # Panics
+    ///
+    /// When it is not pending, has another delay, or the process manager failed.
+    #[track_caller]
+    pub fn then_timer_set_after(self, name: &str, after: Duration) -> Self {
+        self.assert_ok();
+        match self.timers.get(name) {
+            Some(timer) => assert_eq!(
+                timer.after, after,
+                "timer `{name}` is set with another delay"
+            ),
+            None => panic!(
+                "expected timer `{name}` to be set after {after:?}; pending: {:?}",
+                self.timers
+            ),
+        }
         self
     }
 
@@ -358,7 +478,7 @@ impl<P: ProcessManager> ProcessOutcome<P> {
     pub fn then_timer_not_set(self, name: &str) -> Self {
         self.assert_ok();
         assert!(
-            !self.timers.contains(name),
+            !self.timers.contains_key(name),
             "expected timer `{name}` not to be set; pending: {:?}",
             self.timers
         );
@@ -409,14 +529,62 @@ impl<P: ProcessManager> ProcessOutcome<P> {
     #[track_caller]
     pub fn then_error(self, check: impl FnOnce(&Error)) {
         match &self.result {
-            Ok(commands) => panic!("expected an error, the process manager issued {commands:?}"),
+            Ok(step) => panic!(
+                "expected an error, the process manager issued {:?}",
+                step.commands
+            ),
             Err(err) => check(err),
         }
     }
 
+    /// Asserts that the commands issued have distinct idempotency keys, i.e. distinct
+    /// steps: a runner would replay the first command of a reused step instead of
+    /// executing the second.
+    ///
+    /// # Panics
+    ///
+    /// When two commands share a step, or the process manager failed.
+    #[track_caller]
+    pub fn then_command_keys_unique(self) -> Self {
+        self.assert_ok();
+        if let Ok(step) = &self.result {
+            let mut seen = HashSet::new();
+            for (name, key) in &step.keys {
+                assert!(
+                    seen.insert(key),
+                    "step `{name}` issued two commands under one key ({key}); commands: {:?}",
+                    step.commands
+                );
+            }
+        }
+        self
+    }
+
     /// The commands issued, by their `Display` text, or the error.
     pub fn commands(&self) -> Result<&[String], &Error> {
-        self.result.as_deref()
+        self.result.as_ref().map(|step| step.commands.as_slice())
+    }
+
+    /// The idempotency keys the runners would execute the commands under, with their
+    /// steps, in the order of [`commands`](ProcessOutcome::commands):
+    /// `CommandId::caused_by(event, step)` for an event, the same derivation from the
+    /// timer's id for a timer (see [`cause`](ProcessOutcome::cause)).
+    pub fn command_keys(&self) -> Result<&[(String, CommandId)], &Error> {
+        self.result.as_ref().map(|step| step.keys.as_slice())
+    }
+
+    /// The id of the event (its [`EventEnvelope::id`]) or timer that this outcome is
+    /// for: the cause its commands' keys derive from.
+    ///
+    /// # Panics
+    ///
+    /// When the process manager failed.
+    #[track_caller]
+    pub fn cause(&self) -> Uuid {
+        match &self.result {
+            Ok(step) => step.cause,
+            Err(err) => panic!("the process manager failed: {err:?}"),
+        }
     }
 
     /// The state afterwards.

@@ -38,6 +38,7 @@ fn a_started_transfer_withdraws_and_sets_its_timeout() {
         .when::<Transfer>("t-1".into(), started(false))
         .then_commands(&[r#"withdraw: wallet/alice Withdraw { transfer: "t-1", cents: 30 }"#])
         .then_timer_set("timeout")
+        .then_timer_set_after("timeout", Duration::from_secs(30))
         .then_running()
         .then_state(|s| {
             assert_eq!(
@@ -153,13 +154,106 @@ fn the_timeout_refunds_a_withdrawal_waiting_for_approval() {
         .then_timer_not_set("timeout")
         .then_state(|s| assert_eq!(s.failure.as_deref(), Some("timed out")));
 
-    // A late approval after the refund deposits nothing.
+    // A late approval after the refund deposits nothing: neither while the refund is
+    // on its way ...
     ProcessManagerTest::new(transfers())
         .given::<Transfer>("t-1".into(), started(true))
         .given::<Wallet>("alice".into(), withdrawn())
-        .given::<Transfer>("t-1".into(), ApprovedEvent {})
-        .when::<Transfer>("t-1".into(), CompletedEvent {})
-        .then_completed();
+        .given_timer("timeout")
+        .when::<Transfer>("t-1".into(), ApprovedEvent {})
+        .then_commands(&[])
+        .then_running()
+        .then_state(|s| assert!(s.approved && s.refunding && !s.depositing));
+    // ... nor once it is refunded and the transfer is failing.
+    ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(true))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .given_timer("timeout")
+        .given::<Wallet>(
+            "alice".into(),
+            RefundedEvent {
+                transfer: "t-1".into(),
+                cents: 30,
+            },
+        )
+        .when::<Transfer>("t-1".into(), ApprovedEvent {})
+        .then_commands(&[])
+        .then_timer_not_set("timeout")
+        .then_state(|s| assert!(s.approved && !s.depositing));
+}
+
+#[test]
+#[should_panic(expected = "when_timer(\"timeout\"): the timer is not pending")]
+fn a_timer_that_was_never_set_cannot_fire() {
+    let _ = ProcessManagerTest::new(transfers()).when_timer("timeout");
+}
+
+#[test]
+#[should_panic(expected = "when_timer(\"timeout\"): the timer is not pending")]
+fn a_cancelled_timer_cannot_fire() {
+    // The deposit cancels the timeout; the instance keeps running until `Completed`.
+    let _ = ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .given::<Wallet>("alice".into(), withdrawn())
+        .given::<Wallet>(
+            "bob".into(),
+            DepositedEvent {
+                transfer: "t-1".into(),
+                cents: 30,
+            },
+        )
+        .when_timer("timeout");
+}
+
+#[test]
+#[should_panic(expected = "given_timer(\"timeout\"): the timer is not pending")]
+fn a_timer_fires_only_once() {
+    let _ = ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .given_timer("timeout")
+        .given_timer("timeout");
+}
+
+#[test]
+#[should_panic(expected = "when_timer(\"timeout\"): the instance has completed")]
+fn a_completed_instance_fires_no_timer() {
+    let _ = ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .given::<Transfer>("t-1".into(), CompletedEvent {})
+        .when_timer("timeout");
+}
+
+#[test]
+fn the_outcome_has_the_keys_the_runners_use() {
+    let outcome = ProcessManagerTest::new(transfers())
+        .given::<Transfer>("t-1".into(), started(false))
+        .rejecting("deposit", Error::invariant_code("WALLET_NOT_OPEN"))
+        .when::<Wallet>("alice".into(), withdrawn())
+        .then_command_keys_unique();
+    let event = thalo::EventEnvelope {
+        id: outcome.cause(),
+        aggregate_type: "wallet".to_owned(),
+        aggregate_id: "alice".to_owned(),
+        sequence: 1,
+        position: 2,
+        timestamp: chrono::Utc::now(),
+        metadata: thalo::Metadata::new(),
+        event: (),
+    };
+    let keys = outcome.command_keys().unwrap();
+    assert_eq!(
+        keys,
+        [
+            (
+                "deposit".to_owned(),
+                thalo::CommandId::caused_by(&event, "deposit")
+            ),
+            (
+                "refund".to_owned(),
+                thalo::CommandId::caused_by(&event, "refund")
+            ),
+        ]
+    );
 }
 
 #[test]
