@@ -71,8 +71,10 @@
 //! consumer holds back) and `parking_log` (every park, retry, re-drive and skip); for
 //! idempotent commands `commands`; `projection_versions` (which version of each
 //! projection is live); and for process managers ([`PgProcessManager`])
-//! `process_states` (each instance's JSON state, and whether it completed) and
-//! `process_timers` (pending timers, a row each). Parking
+//! `process_states` (each instance's JSON state, and whether it completed),
+//! `process_timers` (pending timers, a row each) and `process_timer_firings` (a row per
+//! fired timer, which grows until [`PgProcessManager::prune_timer_firings`] prunes it).
+//! Parking
 //! is two tables rather than one because the relay parks an aggregate for everyone and
 //! a consumer parks a stream for itself. The SQL is in `migrations/`; sqlx's
 //! `_sqlx_migrations` lives in the same schema.
@@ -205,7 +207,10 @@
 //! commit replays the event with the same keys, so each command is applied once. Timers
 //! are rows of `process_timers`: they survive restarts, fire once (firing is serialized
 //! per process manager by an advisory lock, and its commands are keyed by the timer's
-//! id), and a cancelled timer's row is gone (`tests/process.rs`).
+//! id), a cancelled or replaced timer's row is gone, also when an earlier timer of the
+//! same batch cancelled it, and each firing is recorded once in
+//! `process_timer_firings`, in the transaction that deletes the timer
+//! ([`PgProcessManager::timer_firings`]; `tests/process.rs`).
 //!
 //! ## Moving a store to another cluster
 //!
@@ -267,7 +272,7 @@ pub use outbox::{
     PgOutbox, SkippedEvent,
 };
 pub use parking::{ParkedStream, Redriven};
-pub use process::{PgProcessManager, ProcessInstance};
+pub use process::{PgProcessManager, ProcessInstance, TimerFiring};
 pub use projection::{Applied, PgProjection};
 pub use schema::{SchemaName, SchemaNameError};
 pub use snapshot::SnapshotPolicy;

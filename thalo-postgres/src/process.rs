@@ -1,10 +1,11 @@
 //! The durable runner of a process manager: states, timers and checkpoint in Postgres.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use thalo::__private::{execute_actions, handler_error, Backoff, Effects, TimerChange};
 use thalo::{Error, EventEnvelope, EventSet as _, ProcessManager, Repository, Shutdown};
@@ -28,12 +29,16 @@ struct ProcessSql {
     due_timers: String,
     next_due: String,
     pending_timers: String,
+    record_firing: String,
+    timer_firings: String,
+    prune_firings: String,
 }
 
 impl ProcessSql {
     fn new(schema: &SchemaName) -> Self {
         let states = schema.qualify("process_states");
         let timers = schema.qualify("process_timers");
+        let firings = schema.qualify("process_timer_firings");
         ProcessSql {
             lock_key_prefix: format!("thalo:process:{schema}:"),
             load_state: format!(
@@ -69,7 +74,7 @@ SET id = EXCLUDED.id, due_at = EXCLUDED.due_at, created_at = now()"
             ),
             delete_timer: format!("DELETE FROM {timers} WHERE id = $1"),
             due_timers: format!(
-                "SELECT id, instance, name FROM {timers}
+                "SELECT id, instance, name, due_at FROM {timers}
 WHERE process_manager = $1 AND due_at <= clock_timestamp()
 ORDER BY due_at, id LIMIT $2"
             ),
@@ -79,6 +84,21 @@ FROM {timers} WHERE process_manager = $1"
             ),
             pending_timers: format!(
                 "SELECT name FROM {timers} WHERE process_manager = $1 AND instance = $2 ORDER BY name"
+            ),
+            // Before the timer's row is deleted: a replayed timer's due time ($5 NULL)
+            // comes from its row.
+            record_firing: format!(
+                "INSERT INTO {firings} (id, process_manager, instance, name, due_at)
+VALUES ($1, $2, $3, $4, COALESCE($5, (SELECT due_at FROM {timers} WHERE id = $1), now()))"
+            ),
+            timer_firings: format!(
+                "SELECT id, instance, name, due_at, fired_at FROM {firings}
+WHERE process_manager = $1 AND ($2::text IS NULL OR instance = $2)
+ORDER BY fired_at, due_at, id"
+            ),
+            prune_firings: format!(
+                "DELETE FROM {firings}
+WHERE process_manager = $1 AND fired_at < now() - make_interval(secs => $2)"
             ),
         }
     }
@@ -92,6 +112,25 @@ pub struct ProcessInstance<T> {
     pub state: T,
     /// Whether the instance completed (it ignores later events and has no timers).
     pub completed: bool,
+}
+
+/// A timer that fired, as `process_timer_firings` records it (a row per firing, written
+/// in the transaction that deleted the timer and saved what its firing did): see
+/// [`PgProcessManager::timer_firings`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TimerFiring {
+    /// The timer's id (a timer set again under its name gets a new one): the key of the
+    /// commands its firing issued, with their steps.
+    pub id: Uuid,
+    /// The instance.
+    pub instance: String,
+    /// The timer's name.
+    pub name: String,
+    /// When the timer was due.
+    pub due_at: DateTime<Utc>,
+    /// When its firing committed (the start of that transaction).
+    pub fired_at: DateTime<Utc>,
 }
 
 /// What one batch of events read, before its commit.
@@ -117,12 +156,27 @@ struct Loaded<T> {
     /// The inputs handled in this step, in order (the replayed ones first): the
     /// `pending` marker written before an input's commands run.
     inputs: Vec<Input>,
-    /// The timers replayed from the marker: their rows are deleted with the commit, and
-    /// they do not fire again in this step.
-    replayed: Vec<Uuid>,
+    /// The timers replayed from the marker: their rows are deleted with the commit (and
+    /// their firings recorded), and they do not fire again in this step.
+    replayed: Vec<Settled>,
+    /// The names of the timers this step's inputs set or cancelled: a due timer of such
+    /// a name was cancelled or replaced before its turn, and does not fire.
+    touched: HashSet<String>,
     /// In a timer step: the marker holds events of a crashed batch, which the next
     /// batch replays first; the instance's timers wait until then.
     blocked: bool,
+}
+
+/// A timer whose row a step's commit deletes, with whether it fired (then its firing is
+/// recorded) or was dropped unfired (its instance had completed, or an earlier input of
+/// the step cancelled or replaced it).
+#[derive(Clone, Debug)]
+struct Settled {
+    id: Uuid,
+    name: String,
+    /// `None` for a replayed timer: its row has it.
+    due_at: Option<DateTime<Utc>>,
+    fired: bool,
 }
 
 /// An input of a process manager instance, as the `pending` marker records it.
@@ -202,9 +256,14 @@ enum StepKind {
 ///
 /// Firing timers works the same way: under the same lock, the due timers are read, each
 /// one's [`on_timer`](ProcessManager::on_timer) runs and its commands are executed under
-/// keys derived from the timer's id, and the state, the timer's deletion and the new
+/// keys derived from the timer's id, and the state, the timer's deletion, the record of
+/// its firing (a row of `process_timer_firings`, keyed by the timer's id) and the new
 /// timer changes commit together. A timer fires once, whichever runner and however many
-/// restarts; a cancelled timer's row is gone and never fires.
+/// restarts; a cancelled or replaced timer's row is gone and never fires, and within a
+/// batch a timer fires only if no earlier firing cancelled or replaced it or completed
+/// its instance. A second firing of one timer would violate the firing record's key and
+/// roll back; [`timer_firings`](PgProcessManager::timer_firings) lists the firings, and
+/// [`prune_timer_firings`](PgProcessManager::prune_timer_firings) deletes old ones.
 ///
 /// ```no_run
 /// # use thalo::{Action, Error, EventEnvelope, EventStore, ProcessManager};
@@ -327,6 +386,59 @@ impl<P: ProcessManager> PgProcessManager<P> {
             .map_err(store("reading process timers"))
     }
 
+    /// The timers that fired, of `instance` or of every instance, in the order they
+    /// fired (by `fired_at`, then `due_at`): a row of `process_timer_firings` each, written in the
+    /// transaction that deleted the timer and saved what its firing did, so a timer
+    /// appears at most once. Timers dropped unfired (cancelled, replaced, or cancelled by
+    /// completion) do not appear.
+    ///
+    /// The table keeps every firing until
+    /// [`prune_timer_firings`](Self::prune_timer_firings) deletes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub async fn timer_firings(&self, instance: Option<&str>) -> Result<Vec<TimerFiring>, Error> {
+        let mut conn = self.connection().await?;
+        let rows = sqlx::query(&self.sql.timer_firings)
+            .bind(self.manager.name())
+            .bind(instance)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(store("reading timer firings"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(TimerFiring {
+                    id: row.try_get("id")?,
+                    instance: row.try_get("instance")?,
+                    name: row.try_get("name")?,
+                    due_at: row.try_get("due_at")?,
+                    fired_at: row.try_get("fired_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(store("reading a timer firing"))
+    }
+
+    /// Deletes this process manager's records of timers that fired more than
+    /// `older_than` ago, and returns how many it deleted. The records are only for
+    /// operators and tests ([`timer_firings`](Self::timer_firings)): the runner never
+    /// reads them, and nothing else prunes them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub async fn prune_timer_firings(&self, older_than: Duration) -> Result<u64, Error> {
+        let mut conn = self.connection().await?;
+        let done = sqlx::query(&self.sql.prune_firings)
+            .bind(self.manager.name())
+            .bind(older_than.as_secs_f64())
+            .execute(&mut *conn)
+            .await
+            .map_err(store("pruning timer firings"))?;
+        Ok(done.rows_affected())
+    }
+
     async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Error> {
         self.store
             .inner
@@ -433,6 +545,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
                 dirty: false,
                 inputs: Vec::new(),
                 replayed: Vec::new(),
+                touched: HashSet::new(),
                 blocked: false,
             };
             let has_events = pending.iter().any(|i| matches!(i, Input::Event { .. }));
@@ -450,10 +563,17 @@ impl<P: ProcessManager> PgProcessManager<P> {
                         timer = %name,
                         "replaying a timer interrupted before its commit"
                     );
-                    if let Some(effects) = self.fire(&mut loaded, instance, id, &name).await? {
+                    let effects = self.fire(&mut loaded, instance, id, &name).await?;
+                    let fired = effects.is_some();
+                    if let Some(effects) = effects {
                         writes.push((instance.to_owned(), effects));
                     }
-                    loaded.replayed.push(id);
+                    loaded.replayed.push(Settled {
+                        id,
+                        name,
+                        due_at: None,
+                        fired,
+                    });
                     loaded.dirty = true;
                 }
             }
@@ -506,11 +626,16 @@ impl<P: ProcessManager> PgProcessManager<P> {
         loaded.instance.state = state;
         loaded.instance.completed = effects.completed;
         loaded.dirty = true;
+        for change in &effects.timers {
+            let (TimerChange::Set { name, .. } | TimerChange::Cancel { name }) = change;
+            loaded.touched.insert(name.clone());
+        }
         Ok(effects)
     }
 
-    /// Fires the timer `id` (`name`) of `loaded`: its effects, `None` for a completed
-    /// instance.
+    /// Fires the timer `id` (`name`) of `loaded`: its effects, `None` (not fired) for a
+    /// completed instance or a timer that an earlier input of this step cancelled or
+    /// replaced.
     async fn fire(
         &self,
         loaded: &mut Loaded<P::State>,
@@ -518,7 +643,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
         id: Uuid,
         name: &str,
     ) -> Result<Option<Effects>, Error> {
-        if loaded.instance.completed {
+        if loaded.instance.completed || loaded.touched.contains(name) {
             return Ok(None);
         }
         let mut state = loaded.instance.state.clone();
@@ -703,7 +828,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
         }
         // All writes at the end: until then the transaction has no transaction id and
         // holds back no reader's horizon while the commands run.
-        self.delete_replayed_timers(tx, &states).await?;
+        self.settle_replayed_timers(tx, &states).await?;
         for (instance, effects) in &timer_writes {
             self.write_timers(tx, instance, effects).await?;
         }
@@ -739,7 +864,15 @@ impl<P: ProcessManager> PgProcessManager<P> {
         }
     }
 
-    /// Fires every timer that is due, in batches, and returns how many fired.
+    /// Fires every timer that is due, in batches, earliest first, and returns how many
+    /// fired.
+    ///
+    /// A timer fires only if it is still pending when its turn comes: one that an
+    /// earlier firing of the same batch cancelled, replaced (set again under its name:
+    /// the replacement fires at its own time) or cancelled by completing the instance
+    /// does not fire, and a completed instance's timers never fire. Each firing is
+    /// recorded in `process_timer_firings` ([`timer_firings`](Self::timer_firings)) in
+    /// the transaction that deletes the timer and saves what it did.
     ///
     /// # Errors
     ///
@@ -747,27 +880,30 @@ impl<P: ProcessManager> PgProcessManager<P> {
     pub async fn fire_due_timers(&self) -> Result<u64, Error> {
         let mut total = 0;
         loop {
-            let fired = self.fire_batch().await?;
-            total += fired as u64;
-            if fired < self.batch_size {
+            let (settled, fired) = self.fire_batch().await?;
+            total += fired;
+            if settled < self.batch_size {
                 return Ok(total);
             }
         }
     }
 
-    async fn fire_batch(&self) -> Result<usize, Error> {
+    /// One batch of due timers: how many of them it settled (fired, or dropped because
+    /// cancelled, replaced or completed; not those left due behind pending events), and
+    /// how many fired.
+    async fn fire_batch(&self) -> Result<(usize, u64), Error> {
         let mut tx = self.begin_locked().await?;
         match self.fire_in(&mut tx).await {
-            Ok(Some((fired, states))) => {
+            Ok(Some((settled, fired, states))) => {
                 self.finish(tx, states).await?;
                 debug!(process_manager = self.manager.name(), fired, "timers fired");
-                Ok(fired)
+                Ok((settled, fired))
             }
             Ok(None) => {
                 tx.rollback()
                     .await
                     .map_err(store("ending an empty timer transaction"))?;
-                Ok(0)
+                Ok((0, 0))
             }
             Err(err) => {
                 let _ = tx.rollback().await;
@@ -781,7 +917,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
     async fn fire_in(
         &self,
         tx: &mut PgConnection,
-    ) -> Result<Option<(usize, States<P::State>)>, Error> {
+    ) -> Result<Option<(usize, u64, States<P::State>)>, Error> {
         let name = self.manager.name();
         // No row locks: the advisory lock already makes firing exclusive per process
         // manager, and a row lock would give the transaction an id while the commands
@@ -800,58 +936,103 @@ impl<P: ProcessManager> PgProcessManager<P> {
             let id: Uuid = row.try_get("id").map_err(store("reading a timer"))?;
             let instance: String = row.try_get("instance").map_err(store("reading a timer"))?;
             let timer: String = row.try_get("name").map_err(store("reading a timer"))?;
-            due.push((id, instance, timer));
+            let due_at: DateTime<Utc> = row.try_get("due_at").map_err(store("reading a timer"))?;
+            due.push((id, instance, timer, due_at));
         }
         let mut states = HashMap::new();
         let mut writes = Vec::new();
-        let mut fired = Vec::with_capacity(due.len());
-        for (id, instance, timer) in &due {
+        // The due timers whose rows this commit deletes, by instance.
+        let mut settled: Vec<(String, Settled)> = Vec::with_capacity(due.len());
+        let mut skipped = 0;
+        for (id, instance, timer, due_at) in &due {
             let loaded = self
                 .state_for(tx, &mut states, instance, StepKind::Timers, &mut writes)
                 .await?;
             if loaded.blocked {
                 continue;
             }
-            // A completed instance's timer is deleted unfired; a replayed one is done.
-            fired.push(*id);
-            if loaded.replayed.contains(id) {
+            // Replayed from the marker: fired (and recorded) already in this step.
+            if loaded.replayed.iter().any(|r| r.id == *id) {
+                skipped += 1;
                 continue;
             }
-            if let Some(effects) = self.fire(loaded, instance, *id, timer).await? {
+            // Cancelled or replaced by an earlier input of this step: the timer changes
+            // written below delete or replace its row.
+            if !loaded.instance.completed && loaded.touched.contains(timer) {
+                skipped += 1;
+                continue;
+            }
+            // A completed instance's timer is deleted unfired.
+            let effects = self.fire(loaded, instance, *id, timer).await?;
+            let fired = effects.is_some();
+            if let Some(effects) = effects {
                 writes.push((instance.clone(), effects));
             }
+            settled.push((
+                instance.clone(),
+                Settled {
+                    id: *id,
+                    name: timer.clone(),
+                    due_at: Some(*due_at),
+                    fired,
+                },
+            ));
         }
-        if fired.is_empty() && states.values().all(|s| !s.dirty) {
+        if settled.is_empty() && states.values().all(|s| !s.dirty) {
             return Ok(None);
         }
-        for id in &fired {
-            sqlx::query(&self.sql.delete_timer)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(store("deleting a fired process timer"))?;
+        let mut fired = 0;
+        for (instance, timer) in &settled {
+            fired += u64::from(self.settle_timer(tx, instance, timer).await?);
         }
-        self.delete_replayed_timers(tx, &states).await?;
+        fired += self.settle_replayed_timers(tx, &states).await?;
         for (instance, effects) in &writes {
             self.write_timers(tx, instance, effects).await?;
         }
-        Ok(Some((fired.len(), states)))
+        Ok(Some((settled.len() + skipped, fired, states)))
     }
 
-    /// Deletes the rows of the timers that `states` replayed from pending markers.
-    async fn delete_replayed_timers(
+    /// Records the firing of `timer` (if it fired) and deletes its row; whether it fired.
+    async fn settle_timer(
+        &self,
+        tx: &mut PgConnection,
+        instance: &str,
+        timer: &Settled,
+    ) -> Result<bool, Error> {
+        if timer.fired {
+            // A second firing of one timer violates the primary key and rolls back.
+            sqlx::query(&self.sql.record_firing)
+                .bind(timer.id)
+                .bind(self.manager.name())
+                .bind(instance)
+                .bind(&timer.name)
+                .bind(timer.due_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(store("recording a timer's firing"))?;
+        }
+        sqlx::query(&self.sql.delete_timer)
+            .bind(timer.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(store("deleting a fired process timer"))?;
+        Ok(timer.fired)
+    }
+
+    /// Settles the timers that `states` replayed from pending markers (their firings
+    /// recorded, their rows deleted); how many fired.
+    async fn settle_replayed_timers(
         &self,
         tx: &mut PgConnection,
         states: &States<P::State>,
-    ) -> Result<(), Error> {
-        for id in states.values().flat_map(|s| &s.replayed) {
-            sqlx::query(&self.sql.delete_timer)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(store("deleting a replayed process timer"))?;
+    ) -> Result<u64, Error> {
+        let mut fired = 0;
+        for (instance, loaded) in states {
+            for timer in &loaded.replayed {
+                fired += u64::from(self.settle_timer(tx, instance, timer).await?);
+            }
         }
-        Ok(())
+        Ok(fired)
     }
 
     /// How long until the next timer is due (zero when one is), if there is one.

@@ -1,19 +1,24 @@
 //! Process managers on Postgres: `PgProcessManager` executes each command exactly once
 //! across crashes before its commit, fires durable timers once (after a restart, with two
-//! runners at once), never fires a cancelled timer, and drives many instances to the end.
+//! runners at once), never fires a cancelled or replaced timer (also when an earlier
+//! timer of the same batch cancelled it), records each firing once in
+//! `process_timer_firings`, and drives many instances to the end.
 
 mod common;
 // The same fixture as thalo-testing's process-manager tests: one definition of the
 // example process manager for both runners.
 #[path = "../../thalo-testing/tests/transfer/mod.rs"]
 mod transfer;
+// The timer fixture of thalo-testing's in-memory runner tests, for the same checks.
+#[path = "../../thalo-testing/tests/timers/mod.rs"]
+mod timers;
 
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thalo::{CheckpointStore, Event, EventStore, Repository};
-use thalo_postgres::{PgEventStore, PgProcessManager};
+use thalo_postgres::{PgEventStore, PgProcessManager, TimerFiring};
 use transfer::*;
 
 fn runner(store: &PgEventStore, timeout: Duration) -> PgProcessManager<Transfers> {
@@ -208,6 +213,9 @@ async fn a_timer_fires_once_after_a_restart_even_with_two_runners() {
     let instance = a.instance("slow").await.unwrap().unwrap();
     assert_eq!(instance.state.failure.as_deref(), Some("timed out"));
     assert!(a.timers("slow").await.unwrap().is_empty());
+    let firings = a.timer_firings(Some("slow")).await.unwrap();
+    assert_eq!(names(&firings), ["timeout"], "one firing recorded");
+    assert!(firings[0].due_at <= firings[0].fired_at);
 }
 
 #[tokio::test]
@@ -399,6 +407,10 @@ async fn a_timer_interrupted_after_its_commands_is_replayed_before_the_next_even
     assert_eq!(instance.state.failure.as_deref(), Some("timed out"));
     assert!(!instance.state.depositing);
     assert!(restarted.timers("t-1").await.unwrap().is_empty());
+    // Replayed by the event batch, and recorded there, once, with the row's due time.
+    let firings = restarted.timer_firings(None).await.unwrap();
+    assert_eq!(names(&firings), ["timeout"]);
+    assert!(firings[0].due_at <= firings[0].fired_at);
 }
 
 #[tokio::test]
@@ -465,4 +477,270 @@ async fn an_event_interrupted_after_its_commands_is_replayed_before_a_timer() {
         ["Started", "Completed"]
     );
     assert!(restarted.timers("t-1").await.unwrap().is_empty());
+    assert!(restarted.timer_firings(None).await.unwrap().is_empty());
+}
+
+/// The names of `firings`, in order.
+fn names(firings: &[TimerFiring]) -> Vec<&str> {
+    firings.iter().map(|f| f.name.as_str()).collect()
+}
+
+fn timer_runner(store: &PgEventStore) -> PgProcessManager<timers::Timers> {
+    PgProcessManager::new(store.clone(), timers::Timers)
+        .with_poll_interval(Duration::from_millis(50))
+}
+
+/// Catches up until `plan`'s pending timers are `expected` (an event can be held back
+/// for a while by other tests' transactions).
+async fn until_timers(pm: &PgProcessManager<timers::Timers>, plan: &str, expected: &[&str]) {
+    for _ in 0..100 {
+        pm.catch_up().await.unwrap();
+        if pm.timers(plan).await.unwrap() == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{plan}'s timers are {:?}, not {expected:?}",
+        pm.timers(plan).await.unwrap()
+    );
+}
+
+/// How many rows of `process_timer_firings` share an id with another: the query a crash
+/// test runs.
+async fn duplicate_firings(db: &common::TestDb) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM (SELECT id FROM {} GROUP BY id HAVING count(*) > 1) d",
+        db.table("process_timer_firings")
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_timer_that_completes_its_instance_stops_the_other_due_timers() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    timers::schedule(&repo, "p", "a", 10, "complete").await;
+    timers::schedule(&repo, "p", "b", 30, "").await;
+    let pm = timer_runner(&db.store);
+    until_timers(&pm, "p", &["a", "b"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Both are due; `a` fires first and completes the instance: `b` must not fire.
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 1);
+    let instance = pm.instance("p").await.unwrap().unwrap();
+    assert!(instance.completed);
+    assert_eq!(instance.state.fired, ["a"]);
+    assert!(pm.timers("p").await.unwrap().is_empty());
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    pm.catch_up().await.unwrap(); // `Fired`, ignored: completed
+    assert!(pm.instance("p").await.unwrap().unwrap().completed);
+    assert_eq!(timers::fired(&db.store, "p").await, ["a"]);
+    assert_eq!(names(&pm.timer_firings(Some("p")).await.unwrap()), ["a"]);
+}
+
+#[tokio::test]
+async fn a_timer_cancelled_or_replaced_by_an_earlier_firing_of_the_batch_does_not_fire() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    timers::schedule(&repo, "p", "a", 10, "cancel:b").await;
+    timers::schedule(&repo, "p", "b", 20, "").await;
+    timers::schedule(&repo, "p", "c", 30, "set:d:1000").await;
+    timers::schedule(&repo, "p", "d", 40, "").await;
+    timers::schedule(&repo, "p", "e", 50, "").await;
+    let pm = timer_runner(&db.store);
+    until_timers(&pm, "p", &["a", "b", "c", "d", "e"]).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // All five are due, in one batch: `a` cancels `b`, `c` moves `d` a second later;
+    // `e` fires.
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 3);
+    let instance = pm.instance("p").await.unwrap().unwrap();
+    assert_eq!(instance.state.fired, ["a", "c", "e"]);
+    assert!(!instance.completed);
+    assert_eq!(
+        pm.timers("p").await.unwrap(),
+        ["d"],
+        "`d` waits for its new time"
+    );
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 1);
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    assert!(pm.timers("p").await.unwrap().is_empty());
+    assert_eq!(
+        timers::fired(&db.store, "p").await,
+        ["a", "c", "e", "d"],
+        "`b` never fired, `d` once"
+    );
+    let firings = pm.timer_firings(Some("p")).await.unwrap();
+    assert_eq!(names(&firings), ["a", "c", "e", "d"]);
+    assert_eq!(duplicate_firings(&db).await, 0);
+}
+
+#[tokio::test]
+async fn cancel_timer_alone_cancels_one_timer_and_the_other_still_fires() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    timers::schedule(&repo, "p", "a", 50, "").await;
+    timers::schedule(&repo, "p", "b", 50, "").await;
+    let pm = timer_runner(&db.store);
+    until_timers(&pm, "p", &["a", "b"]).await;
+    timers::cancel(&repo, "p", "b").await;
+    until_timers(&pm, "p", &["a"]).await;
+    assert!(
+        !pm.instance("p").await.unwrap().unwrap().completed,
+        "cancelling does not complete"
+    );
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    assert!(pm.timers("p").await.unwrap().is_empty());
+    let instance = pm.instance("p").await.unwrap().unwrap();
+    assert!(!instance.completed);
+    assert_eq!(instance.state.fired, ["a"]);
+    assert_eq!(timers::fired(&db.store, "p").await, ["a"]);
+    assert_eq!(names(&pm.timer_firings(Some("p")).await.unwrap()), ["a"]);
+}
+
+#[tokio::test]
+async fn setting_a_timer_again_replaces_it() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    timers::schedule(&repo, "p", "x", 10, "").await;
+    timers::schedule(&repo, "p", "x", 1000, "").await;
+    let pm = timer_runner(&db.store);
+    // Both events handled: the second (the plan's last) set `x` again.
+    for _ in 0..100 {
+        pm.catch_up().await.unwrap();
+        if pm.instance("p").await.unwrap().is_some()
+            && db.store.load_checkpoint("timers").await.unwrap()
+                == db
+                    .store
+                    .read_all(0, 100)
+                    .await
+                    .unwrap()
+                    .last()
+                    .map(|e| e.position)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pm.timers("p").await.unwrap(), ["x"]);
+
+    // The first time has passed: the replaced timer does not fire ...
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    assert_eq!(pm.timers("p").await.unwrap(), ["x"]);
+    // ... its replacement does, once, at its own time.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 1);
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    assert!(pm.timers("p").await.unwrap().is_empty());
+    assert_eq!(timers::fired(&db.store, "p").await, ["x"]);
+    let firings = pm.timer_firings(None).await.unwrap();
+    assert_eq!(names(&firings), ["x"]);
+    assert!(
+        firings[0].fired_at - firings[0].due_at < chrono::Duration::milliseconds(900),
+        "fired at the replacement's time, not the first one's: {firings:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_firing_of_a_timer_rolls_back_and_firings_are_pruned() {
+    let db = common::store().await;
+    let repo = Repository::new(db.store.clone());
+    timers::schedule(&repo, "p", "a", 10, "").await;
+    timers::schedule(&repo, "q", "b", 10, "").await;
+    let pm = timer_runner(&db.store);
+    until_timers(&pm, "p", &["a"]).await;
+    until_timers(&pm, "q", &["b"]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // A firing of `a` already recorded (as a runner that fired it without the lock
+    // would have): firing it again violates the key, and the whole batch rolls back.
+    let a: uuid::Uuid = sqlx::query_scalar(&format!(
+        "SELECT id FROM {} WHERE instance = 'p'",
+        db.table("process_timers")
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {} (id, process_manager, instance, name, due_at) VALUES ($1, 'timers', 'p', 'a', now())",
+        db.table("process_timer_firings")
+    ))
+    .bind(a)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let err = pm.fire_due_timers().await.unwrap_err();
+    assert!(matches!(err, thalo::Error::Store { .. }), "{err:?}");
+    assert_eq!(pm.timers("p").await.unwrap(), ["a"], "still pending");
+    assert_eq!(pm.timers("q").await.unwrap(), ["b"], "rolled back with it");
+    assert!(pm
+        .instance("p")
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .fired
+        .is_empty());
+
+    sqlx::query(&format!(
+        "DELETE FROM {} WHERE id = $1",
+        db.table("process_timer_firings")
+    ))
+    .bind(a)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 2);
+    assert_eq!(pm.fire_due_timers().await.unwrap(), 0);
+    // The fixture's command is keyed by the timer: the rolled-back firing's is replayed.
+    assert_eq!(timers::fired(&db.store, "p").await, ["a"]);
+    let all = pm.timer_firings(None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all.iter().find(|f| f.instance == "p").unwrap().id, a);
+    assert_eq!(names(&pm.timer_firings(Some("q")).await.unwrap()), ["b"]);
+    assert_eq!(duplicate_firings(&db).await, 0);
+
+    // Pruning: nothing is an hour old yet; then `p`'s firing is.
+    assert_eq!(
+        pm.prune_timer_firings(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    sqlx::query(&format!(
+        "UPDATE {} SET fired_at = now() - interval '2 hours' WHERE instance = 'p'",
+        db.table("process_timer_firings")
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        pm.prune_timer_firings(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(names(&pm.timer_firings(None).await.unwrap()), ["b"]);
+    // Another process manager's firings are not this one's to prune.
+    let other = PgProcessManager::new(
+        db.store.clone(),
+        Transfers {
+            timeout: Duration::from_secs(60),
+        },
+    );
+    assert_eq!(other.prune_timer_firings(Duration::ZERO).await.unwrap(), 0);
+    assert!(other.timer_firings(None).await.unwrap().is_empty());
+    assert_eq!(pm.prune_timer_firings(Duration::ZERO).await.unwrap(), 1);
+    assert!(pm.timer_firings(None).await.unwrap().is_empty());
 }

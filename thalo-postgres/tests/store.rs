@@ -527,7 +527,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 5);
+    assert_eq!(applied, 6);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
     )
@@ -548,6 +548,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
             "outbox_parked",
             "parking_log",
             "process_states",
+            "process_timer_firings",
             "process_timers",
             "projection_versions",
             "snapshots",
