@@ -12,15 +12,19 @@
 //!
 //! # Deposit or refund: the transfer decides
 //!
-//! The deposit and the timeout's refund exclude each other, and the process manager's
-//! state cannot be what excludes them: it is saved only after the commands ran, and a
-//! crash in between may let the restarted runner see the instance's next event before
-//! the timer it had fired (whose refund was already stored), so the state that said
-//! "refunded" is lost and a deposit would follow. So the `Transfer` aggregate, whose
-//! stream both paths meet in, chooses: the account's withdrawal is recorded with
-//! `RecordWithdrawal` and the timer asks for `TimeOut`; whichever comes first is stored
-//! (`TransferMoneyWithdrawn` or `TransferTimedOut`), the other decides nothing. The
-//! deposit reacts to `TransferMoneyWithdrawn`, the timeout's refund to
+//! The deposit and the timeout's refund exclude each other. The process manager's state
+//! alone would keep them apart: it is saved only after the commands ran, but the runner
+//! records an input with commands as pending (`process_states.pending`) before running
+//! them, and after a crash it replays the interrupted input first, from the saved state
+//! and under the same keys: an interrupted timer before any other input of the
+//! instance, interrupted events before any of its timers. So a restarted runner never
+//! sees the instance's next event before the timer it had fired, and the state that
+//! chose the refund is not lost. Which way a transfer went is part of the domain,
+//! though, and readers of the transfer must see it, so the `Transfer` aggregate, whose
+//! stream both paths meet in, records the choice: the account's withdrawal is recorded
+//! with `RecordWithdrawal` and the timer asks for `TimeOut`; whichever comes first is
+//! stored (`TransferMoneyWithdrawn` or `TransferTimedOut`), the other decides nothing.
+//! The deposit reacts to `TransferMoneyWithdrawn`, the timeout's refund to
 //! `TransferTimedOut`: one event each, so one command each, under that event's key.
 
 use std::time::Duration;
