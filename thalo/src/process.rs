@@ -50,8 +50,11 @@ use crate::{Aggregate, CommandId, Error, EventEnvelope, EventSet, EventStore, Re
 /// [`Action::SetTimer`] asks for [`on_timer`](ProcessManager::on_timer) to be called for
 /// the instance after a delay, unless [`Action::CancelTimer`] cancels it first; setting a
 /// timer of the same name again replaces it, and completing the instance cancels all its
-/// timers. A timer fires once; its commands are keyed by the timer's own id and the step,
-/// so a firing interrupted by a crash is replayed like an event.
+/// timers. A timer fires once, and only while it is pending: one that an earlier input
+/// cancelled or replaced, even a timer due at the same moment that fired just before it,
+/// does not fire (a replacement fires at its own time), and a completed instance's
+/// timers never fire. Its commands are keyed by the timer's own id and the step, so a
+/// firing interrupted by a crash is replayed like an event.
 ///
 /// # Races between a timer and an event
 ///
