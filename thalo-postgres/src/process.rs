@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use thalo::__private::{execute_actions, handler_error, Backoff, Effects, TimerChange};
-use thalo::{Error, EventEnvelope, EventSet as _, ProcessManager, Repository, Shutdown};
+use thalo::{Error, EventEnvelope, EventSet, ProcessManager, Repository, Shutdown};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -294,7 +294,8 @@ pub struct PgProcessManager<P> {
     repository: Repository<PgEventStore>,
     manager: P,
     sql: ProcessSql,
-    aggregate_types: &'static [&'static str],
+    /// Whether an aggregate type's events are read.
+    includes: fn(&str) -> bool,
     batch_size: usize,
     poll_interval: Duration,
     /// Test hook: fail this many commits (after the commands ran).
@@ -310,7 +311,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
             store,
             manager,
             sql,
-            aggregate_types: P::Event::aggregate_types(),
+            includes: <P::Event as EventSet>::includes,
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             fail_before_commit: None,
@@ -792,10 +793,7 @@ impl<P: ProcessManager> PgProcessManager<P> {
         let mut states = HashMap::new();
         let mut timer_writes = Vec::new();
         let mut handled = 0;
-        for raw in batch
-            .iter()
-            .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
-        {
+        for raw in batch.iter().filter(|e| (self.includes)(&e.aggregate_type)) {
             let envelope: EventEnvelope<P::Event> = raw.decode()?;
             let Some(instance) = self.manager.correlate(&envelope) else {
                 continue;

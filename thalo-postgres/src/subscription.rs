@@ -61,7 +61,8 @@ pub struct PgSubscription<P, E> {
     store: PgEventStore,
     projection: P,
     /// The aggregate types whose events the projection gets.
-    aggregate_types: &'static [&'static str],
+    /// Whether an aggregate type's events are read.
+    includes: fn(&str) -> bool,
     batch_size: usize,
     poll_interval: Duration,
     /// The versioned read model this subscription builds and promotes, if any.
@@ -91,7 +92,9 @@ where
 {
     /// A subscription feeding the events of aggregate `A` to `projection`.
     pub fn new<A: Aggregate<Event = E>>(store: PgEventStore, projection: P) -> Self {
-        Self::over(store, projection, const { &[A::TYPE] })
+        Self::over(store, projection, |aggregate_type| {
+            aggregate_type == A::TYPE
+        })
     }
 
     /// A subscription feeding the events of every aggregate type of the event set `E`
@@ -167,14 +170,14 @@ where
     where
         E: EventSet,
     {
-        Self::over(store, projection, E::aggregate_types())
+        Self::over(store, projection, E::includes)
     }
 
-    fn over(store: PgEventStore, projection: P, aggregate_types: &'static [&'static str]) -> Self {
+    fn over(store: PgEventStore, projection: P, includes: fn(&str) -> bool) -> Self {
         PgSubscription {
             store,
             projection,
-            aggregate_types,
+            includes,
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             read_model: None,
@@ -392,7 +395,7 @@ where
         };
         let envelopes = batch
             .iter()
-            .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
+            .filter(|e| (self.includes)(&e.aggregate_type))
             .map(EventEnvelope::decode)
             .collect::<Result<Vec<EventEnvelope<E>>, Error>>()?;
         let applied = self

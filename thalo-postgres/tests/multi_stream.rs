@@ -428,3 +428,85 @@ async fn a_view_across_aggregates_is_built_exactly_once_across_a_crash() {
     assert_eq!((replayed.applied, replayed.duplicates), (0, in_set));
     assert_eq!(per_owner(&db).await, view);
 }
+
+/// Counts the events of every aggregate type, whatever it is: an `AnyEvent` projection.
+struct EveryType {
+    table: String,
+    fail_on: Option<usize>,
+    seen: AtomicUsize,
+}
+
+impl PgProjection<thalo::AnyEvent> for EveryType {
+    fn name(&self) -> &str {
+        "every_type"
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &EventEnvelope<thalo::AnyEvent>,
+    ) -> Result<(), Error> {
+        if Some(self.seen.fetch_add(1, Ordering::SeqCst) + 1) == self.fail_on {
+            return Err(Error::handler("every_type", "simulated crash"));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {} AS c (aggregate_type, event_type, n) VALUES ($1, $2, 1)
+             ON CONFLICT (aggregate_type, event_type) DO UPDATE SET n = c.n + 1",
+            self.table
+        ))
+        .bind(&envelope.aggregate_type)
+        .bind(envelope.event.event_type_name())
+        .execute(tx)
+        .await
+        .map_err(|e| Error::store("counting events", e))?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_projection_of_every_aggregate_type_counts_each_event_once_across_a_crash() {
+    let db = common::store().await;
+    let in_set = seed(&db).await;
+    let table = db.table("event_counts");
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (aggregate_type TEXT, event_type TEXT, n BIGINT NOT NULL,
+         PRIMARY KEY (aggregate_type, event_type))"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let projection = |fail_on| EveryType {
+        table: table.clone(),
+        fail_on,
+        seen: AtomicUsize::new(0),
+    };
+
+    // The 13th event fails in the third batch of five: two batches stay committed.
+    let crashing =
+        PgSubscription::new_set(db.store.clone(), projection(Some(13))).with_batch_size(5);
+    crashing.catch_up().await.expect_err("simulated crash");
+    let restarted = PgSubscription::new_set(db.store.clone(), projection(None)).with_batch_size(5);
+    let applied = restarted.catch_up().await.unwrap();
+    assert_eq!(applied.duplicates, 0);
+    // Every event of the log: the set's two types and the notes outside any set.
+    assert_eq!(applied.applied, in_set + 4 - 10);
+
+    let counted: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        "SELECT aggregate_type, event_type, n FROM {table} ORDER BY 1, 2"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let fold: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        "SELECT aggregate_type, event_type, count(*) FROM {} GROUP BY 1, 2 ORDER BY 1, 2",
+        db.table("events")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counted, fold, "each event of every aggregate type, once");
+    assert!(counted.iter().any(|(t, _, _)| t == "ms_card"));
+    assert!(counted
+        .iter()
+        .any(|(t, _, _)| t != "ms_card" && t != "ms_account"));
+}

@@ -87,4 +87,11 @@ pub trait EventSet: Event {
     /// The [aggregate type names](crate::AggregateType::TYPE) whose events this set
     /// holds, in variant order, each once.
     fn aggregate_types() -> &'static [&'static str];
+
+    /// Whether the set holds the events of `aggregate_type`: subscriptions skip the
+    /// others. The default looks it up in [`aggregate_types`](EventSet::aggregate_types);
+    /// [`AnyEvent`](crate::AnyEvent), the set of every aggregate type, says yes to all.
+    fn includes(aggregate_type: &str) -> bool {
+        Self::aggregate_types().contains(&aggregate_type)
+    }
 }

@@ -265,6 +265,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod aggregate;
+mod any_event;
 mod cache;
 mod command;
 mod envelope;
@@ -288,6 +289,7 @@ mod trace;
 pub mod __private;
 
 pub use aggregate::{Aggregate, AggregateType};
+pub use any_event::AnyEvent;
 pub use cache::CacheStats;
 pub use command::{
     CommandId, CommandKey, Once, Recorded, Rejection, ReplayedRejection, DEFAULT_COMMAND_RETENTION,

@@ -9,9 +9,7 @@ use uuid::Uuid;
 
 use crate::process::{execute_actions, handler_error, Effects, TimerChange};
 use crate::subscription::Backoff;
-use crate::{
-    Error, EventEnvelope, EventSet as _, EventStore, ProcessManager, Repository, Shutdown,
-};
+use crate::{Error, EventEnvelope, EventSet, EventStore, ProcessManager, Repository, Shutdown};
 
 /// Runs a [`ProcessManager`] in process: feeds it the events of its event set's
 /// aggregate types from a store, in global order, executes its commands through a
@@ -118,7 +116,8 @@ use crate::{
 pub struct ProcessRunner<S, P: ProcessManager> {
     repository: Repository<S>,
     manager: P,
-    aggregate_types: &'static [&'static str],
+    /// Whether an aggregate type's events are read.
+    includes: fn(&str) -> bool,
     position: u64,
     instances: HashMap<String, Instance<P::State>>,
     /// Timers by (instance, name).
@@ -151,7 +150,7 @@ where
         ProcessRunner {
             repository,
             manager,
-            aggregate_types: P::Event::aggregate_types(),
+            includes: <P::Event as EventSet>::includes,
             position: 0,
             instances: HashMap::new(),
             timers: BTreeMap::new(),
@@ -223,7 +222,7 @@ where
                 return Ok(handled);
             };
             for raw in &batch {
-                if self.aggregate_types.contains(&raw.aggregate_type.as_str()) {
+                if (self.includes)(&raw.aggregate_type) {
                     let envelope = raw.decode::<P::Event>()?;
                     if self.handle(&envelope).await? {
                         handled += 1;

@@ -77,7 +77,8 @@ pub struct Subscription<S, P, E> {
     store: S,
     projection: P,
     /// The aggregate types whose events the projection gets.
-    aggregate_types: &'static [&'static str],
+    /// Whether an aggregate type's events are read.
+    includes: fn(&str) -> bool,
     batch_size: usize,
     poll_interval: Duration,
     progress: Progress,
@@ -92,7 +93,9 @@ where
 {
     /// A subscription feeding the events of aggregate `A` to `projection`.
     pub fn new<A: Aggregate<Event = E>>(store: S, projection: P) -> Self {
-        Self::over(store, projection, const { &[A::TYPE] })
+        Self::over(store, projection, |aggregate_type| {
+            aggregate_type == A::TYPE
+        })
     }
 
     /// A subscription feeding the events of every aggregate type of the event set `E`
@@ -107,14 +110,14 @@ where
     where
         E: EventSet,
     {
-        Self::over(store, projection, E::aggregate_types())
+        Self::over(store, projection, E::includes)
     }
 
-    fn over(store: S, projection: P, aggregate_types: &'static [&'static str]) -> Self {
+    fn over(store: S, projection: P, includes: fn(&str) -> bool) -> Self {
         Subscription {
             store,
             projection,
-            aggregate_types,
+            includes,
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             progress: Progress::new(),
@@ -172,10 +175,7 @@ where
             let full = batch.len() == self.batch_size;
             let mut result = Ok(());
             let mut batch_handled = 0;
-            for raw in batch
-                .iter()
-                .filter(|e| self.aggregate_types.contains(&e.aggregate_type.as_str()))
-            {
+            for raw in batch.iter().filter(|e| (self.includes)(&e.aggregate_type)) {
                 // A payload that does not decode stops the batch like a failing handler:
                 // the events before it were handled and must be checkpointed, or they
                 // would all be handled again by the next catch-up.

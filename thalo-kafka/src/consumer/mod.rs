@@ -356,6 +356,9 @@ impl KafkaConsumer {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// [`thalo::AnyEvent`] (every aggregate type) names no aggregate type, so it adds no
+    /// topic: name the topics with [`with_topic`](KafkaConsumer::with_topic).
     #[must_use]
     pub fn subscribe_set<M: EventSet>(mut self) -> Self {
         self.topics.extend(
