@@ -1,5 +1,8 @@
 //! The bank CLI on Postgres: state persists between runs.
 
+mod common;
+
+use common::{assert_walk_through_transfers, balance_line};
 use std::process::Command;
 
 fn database_url() -> String {
@@ -24,12 +27,6 @@ fn bank(schema: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{stdout}{stderr}"))
 }
 
-fn balance_line<'a>(out: &'a str, account: &str) -> &'a str {
-    out.lines()
-        .find(|l| l.trim_start().starts_with(account) && l.contains('$'))
-        .unwrap_or_else(|| panic!("no balance line for {account} in:\n{out}"))
-}
-
 #[test]
 fn the_walk_through_persists_and_a_second_run_sees_the_first() {
     let schema = format!("bank_{}", uuid::Uuid::new_v4().simple());
@@ -37,6 +34,7 @@ fn the_walk_through_persists_and_a_second_run_sees_the_first() {
     let (ok, first) = bank(&schema, &[]);
     assert!(ok, "{first}");
     assert!(first.contains("Thalo bank on Postgres"), "{first}");
+    assert_walk_through_transfers(&first);
     assert!(
         balance_line(&first, "ACC-001").contains("$122.50"),
         "{first}"
@@ -63,6 +61,50 @@ fn the_walk_through_persists_and_a_second_run_sees_the_first() {
     assert!(
         balance_line(&second, "ACC-002").contains("$25.00"),
         "{second}"
+    );
+}
+
+/// `cargo run -p bank` with no `DATABASE_URL`: the walk-through on the embedded,
+/// in-memory store, with the transfer process manager run in process by a
+/// `ProcessRunner`.
+#[test]
+fn the_walk_through_runs_embedded_without_a_database() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bank"))
+        .env_remove("DATABASE_URL")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("BANK_SCHEMA")
+        .output()
+        .expect("run the bank binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stdout}{stderr}", out.status);
+    assert!(
+        stdout.contains("Thalo bank: embedded mode (in-memory store, in-process projection)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("Thalo bank on Postgres"), "{stdout}");
+    // The rejected commands of the walk-through, by their codes.
+    assert!(stdout.contains("INSUFFICIENT_FUNDS"), "{stdout}");
+    assert!(stdout.contains("ACCOUNT_CLOSED"), "{stdout}");
+    assert_walk_through_transfers(&stdout);
+    // $100.00 + $42.50 - $20.00 (T-1) - $5.00 + $5.00 (T-2, refunded); $25.00 - $10.00
+    // + $20.00 (T-1); ACC-003 paid out when it closed.
+    assert!(
+        balance_line(&stdout, "ACC-001").contains("$122.50"),
+        "{stdout}"
+    );
+    assert!(
+        balance_line(&stdout, "ACC-002").contains("$35.00"),
+        "{stdout}"
+    );
+    let closed = balance_line(&stdout, "ACC-003");
+    assert!(
+        closed.contains("$0.00") && closed.contains("(closed)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ACC-001 (rebuilt from 5 events): $122.50 owned by Ada Lovelace, open"),
+        "{stdout}"
     );
 }
 

@@ -23,6 +23,52 @@ pub fn store_in(pool: &sqlx::PgPool, schema: &str) -> PgEventStore {
         .expect("the bank's store")
 }
 
+/// The line of `account`'s balance in the output of `bank balances` or the walk-through.
+pub fn balance_line<'a>(out: &'a str, account: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.trim_start().starts_with(account) && l.contains('$'))
+        .unwrap_or_else(|| panic!("no balance line for {account} in:\n{out}"))
+}
+
+/// Checks the walk-through's transfers in its output `out`: T-1 ($20.00 from ACC-001 to
+/// ACC-002) completed, its money withdrawn then deposited; T-2 ($5.00 from ACC-001 to
+/// the closed ACC-003) compensated, its money withdrawn then refunded.
+pub fn assert_walk_through_transfers(out: &str) {
+    // `  T-1      ACC-001 -> ACC-002 $20.00   -> completed`, then the events the process
+    // manager's commands stored after the request.
+    let transfer = |id: &str| -> (&str, &str) {
+        let mut lines = out
+            .lines()
+            .skip_while(|l| !(l.trim_start().starts_with(&format!("{id} ")) && l.contains(" -> ")));
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("no line for transfer {id} in:\n{out}"));
+        let steps = lines.next().unwrap_or_default().trim();
+        (line, steps)
+    };
+    let (line, steps) = transfer("T-1");
+    assert!(line.contains("ACC-001 -> ACC-002 $20.00"), "{line}\n{out}");
+    assert!(line.trim_end().ends_with("-> completed"), "{line}\n{out}");
+    assert_eq!(
+        steps,
+        "ACC-001 TransferWithdrawn, T-1 TransferMoneyWithdrawn, ACC-002 TransferDeposited, \
+         T-1 TransferCompleted",
+        "{out}"
+    );
+    let (line, steps) = transfer("T-2");
+    assert!(line.contains("ACC-001 -> ACC-003 $5.00"), "{line}\n{out}");
+    assert!(
+        line.trim_end().ends_with("-> compensated (ACCOUNT_CLOSED)"),
+        "{line}\n{out}"
+    );
+    assert_eq!(
+        steps,
+        "ACC-001 TransferWithdrawn, T-2 TransferMoneyWithdrawn, ACC-001 TransferRefunded, \
+         T-2 TransferCompensated",
+        "{out}"
+    );
+}
+
 /// `bank serve` as a child process, configured by `envs`, logging to `log`.
 pub struct Service {
     pub port: u16,
