@@ -47,6 +47,10 @@ pub fn install() -> Result<PrometheusHandle, Error> {
                 })
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+            // The relay registers its failure counter at the first failure: registered
+            // here, it is exported at 0 from the start, so that a scrape shows it and a
+            // `rate()` or `increase()` over it sees the first failure.
+            metrics::counter!("thalo_relay_failed_total").increment(0);
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".to_owned())

@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::env_or;
+use common::{env_or, store_in, Service};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use bank::http::{BalanceView, ErrorBody, StoredEvent, CONSISTENCY, CONSISTENCY_PROJECTED};
@@ -610,6 +611,295 @@ async fn metrics_and_readiness_follow_the_pipeline() {
         .await
         .expect("the service stops on shutdown")
         .expect("clean stop");
+}
+
+/// `bank serve` as a process of its own (so its `/metrics` count its work only), on a
+/// free port, isolated by `id` (schema, topics, group) with the instance id `instance`.
+fn serve_process(id: &str, instance: &str) -> Service {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    Service {
+        port,
+        envs: vec![
+            (
+                "DATABASE_URL",
+                env_or(
+                    "DATABASE_URL",
+                    "postgres://postgres@127.0.0.1:5432/thalo_test",
+                ),
+            ),
+            ("KAFKA_BROKERS", env_or("KAFKA_BROKERS", "127.0.0.1:9092")),
+            ("BANK_SCHEMA", format!("bank_{id}")),
+            ("BANK_LISTEN", format!("127.0.0.1:{port}")),
+            ("BANK_TOPIC_PREFIX", format!("test-{id}-")),
+            ("BANK_GROUP_PREFIX", format!("bank-{id}.")),
+            ("BANK_INSTANCE_ID", format!("bank-test-{instance}")),
+        ],
+        log: std::env::temp_dir().join(format!("bank-metrics-{instance}.log")),
+        child: None,
+    }
+}
+
+/// The samples of `GET /metrics`.
+async fn scrape(http: &reqwest::Client, base: &str) -> Samples {
+    let res = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(res.status(), 200);
+    samples(&res.text().await.expect("body"))
+}
+
+/// `/metrics` under load: a `bank serve` process takes 100 commands on five accounts
+/// (stored, rejected, and some that conflict with writes from outside the service), and
+/// every counter and histogram moves by what the load did, from a scrape before to a
+/// scrape after; the outbox, relay and consumer gauges are exported with sane values,
+/// and the relay leads. A second `bank serve` on the same database is ready with its
+/// relay on standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_move_under_load() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut leader = serve_process(&id, &format!("{id}-a"));
+    leader.spawn().await;
+    let base = format!("http://127.0.0.1:{}", leader.port);
+    let http = reqwest::Client::new();
+    let ready = readiness_until(&http, &base, 200).await;
+    let relay = ready.check("relay").expect("relay check");
+    assert!(relay.detail.starts_with("leader"), "{ready:?}");
+    let before = scrape(&http, &base).await;
+
+    // The load: per account, one client sending its commands one after the other.
+    const ACCOUNTS: usize = 5;
+    const DEPOSITS: usize = 14;
+    const WITHDRAWALS: usize = 4;
+    let clients: Vec<_> = (0..ACCOUNTS)
+        .map(|a| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                let account = format!("LOAD-{a}");
+                let post = |path: String, body: serde_json::Value| {
+                    let request = http.post(format!("{base}{path}")).json(&body);
+                    async move {
+                        let res = request.send().await.expect("command");
+                        let status = res.status().as_u16();
+                        (status, res.text().await.unwrap_or_default())
+                    }
+                };
+                let opened = post(
+                    "/accounts".to_owned(),
+                    json!({"account_number": account, "owner": "Ada", "initial_deposit": 100_00}),
+                )
+                .await;
+                assert_eq!(opened.0, 201, "{opened:?}");
+                // Half of them overdraw: rejected, 422.
+                for n in 0..WITHDRAWALS {
+                    let amount = if n % 2 == 0 { 5_00 } else { 1_000_00 };
+                    let path = format!("/accounts/{account}/withdraw");
+                    let res = post(path, json!({ "amount": amount })).await;
+                    let expected = if n % 2 == 0 { 200 } else { 422 };
+                    assert_eq!(res.0, expected, "{res:?}");
+                }
+                // Deposits last: a rejected command takes the account out of the
+                // service's cache, a stored one puts it back.
+                for _ in 0..DEPOSITS {
+                    let path = format!("/accounts/{account}/deposit");
+                    let res = post(path, json!({"amount": 1_00})).await;
+                    assert_eq!(res.0, 200, "{res:?}");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.expect("client");
+    }
+    // A deposit from outside the service on each account (as the CLI or another
+    // instance would): the service's cached account is stale, so its next command
+    // conflicts once and is decided again on the reloaded account.
+    let pool = sqlx::PgPool::connect(&env_or(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/thalo_test",
+    ))
+    .await
+    .expect("Postgres");
+    let repo = thalo::Repository::new(store_in(&pool, &format!("bank_{id}")));
+    for a in 0..ACCOUNTS {
+        let account = format!("LOAD-{a}");
+        repo.execute::<bank::BankAccount>(
+            &account,
+            bank::BankAccountCommand::Deposit { amount: 1_00 },
+        )
+        .await
+        .expect("a deposit from outside the service");
+        let res = http
+            .post(format!("{base}/accounts/{account}/deposit"))
+            .json(&json!({"amount": 1_00}))
+            .send()
+            .await
+            .expect("deposit");
+        assert_eq!(res.status(), 200);
+    }
+    let commands = ACCOUNTS * (1 + DEPOSITS + WITHDRAWALS + 1);
+    let rejected = ACCOUNTS * WITHDRAWALS / 2;
+    let stored = commands - rejected;
+    // Every stored command stored one event; the outside deposits one more each.
+    let events = stored + ACCOUNTS;
+    assert_eq!(commands, 100);
+
+    // Wait until the relay has published every event, the consumer applied them, and
+    // the gauges (the outbox's measured every 5 s, the consumer's lag every second)
+    // show the pipeline drained.
+    let topic = format!("test-{id}-bank_account");
+    let consumer = format!("bank-{id}.bank_balances");
+    let delta = |after: &Samples, name: &str, labels: &[(&str, &str)]| {
+        sample(after, name, labels).unwrap_or(0.0) - sample(&before, name, labels).unwrap_or(0.0)
+    };
+    // The consumer's lag of each partition of the topic (`None` before the first
+    // statistics come).
+    let lag = |samples: &Samples| -> Option<f64> {
+        let lags: Vec<f64> = samples
+            .iter()
+            .filter(|((name, labels), _)| {
+                name == "thalo_consumer_lag"
+                    && labels.contains(&("consumer".to_owned(), consumer.clone()))
+                    && labels.contains(&("topic".to_owned(), topic.clone()))
+            })
+            .map(|(_, value)| *value)
+            .collect();
+        (!lags.is_empty()).then(|| lags.iter().sum())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let after = scrape(&http, &base).await;
+        let published = delta(&after, "thalo_relay_published_total", &[("topic", &topic)]);
+        let applied = delta(
+            &after,
+            "thalo_consumer_handled_total",
+            &[("consumer", &consumer), ("outcome", "applied")],
+        );
+        let depth = sample(&after, "thalo_outbox_depth", &[]);
+        let consumer_lag = lag(&after);
+        if published >= events as f64
+            && applied >= events as f64
+            && depth == Some(0.0)
+            && consumer_lag == Some(0.0)
+        {
+            break after;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "published {published}, applied {applied} of {events}; outbox depth {depth:?}, \
+             consumer lag {consumer_lag:?}\n{}",
+            std::fs::read_to_string(&leader.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // The commands, by outcome, and their durations.
+    let bank = [("aggregate_type", "bank_account")];
+    let outcome =
+        |outcome: &'static str| [("aggregate_type", "bank_account"), ("outcome", outcome)];
+    assert_eq!(
+        delta(&after, "thalo_commands_total", &outcome("stored")),
+        stored as f64
+    );
+    assert_eq!(
+        delta(&after, "thalo_commands_total", &outcome("rejected")),
+        rejected as f64
+    );
+    for outcome_ in ["replayed", "conflict_exhausted", "error"] {
+        assert_eq!(
+            delta(&after, "thalo_commands_total", &outcome(outcome_)),
+            0.0,
+            "{outcome_}"
+        );
+    }
+    assert_eq!(
+        delta(&after, "thalo_command_duration_seconds_count", &bank),
+        commands as f64
+    );
+    let timed = delta(
+        &after,
+        "thalo_command_duration_seconds_bucket",
+        &[("aggregate_type", "bank_account"), ("le", "+Inf")],
+    );
+    assert_eq!(timed, commands as f64);
+    let conflicts = delta(&after, "thalo_command_conflicts_total", &bank);
+    assert!(conflicts >= ACCOUNTS as f64, "conflicts: {conflicts}");
+    // The appends of the stored commands (the outside deposits were this test's own).
+    assert!(delta(&after, "thalo_appends_total", &bank) >= stored as f64);
+    assert_eq!(
+        delta(&after, "thalo_append_events_total", &bank),
+        stored as f64
+    );
+    // The relay and the consumer: every event, once, nothing failed.
+    let published = delta(&after, "thalo_relay_published_total", &[("topic", &topic)]);
+    assert!(published >= events as f64, "{published}");
+    let handled = |outcome: &'static str| {
+        delta(
+            &after,
+            "thalo_consumer_handled_total",
+            &[("consumer", &consumer), ("outcome", outcome)],
+        )
+    };
+    assert!(handled("applied") >= events as f64);
+    for outcome in ["failed", "dead_lettered", "parked"] {
+        assert_eq!(handled(outcome), 0.0, "{outcome}");
+    }
+    let calls = delta(
+        &after,
+        "thalo_consumer_handle_duration_seconds_count",
+        &[("consumer", &consumer)],
+    );
+    assert!(calls >= 1.0, "handler calls: {calls}");
+    // The gauges, present and sane: the outbox drained (its oldest row's age 0 when
+    // none waits), no failure, nothing parked, the consumer caught up, this relay leads.
+    assert_eq!(sample(&after, "thalo_outbox_depth", &[]), Some(0.0));
+    let age = sample(&after, "thalo_outbox_oldest_age_seconds", &[]);
+    assert!(age.is_some_and(|age| (0.0..60.0).contains(&age)), "{age:?}");
+    assert_eq!(sample(&after, "thalo_relay_failed_total", &[]), Some(0.0));
+    assert_eq!(
+        sample(&after, "thalo_relay_parked_aggregates", &[]),
+        Some(0.0)
+    );
+    assert_eq!(lag(&after), Some(0.0), "the consumer's lag, summed");
+    assert_eq!(sample(&after, "thalo_relay_is_leader", &[]), Some(1.0));
+    assert_eq!(
+        sample(
+            &after,
+            "thalo_dead_letters_total",
+            &[("consumer", &consumer)]
+        ),
+        Some(0.0)
+    );
+
+    // A second instance on the same database and topic: ready, its relay on standby
+    // (the first holds the outbox), and its leader gauge says so.
+    let mut standby = serve_process(&id, &format!("{id}-b"));
+    standby.spawn().await;
+    let standby_base = format!("http://127.0.0.1:{}", standby.port);
+    let report = readiness_until(&http, &standby_base, 200).await;
+    let relay = report.check("relay").expect("relay check");
+    assert_eq!(relay.detail, "standby", "{report:?}");
+    let metrics = scrape(&http, &standby_base).await;
+    assert_eq!(sample(&metrics, "thalo_relay_is_leader", &[]), Some(0.0));
+    let report = readiness_until(&http, &base, 200).await;
+    let relay = report.check("relay").expect("relay check");
+    assert!(relay.detail.starts_with("leader"), "{report:?}");
+    assert_eq!(
+        sample(&scrape(&http, &base).await, "thalo_relay_is_leader", &[]),
+        Some(1.0)
+    );
+
+    standby.kill().await;
+    leader.kill().await;
+    let _ = sqlx::query(&format!("DROP SCHEMA \"bank_{id}\" CASCADE"))
+        .execute(&pool)
+        .await;
+    let _ = std::fs::remove_file(&leader.log);
+    let _ = std::fs::remove_file(&standby.log);
 }
 
 /// With the broker unreachable, `/readyz` is 503 and names the `kafka` check; Postgres
