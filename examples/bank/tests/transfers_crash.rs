@@ -1,32 +1,47 @@
 //! Transfers through crashes: clients request many concurrent transfers between a few
-//! accounts (some to closed accounts), retrying each with the same `Idempotency-Key`
-//! until it is accepted, while the `bank serve` binary is SIGKILLed and restarted three
-//! times. Once it settles, the store shows that money was conserved, every transfer
-//! finished (completed, compensated, or failed with nothing moved), no command was
-//! applied twice and no timer fired twice (no transfer refunded twice). Twice: with a
-//! 1.5 s transfer timeout, and with a 1 ms one, where most deposits race their timer.
+//! accounts (some to closed accounts), and deposits and withdrawals from outside,
+//! retrying each with the same `Idempotency-Key` until it is answered, while the
+//! `bank serve` binary is SIGKILLed and restarted three times. Once it settles, the
+//! store shows that money was conserved (what the accounts hold is what came in from
+//! outside minus what went out), every transfer finished (completed, compensated, or
+//! failed with nothing moved), every keyed command was applied exactly once and no timer
+//! fired twice (no transfer refunded twice); and once the balances projection and the
+//! `owners` view have caught up, both equal the fold of the events. Twice: with a 1.5 s
+//! transfer timeout, and with a 1 ms one, where most deposits race their timer.
 
 // Amounts in cents are written as `dollars_cents` (`100_00` is $100.00).
 #![allow(clippy::inconsistent_digit_grouping)]
 
 mod common;
 
-use common::{env_or, Service};
+use common::{env_or, store_in, Service};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bank::http::BalanceView;
+use bank::owners::{OwnerBalance, PgOwners};
+use bank::{BankAccount, MoneyEvent};
 use serde_json::json;
 use sqlx::{PgPool, Row};
+use thalo::{AggregateType as _, EventSet as _};
+use thalo_postgres::checkpoint_key;
 
 /// How long the transfers may take to settle after the last restart.
 const BOUND: Duration = Duration::from_secs(30);
 
-/// Accounts with money, and what each was opened with (the only money from outside).
+/// Accounts with money, and what each was opened with (money from outside, with the
+/// deposits made during the load).
 const ACCOUNTS: [&str; 4] = ["ACC-0", "ACC-1", "ACC-2", "ACC-3"];
 const INITIAL: i64 = 500_00;
+
+/// The owner of the `i`th account of `ACCOUNTS` then `CLOSED`: three owners, two of
+/// them with a closed account.
+fn owner_of(i: usize) -> String {
+    format!("Owner-{}", i % 3)
+}
 
 /// Accounts closed before the transfers start: transfers to them are compensated.
 const CLOSED: [&str; 2] = ["SHUT-0", "SHUT-1"];
@@ -79,26 +94,86 @@ async fn transfers(pool: &PgPool, schema: &str) -> BTreeMap<String, Settled> {
     transfers
 }
 
-/// Every account's balance, folded from its events.
-async fn balances(pool: &PgPool, schema: &str) -> BTreeMap<String, i64> {
-    sqlx::query(&format!(
-        "SELECT aggregate_id,
-                sum(CASE event_type
-                    WHEN 'AccountOpened' THEN (payload->>'initial_deposit')::bigint
-                    WHEN 'FundsDeposited' THEN (payload->>'amount')::bigint
-                    WHEN 'FundsWithdrawn' THEN -(payload->>'amount')::bigint
-                    WHEN 'TransferWithdrawn' THEN -(payload->>'amount')::bigint
-                    WHEN 'TransferDeposited' THEN (payload->>'amount')::bigint
-                    WHEN 'TransferRefunded' THEN (payload->>'amount')::bigint
-                    ELSE 0 END)::bigint
-         FROM \"{schema}\".events WHERE aggregate_type = 'bank_account' GROUP BY aggregate_id"
+/// One account as the balances read model shows it (`GET /accounts`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Account {
+    owner: String,
+    balance: i64,
+    closed: bool,
+    version: u64,
+}
+
+impl From<BalanceView> for Account {
+    fn from(row: BalanceView) -> Self {
+        Account {
+            owner: row.owner,
+            balance: row.balance,
+            closed: row.closed,
+            version: row.version,
+        }
+    }
+}
+
+/// Every account as its events tell it: what the read model's rows must be.
+async fn accounts(pool: &PgPool, schema: &str) -> BTreeMap<String, Account> {
+    let rows = sqlx::query(&format!(
+        "SELECT aggregate_id, event_type, payload::text, sequence
+         FROM \"{schema}\".events WHERE aggregate_type = 'bank_account' ORDER BY position"
     ))
     .fetch_all(pool)
     .await
-    .expect("balances")
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    .expect("account events");
+    let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
+    for row in rows {
+        let (id, event): (String, String) = (row.get(0), row.get(1));
+        let payload: serde_json::Value =
+            serde_json::from_str(&row.get::<String, _>(2)).expect("payload");
+        let amount = payload["amount"].as_i64().unwrap_or(0);
+        let account = accounts.entry(id).or_default();
+        account.version = u64::try_from(row.get::<i64, _>(3)).expect("sequence");
+        match event.as_str() {
+            "AccountOpened" => {
+                account.owner = payload["owner"].as_str().expect("owner").to_owned();
+                account.balance = payload["initial_deposit"].as_i64().expect("deposit");
+            }
+            "FundsDeposited" | "TransferDeposited" | "TransferRefunded" => {
+                account.balance += amount;
+            }
+            "FundsWithdrawn" | "TransferWithdrawn" => account.balance -= amount,
+            "AccountClosed" => account.closed = true,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    accounts
+}
+
+/// The deposits (positive) and withdrawals (negative) from outside that the store holds,
+/// by the command id (the `Idempotency-Key`) of their event.
+async fn outside(pool: &PgPool, schema: &str) -> BTreeMap<String, i64> {
+    let mut moves = BTreeMap::new();
+    let rows = sqlx::query(&format!(
+        "SELECT metadata->>'command_id', event_type, (payload->>'amount')::bigint
+         FROM \"{schema}\".events
+         WHERE event_type IN ('FundsDeposited', 'FundsWithdrawn') ORDER BY position"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("deposits and withdrawals");
+    for row in rows {
+        let key: Option<String> = row.get(0);
+        let key = key.expect("a deposit or withdrawal without a command id");
+        let amount: i64 = row.get(2);
+        let amount = if row.get::<String, _>(1) == "FundsDeposited" {
+            amount
+        } else {
+            -amount
+        };
+        assert!(
+            moves.insert(key.clone(), amount).is_none(),
+            "{key} applied twice"
+        );
+    }
+    moves
 }
 
 /// Posts until the service gives an answer that is not a failure to retry: the same
@@ -207,7 +282,7 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
         } else {
             0
         };
-        let owner = format!("Owner {}", i % 3);
+        let owner = owner_of(i);
         let body = json!({"account_number": account, "owner": owner, "initial_deposit": initial});
         let (status, _) = until_answered(
             &http,
@@ -257,19 +332,78 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
         })
         .collect();
 
+    // Outside money: deposits into the open accounts, and withdrawals (some refused for
+    // want of money), each retried under its key like the transfers. What was answered
+    // 200 moved money, once: key -> cents in (positive) or out (negative).
+    let moved: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
+    let tellers: Vec<_> = (0..2_usize)
+        .map(|teller| {
+            let (http, base) = (http.clone(), base.clone());
+            let (running, moved) = (Arc::clone(&running), Arc::clone(&moved));
+            tokio::spawn(async move {
+                let mut n = 0_usize;
+                while running.load(Ordering::SeqCst) {
+                    let account = ACCOUNTS[(teller * 3 + n) % ACCOUNTS.len()];
+                    let amount = ((teller * 11 + n * 17) % 80 + 1) as i64 * 1_00;
+                    let (kind, sign) = if n % 3 == 2 {
+                        ("withdraw", -1)
+                    } else {
+                        ("deposit", 1)
+                    };
+                    let key = format!("{kind}-{teller}-{n}");
+                    let url = format!("{base}/accounts/{account}/{kind}");
+                    let body = json!({ "amount": amount });
+                    let (status, answer) = until_answered(&http, &url, &key, &body).await;
+                    match (kind, status) {
+                        (_, 200) => {
+                            moved.lock().unwrap().insert(key, sign * amount);
+                        }
+                        ("withdraw", 422) => {
+                            assert_eq!(answer["code"], "INSUFFICIENT_FUNDS", "{key}: {answer}");
+                        }
+                        _ => panic!("{key}: {status} {answer}"),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            })
+        })
+        .collect();
+
+    // Timers pending right before each SIGKILL (the transfers' timeouts), by id.
+    let mut pending_at_kill: BTreeSet<String> = BTreeSet::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        let pending: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT id::text FROM \"{schema}\".process_timers"))
+                .fetch_all(&pool)
+                .await
+                .expect("pending timers");
+        pending_at_kill.extend(pending);
         service.kill().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         service.spawn().await;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     running.store(false, Ordering::SeqCst);
-    for client in clients {
+    for client in clients.into_iter().chain(tellers) {
         client.await.expect("client");
     }
     let restarted = Instant::now();
     let accepted = accepted.lock().unwrap().clone();
+    let moved = moved.lock().unwrap().clone();
+    eprintln!(
+        "{} transfers, {} deposits and withdrawals accepted; {} timers pending at the kills",
+        accepted.len(),
+        moved.len(),
+        pending_at_kill.len()
+    );
+    // The kills hit transfers in flight, their timers pending (with the 1.5 s timeout;
+    // with 1 ms most fire before a kill can see them). They all end below: fired once
+    // or cancelled.
+    if timeout_ms > 1 {
+        assert!(!pending_at_kill.is_empty(), "no timer pending at a kill");
+    }
     let ids: BTreeSet<String> = accepted.values().cloned().collect();
     assert_eq!(ids.len(), accepted.len(), "one transfer per key");
     assert!(
@@ -330,13 +464,26 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
         }
     }
     eprintln!("timeout {timeout_ms} ms: {outcomes:?}");
-    // Money is conserved: what is in the accounts is what came in from outside.
-    let balances = balances(&pool, &schema).await;
-    let total: i64 = balances.values().sum();
-    assert_eq!(total, INITIAL * ACCOUNTS.len() as i64, "{balances:?}");
-    assert!(balances.values().all(|b| *b >= 0), "{balances:?}");
+    // Every deposit and withdrawal answered 200 was stored once, under its key, and
+    // nothing else came in or went out.
+    assert_eq!(
+        outside(&pool, &schema).await,
+        moved,
+        "the store holds exactly the accepted deposits and withdrawals"
+    );
+    assert!(
+        moved.values().filter(|cents| **cents > 0).count() > 10,
+        "the deposits ran: {moved:?}"
+    );
+    // Money is conserved: what is in the accounts is what came in from outside (the
+    // opening deposits and the deposits) minus what went out (the withdrawals).
+    let folded = accounts(&pool, &schema).await;
+    let total: i64 = folded.values().map(|a| a.balance).sum();
+    let from_outside = INITIAL * ACCOUNTS.len() as i64 + moved.values().sum::<i64>();
+    assert_eq!(total, from_outside, "{folded:?}");
+    assert!(folded.values().all(|a| a.balance >= 0), "{folded:?}");
     for account in CLOSED {
-        assert_eq!(balances[account], 0, "{account} got nothing");
+        assert_eq!(folded[account].balance, 0, "{account} got nothing");
     }
 
     // No command was applied twice: no two events under one command id.
@@ -351,6 +498,35 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
     .map(|r| (r.get(0), r.get(1)))
     .collect();
     assert!(twice.is_empty(), "commands applied twice: {twice:?}");
+    // And that check saw the commands: every event here was caused by a keyed command
+    // (the clients' `Idempotency-Key`s, and the process manager's keys derived from the
+    // events it reacts to), the transfers' legs and the deposits included.
+    let keyed: BTreeMap<String, (i64, i64)> = sqlx::query(&format!(
+        "SELECT event_type, count(*), count(*) FILTER (WHERE metadata ? 'command_id')
+         FROM \"{schema}\".events GROUP BY 1"
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("events by type")
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .collect();
+    for event in [
+        "AccountOpened",
+        "AccountClosed",
+        "FundsDeposited",
+        "TransferRequested",
+        "TransferWithdrawn",
+        "TransferRefunded",
+    ] {
+        assert!(
+            keyed.get(event).is_some_and(|(n, _)| *n > 0),
+            "no {event}: {keyed:?}"
+        );
+    }
+    for (event, (n, with_key)) in &keyed {
+        assert_eq!(n, with_key, "{event} without a command id: {keyed:?}");
+    }
 
     // The process manager sees the transfers' last events and completes every
     // instance, which leaves no timer to fire.
@@ -372,6 +548,68 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The read models catch up with the store (by their checkpoints), and then equal
+    // its fold: the balances per account, the owners' view per owner.
+    let store = store_in(&pool, &schema);
+    let balances_key = checkpoint_key("bank_balances", bank::pg::BALANCES_VERSION);
+    let owners = PgOwners::new(&store).await.expect("the owners view");
+    let caught_up = async {
+        store
+            .wait_until_caught_up_by_key(&balances_key, &[BankAccount::TYPE], BOUND)
+            .await?;
+        store
+            .wait_until_caught_up(&owners, MoneyEvent::aggregate_types(), BOUND)
+            .await
+    };
+    if let Err(err) = caught_up.await {
+        panic!(
+            "the read models did not catch up within {BOUND:?}: {err}\n{}",
+            std::fs::read_to_string(&service.log).unwrap_or_default()
+        );
+    }
+    let folded = accounts(&pool, &schema).await;
+    let rows: Vec<BalanceView> = http
+        .get(format!("{base}/accounts"))
+        .send()
+        .await
+        .expect("list the accounts")
+        .json()
+        .await
+        .expect("rows");
+    let read_model: BTreeMap<String, Account> = rows
+        .into_iter()
+        .map(|row| (row.account_number.clone(), row.into()))
+        .collect();
+    assert_eq!(read_model, folded, "the balances are the fold of the store");
+    let mut expected: BTreeMap<String, OwnerBalance> = BTreeMap::new();
+    for account in folded.values() {
+        let owner = expected
+            .entry(account.owner.clone())
+            .or_insert_with(|| OwnerBalance {
+                owner: account.owner.clone(),
+                balance: 0,
+                in_flight: 0,
+                accounts: 0,
+            });
+        owner.balance += account.balance;
+        owner.accounts += i64::from(!account.closed);
+    }
+    assert_eq!(expected.len(), 3, "{expected:?}");
+    for (name, owner) in &expected {
+        let res = http
+            .get(format!("{base}/owners/{name}"))
+            .send()
+            .await
+            .expect("owner");
+        assert_eq!(res.status(), 200, "{name}");
+        let view: OwnerBalance = res.json().await.expect("owner");
+        assert_eq!(&view, owner, "the owners view is the fold of the store");
+    }
+    eprintln!(
+        "read models equal to the store {:?} after the last restart",
+        restarted.elapsed()
+    );
 
     service.kill().await;
     let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
