@@ -563,8 +563,13 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
             .await
     };
     if let Err(err) = caught_up.await {
+        // What the service says of its consumer (joined? partitions assigned?).
+        let readiness = match http.get(format!("{base}/readyz")).send().await {
+            Ok(res) => res.text().await.unwrap_or_default(),
+            Err(err) => err.to_string(),
+        };
         panic!(
-            "the read models did not catch up within {BOUND:?}: {err}\n{}",
+            "the read models did not catch up within {BOUND:?}: {err}\n/readyz: {readiness}\n{}",
             std::fs::read_to_string(&service.log).unwrap_or_default()
         );
     }
