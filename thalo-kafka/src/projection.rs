@@ -28,6 +28,15 @@
 //! one-by-one retry of a failed batch) runs in its `handle` span, which continues the
 //! trace of its `traceparent` header (see the [crate docs](crate#traces)).
 //!
+//! With the `opentelemetry` feature, each event of a batch that carries a trace context
+//! also gets a `project` span (`projection`, `aggregate_type`, `aggregate_id`,
+//! `sequence`, `batch`, `outcome`: `committed` or `rolled_back`, `error`), open while
+//! the transaction that applies it runs, so the request's trace shows when its event
+//! reached the read model. In a batch its parent is the event's trace context (the
+//! relay's `relay_publish` span) and it links to the batch's `consume` span; a message
+//! applied on its own gets it as a child of its `handle` span. The spans are made only
+//! when OpenTelemetry records the consumer's spans (checked once per batch).
+//!
 //! # One identity: checkpoints and consumer group
 //!
 //! A projection is known by its *checkpoint key*: its [`name`](PgProjection::name) for
@@ -253,10 +262,16 @@ impl<E: Event, P: PgProjection<E> + 'static> Apply<E> for ProjectionApply<P> {
     }
 
     async fn apply_batch(&self, envelopes: &[EventEnvelope<E>]) -> Result<Counts, Error> {
+        // The traced events' `project` spans (feature `opentelemetry`), open for the
+        // transaction that applies them.
+        let spans = crate::trace::project_spans(self.projection.name(), envelopes);
         let applied = self
             .store
             .apply_exactly_once(&self.projection, envelopes)
-            .await?;
+            .await;
+        crate::trace::record_projected(&spans, &applied);
+        drop(spans);
+        let applied = applied?;
         Ok(Counts {
             duplicates: applied.duplicates as u64,
             held: applied.held as u64,

@@ -11,10 +11,33 @@
 //! in one transaction is one unit of work, so it has no `handle` spans: its `consume`
 //! span links to the trace context of each of its messages instead, as OpenTelemetry's
 //! messaging conventions do for batches.
+//!
+//! With the `opentelemetry` feature, and `tracing-opentelemetry`'s layer recording the
+//! spans, two more spans put the relay and the projections into the trace of the
+//! request that issued a command:
+//!
+//! - `relay_publish` (relay, per event that carries a `traceparent`): a child of the
+//!   event's stored trace context (the `execute` span), linked to the `relay_batch` span
+//!   that published it, open from the send until the broker's acknowledgement. Its own
+//!   context replaces the stored one in the message's `traceparent` header, as the
+//!   OpenTelemetry messaging conventions have producers do, so the consumers' spans are
+//!   its children. (The event in the store keeps the `execute` context.)
+//! - `project` (a Postgres projection run by `KafkaConsumer::run_projection`, per event
+//!   that carries a `traceparent`): the event's share of the transaction that applied
+//!   it. In a batch, its parent is the event's trace context (the `relay_publish` span)
+//!   and it links to the batch's `consume` span; for a message applied on its own, it is
+//!   a child of that message's `handle` span, which continues the same trace.
+//!
+//! Both are made only for events that carry a trace context, and only when the span
+//! they hang from (`relay_batch`, or the consumer's current span) is recorded by
+//! OpenTelemetry: the check is made once per batch, so without a subscriber that wants
+//! them the relay and the projections pay one header lookup per event.
 
 use rdkafka::message::Headers;
 use rdkafka::Message;
 use thalo::Metadata;
+#[cfg(feature = "postgres")]
+use thalo::{EventEnvelope, RawEvent};
 use tracing::Span;
 
 use crate::message::header;
@@ -125,9 +148,210 @@ pub(crate) fn handle_span<M: Message>(consume: &Span, message: &M) -> Span {
     span
 }
 
+#[cfg(feature = "postgres")]
+/// The relay's `relay_batch` span, as the `relay_publish` spans of its events see it:
+/// looked at once, at the first event of the batch that carries a trace context.
+#[derive(Debug, Default)]
+pub(crate) struct RelayBatch {
+    /// `None` until looked at; then the batch span's OpenTelemetry context, `None` when
+    /// it has none (no OpenTelemetry layer, or the span is filtered out).
+    #[cfg(feature = "opentelemetry")]
+    context: Option<Option<opentelemetry::trace::SpanContext>>,
+}
+
+#[cfg(feature = "postgres")]
+/// A `relay_publish` span, and the `traceparent` its message carries instead of the
+/// stored one.
+#[derive(Debug)]
+pub(crate) struct Publish {
+    pub(crate) span: Span,
+    pub(crate) traceparent: String,
+}
+
+#[cfg(feature = "postgres")]
+impl Publish {
+    /// Records the broker's acknowledgement.
+    pub(crate) fn delivered(&self, partition: i32, offset: i64) {
+        self.span.record("partition", partition);
+        self.span.record("offset", offset);
+    }
+
+    /// Records why the message was not delivered.
+    pub(crate) fn failed(&self, error: &str) {
+        self.span.record("error", error);
+        self.span.record("otel.status_code", "ERROR");
+    }
+}
+
+#[cfg(feature = "postgres")]
+/// The `relay_publish` span of publishing `envelope` (outbox row `outbox_id`) to
+/// `topic`, called in the `relay_batch` span: `Some` only with the `opentelemetry`
+/// feature, for an event that carries a `traceparent`, in a batch whose span
+/// OpenTelemetry records. Its parent is the event's trace context, and it links to the
+/// batch.
+pub(crate) fn publish_span(
+    batch: &mut RelayBatch,
+    envelope: &EventEnvelope<RawEvent>,
+    topic: &str,
+    outbox_id: i64,
+) -> Option<Publish> {
+    #[cfg(feature = "opentelemetry")]
+    {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        let traceparent = envelope.metadata.traceparent()?;
+        let batch_context = batch
+            .context
+            .get_or_insert_with(|| otel::valid_context(&Span::current()))
+            .clone()?;
+        let remote = otel::remote_context(traceparent, envelope.metadata.tracestate())?;
+        let span = tracing::info_span!(
+            "relay_publish",
+            otel.kind = "producer",
+            topic,
+            aggregate_type = envelope.aggregate_type.as_str(),
+            aggregate_id = envelope.aggregate_id.as_str(),
+            sequence = envelope.sequence,
+            event_type = envelope.event.event_type.as_str(),
+            outbox_id,
+            partition = tracing::field::Empty,
+            offset = tracing::field::Empty,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if span
+            .set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+            .is_err()
+        {
+            return None;
+        }
+        span.add_link(batch_context);
+        let traceparent = otel::traceparent_of(&span)?;
+        Some(Publish { span, traceparent })
+    }
+    #[cfg(not(feature = "opentelemetry"))]
+    {
+        let _ = (batch, envelope, topic, outbox_id);
+        None
+    }
+}
+
+#[cfg(feature = "postgres")]
+/// The `project` spans of the events of `envelopes` that carry a trace context, which
+/// projection `projection` is about to apply in one transaction, called in the
+/// consumer's current span (the batch's `consume` span, or the message's `handle` span):
+/// empty without the `opentelemetry` feature, or when OpenTelemetry does not record the
+/// current span. Each span is open until the caller drops it (after the transaction),
+/// with the event's trace context as parent and a link to the batch (or, when the
+/// current span continues the event's trace already, as that span's child).
+pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>]) -> Vec<Span> {
+    #[cfg(feature = "opentelemetry")]
+    {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        let mut spans = Vec::new();
+        // Looked at once, at the first event that carries a trace context.
+        let mut current: Option<Option<opentelemetry::trace::SpanContext>> = None;
+        for envelope in envelopes {
+            let Some(traceparent) = envelope.metadata.traceparent() else {
+                continue;
+            };
+            let Some(current) = current
+                .get_or_insert_with(|| otel::valid_context(&Span::current()))
+                .clone()
+            else {
+                return spans;
+            };
+            let Some(remote) = otel::remote_context(traceparent, envelope.metadata.tracestate())
+            else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                "project",
+                projection,
+                aggregate_type = envelope.aggregate_type.as_str(),
+                aggregate_id = envelope.aggregate_id.as_str(),
+                sequence = envelope.sequence,
+                // An integer attribute (OpenTelemetry has no unsigned ones).
+                batch = i64::try_from(envelopes.len()).unwrap_or(i64::MAX),
+                outcome = tracing::field::Empty,
+                error = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            if span.is_disabled() {
+                return spans;
+            }
+            if current.trace_id() != remote.trace_id() {
+                // Fails only for a span the layer does not see: it stays in the batch's
+                // trace then.
+                let _ =
+                    span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+                span.add_link(current);
+            }
+            spans.push(span);
+        }
+        spans
+    }
+    #[cfg(not(feature = "opentelemetry"))]
+    {
+        let _ = (projection, envelopes);
+        Vec::new()
+    }
+}
+
+#[cfg(feature = "postgres")]
+/// Records how the transaction of the events of `spans` ended.
+pub(crate) fn record_projected<T>(spans: &[Span], result: &Result<T, thalo::Error>) {
+    let Err(err) = result else {
+        for span in spans {
+            span.record("outcome", "committed");
+        }
+        return;
+    };
+    if spans.is_empty() {
+        return;
+    }
+    let error = crate::message::error_chain(err);
+    for span in spans {
+        span.record("outcome", "rolled_back");
+        span.record("error", error.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 #[cfg(feature = "opentelemetry")]
 mod otel {
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    #[cfg(feature = "postgres")]
+    use {
+        opentelemetry::trace::TraceContextExt as _, tracing::Span,
+        tracing_opentelemetry::OpenTelemetrySpanExt as _,
+    };
+
+    /// `span`'s OpenTelemetry span context, when it has a valid one (the span is
+    /// enabled and `tracing-opentelemetry`'s layer records it).
+    #[cfg(feature = "postgres")]
+    pub(super) fn valid_context(span: &Span) -> Option<SpanContext> {
+        if span.is_disabled() {
+            return None;
+        }
+        let context = span.context().span().span_context().clone();
+        context.is_valid().then_some(context)
+    }
+
+    /// The `traceparent` of `span`'s OpenTelemetry context, when it has a valid one.
+    #[cfg(feature = "postgres")]
+    pub(super) fn traceparent_of(span: &Span) -> Option<String> {
+        let context = valid_context(span)?;
+        Some(format!(
+            "00-{}-{}-{:02x}",
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags().to_u8()
+        ))
+    }
 
     /// The remote span context a valid `traceparent` (and `tracestate`) names.
     pub(super) fn remote_context(
@@ -276,6 +500,164 @@ mod tests {
         // Without a trace context of its own, the batch span starts a trace of its own.
         assert_ne!(consume.span_context.trace_id(), trace_id);
         Ok(())
+    }
+
+    #[cfg(feature = "postgres")]
+    fn raw(id: &str, traceparent: Option<&str>) -> EventEnvelope<RawEvent> {
+        let mut metadata = Metadata::new();
+        if let Some(traceparent) = traceparent {
+            metadata = metadata.with_traceparent(traceparent);
+        }
+        EventEnvelope {
+            id: uuid::Uuid::new_v4(),
+            aggregate_type: "tally".into(),
+            aggregate_id: id.into(),
+            sequence: 1,
+            position: 1,
+            timestamp: chrono::Utc::now(),
+            metadata,
+            event: RawEvent {
+                event_type: "Added".into(),
+                version: 1,
+                payload: "{}".into(),
+            },
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    fn recording() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        (exporter, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[cfg(feature = "postgres")]
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    #[cfg(feature = "postgres")]
+    const OTHER: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[cfg(feature = "postgres")]
+    /// `relay_publish`: a child of the stored context, linked to its `relay_batch`, and
+    /// the context its message carries; only for traced events.
+    #[test]
+    fn relay_publish_continues_the_stored_trace() {
+        let (exporter, _default) = recording();
+        let batch_span = tracing::info_span!("relay_batch");
+        let publish = batch_span.in_scope(|| {
+            let mut batch = RelayBatch::default();
+            assert!(publish_span(&mut batch, &raw("a", None), "tally", 1).is_none());
+            let publish = publish_span(&mut batch, &raw("b", Some(PARENT)), "tally", 2)
+                .expect("a traced event gets a span");
+            publish.delivered(4, 17);
+            publish
+        });
+        let traceparent = publish.traceparent.clone();
+        drop(publish);
+        drop(batch_span);
+
+        let spans = exporter.get_finished_spans().expect("exported spans");
+        let batch = span(&spans, "relay_batch");
+        let publish = span(&spans, "relay_publish");
+        assert_eq!(spans.len(), 2, "no span for the untraced event");
+        assert_eq!(
+            publish.span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(publish.parent_span_id.to_string(), "00f067aa0ba902b7");
+        assert!(publish.parent_span_is_remote);
+        assert_eq!(publish.links.len(), 1);
+        assert_eq!(publish.links[0].span_context, batch.span_context);
+        assert_eq!(
+            traceparent,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                publish.span_context.span_id()
+            )
+        );
+        assert_eq!(attribute(publish, "offset"), Some(Value::I64(17)));
+        assert_eq!(attribute(publish, "aggregate_id"), Some(Value::from("b")));
+    }
+
+    #[cfg(feature = "postgres")]
+    /// Without an OpenTelemetry layer there is nothing to continue: no span.
+    #[test]
+    fn no_relay_publish_span_without_opentelemetry() {
+        let _default = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let batch_span = tracing::info_span!("relay_batch");
+        batch_span.in_scope(|| {
+            let mut batch = RelayBatch::default();
+            assert!(publish_span(&mut batch, &raw("b", Some(PARENT)), "tally", 2).is_none());
+        });
+        let tally = raw("b", Some(PARENT));
+        assert!(project_spans("p", std::slice::from_ref(&tally)).is_empty());
+    }
+
+    #[cfg(feature = "postgres")]
+    /// `project` in a batch: the event's context is the parent, the batch a link; in a
+    /// `handle` span that continues the event's trace already: a child of it.
+    #[test]
+    fn project_spans_continue_each_events_trace() {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        let (exporter, _default) = recording();
+        let consume = tracing::info_span!("consume");
+        let envelopes = [
+            raw("a", Some(PARENT)),
+            raw("b", None),
+            raw("c", Some(OTHER)),
+        ];
+        let spans = consume.in_scope(|| project_spans("balances", &envelopes));
+        assert_eq!(spans.len(), 2, "one per traced event");
+        record_projected(&spans, &Ok(()));
+        drop(spans);
+        drop(consume);
+
+        let handle = tracing::info_span!("handle");
+        let remote = otel::remote_context(OTHER, None).expect("valid");
+        let _ = handle.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        let alone = handle.in_scope(|| project_spans("balances", &envelopes[2..]));
+        record_projected(&alone, &Err::<(), _>(Error::handler("balances", "boom")));
+        drop(alone);
+        drop(handle);
+
+        let exported = exporter.get_finished_spans().expect("exported spans");
+        let consume = span(&exported, "consume");
+        let handle = span(&exported, "handle");
+        let projects: Vec<&SpanData> = exported.iter().filter(|s| s.name == "project").collect();
+        assert_eq!(projects.len(), 3);
+        let (a, c, alone) = (projects[0], projects[1], projects[2]);
+        assert_eq!(a.parent_span_id.to_string(), "00f067aa0ba902b7");
+        assert_eq!(
+            a.span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(c.parent_span_id.to_string(), "b7ad6b7169203331");
+        for span in [a, c] {
+            assert!(span.parent_span_is_remote);
+            assert_eq!(span.links.len(), 1);
+            assert_eq!(span.links[0].span_context, consume.span_context);
+            assert_eq!(attribute(span, "outcome"), Some(Value::from("committed")));
+            assert_eq!(attribute(span, "batch"), Some(Value::I64(3)));
+        }
+        assert_eq!(alone.parent_span_id, handle.span_context.span_id());
+        assert_eq!(
+            alone.span_context.trace_id(),
+            handle.span_context.trace_id()
+        );
+        assert!(alone.links.is_empty());
+        assert_eq!(
+            attribute(alone, "outcome"),
+            Some(Value::from("rolled_back"))
+        );
+        assert_eq!(
+            attribute(alone, "projection"),
+            Some(Value::from("balances"))
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rdkafka::message::Header;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
-use thalo::Error;
+use thalo::{Error, EventEnvelope, RawEvent};
 use thalo_postgres::OutboxEntry;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -19,6 +19,7 @@ use tracing::{error, warn};
 use super::RelayConfig;
 use crate::message::{encode_headers, header};
 use crate::topic::{create_with, TopicNaming};
+use crate::trace::{self, Publish, RelayBatch};
 
 /// An aggregate, as the relay keeps them apart: (aggregate type, aggregate id).
 pub(crate) type AggregateKey = (String, String);
@@ -204,7 +205,8 @@ impl Kafka {
         // batches the messages per partition and pipelines the requests. Awaiting one
         // send at a time would cost a round trip (and a linger period) per message.
         let epoch_text = epoch.to_string();
-        let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(rows.len());
+        let mut batch = RelayBatch::default();
         // Aggregates with a message that could not be enqueued: their later messages
         // are not sent in this batch, or they would overtake it.
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
@@ -218,7 +220,14 @@ impl Kafka {
                 blocked.insert(aggregate);
                 continue;
             }
-            let headers = encode_headers(&row.envelope).insert(Header {
+            // An event with a trace context gets a `relay_publish` span (when
+            // OpenTelemetry records the batch), whose context its message carries.
+            let publish = trace::publish_span(&mut batch, &row.envelope, &topics[i], row.id);
+            let headers = match &publish {
+                Some(publish) => encode_headers(&retraced(&row.envelope, &publish.traceparent)),
+                None => encode_headers(&row.envelope),
+            }
+            .insert(Header {
                 key: header::EPOCH,
                 value: Some(epoch_text.as_str()),
             });
@@ -230,7 +239,11 @@ impl Kafka {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push((i, delivery));
+                        pending.push(Pending {
+                            row: i,
+                            delivery,
+                            publish,
+                        });
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -239,7 +252,11 @@ impl Kafka {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((err, _)) => {
-                        results[i] = Some(Err(Failure::from_kafka(&err)));
+                        let failure = Failure::from_kafka(&err);
+                        if let Some(publish) = &publish {
+                            publish.failed(&failure.error);
+                        }
+                        results[i] = Some(Err(failure));
                         blocked.insert(aggregate);
                         break;
                     }
@@ -337,21 +354,61 @@ fn kafka_code(err: &Error) -> Option<RDKafkaErrorCode> {
     None
 }
 
-async fn await_deliveries(
-    pending: Vec<(usize, DeliveryFuture)>,
-) -> Vec<(usize, Result<(), Failure>)> {
+/// A message handed to the producer: its row in the batch, its delivery report to
+/// come, and its `relay_publish` span (closed when the report comes).
+struct Pending {
+    row: usize,
+    delivery: DeliveryFuture,
+    publish: Option<Publish>,
+}
+
+async fn await_deliveries(pending: Vec<Pending>) -> Vec<(usize, Result<(), Failure>)> {
     let mut reports = Vec::with_capacity(pending.len());
-    for (i, delivery) in pending {
+    for Pending {
+        row,
+        delivery,
+        publish,
+    } in pending
+    {
         let report = match delivery.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(delivery)) => {
+                if let Some(publish) = &publish {
+                    publish.delivered(delivery.partition, delivery.offset);
+                }
+                Ok(())
+            }
             Ok(Err((err, _message))) => Err(Failure::from_kafka(&err)),
             Err(_canceled) => Err(Failure::other(
                 "the producer was dropped before the delivery report",
             )),
         };
-        reports.push((i, report));
+        if let (Some(publish), Err(failure)) = (&publish, &report) {
+            publish.failed(&failure.error);
+        }
+        reports.push((row, report));
     }
     reports
+}
+
+/// What the headers of `envelope`'s message are made from when its `relay_publish` span
+/// continues the trace: `envelope` with `traceparent` (the span's context) instead of
+/// the stored one, and without the payload (the headers do not hold it). The stored
+/// event keeps its context.
+fn retraced(envelope: &EventEnvelope<RawEvent>, traceparent: &str) -> EventEnvelope<RawEvent> {
+    EventEnvelope {
+        id: envelope.id,
+        aggregate_type: envelope.aggregate_type.clone(),
+        aggregate_id: envelope.aggregate_id.clone(),
+        sequence: envelope.sequence,
+        position: envelope.position,
+        timestamp: envelope.timestamp,
+        metadata: envelope.metadata.clone().with_traceparent(traceparent),
+        event: RawEvent {
+            event_type: envelope.event.event_type.clone(),
+            version: envelope.event.version,
+            payload: String::new(),
+        },
+    }
 }
 
 /// Producer properties an admin client does not know (librdkafka warns about them).
