@@ -168,9 +168,10 @@ cargo test --workspace 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
 if [ "$status" -eq 0 ]; then
     # The OpenTelemetry bridges are behind the `opentelemetry` features, which
-    # `--workspace` leaves off: their tests (no services needed) run here.
+    # `--workspace` leaves off: their tests run here (`otel_trace`, one trace through
+    # Postgres, the relay, the broker and the consumers, needs the services above).
     log "running the opentelemetry feature's tests"
-    cargo test -p thalo -p thalo-kafka --features opentelemetry --lib --test trace_context 2>&1 | tee -a "$out"
+    cargo test -p thalo -p thalo-kafka --features opentelemetry --lib --test trace_context --test otel_trace 2>&1 | tee -a "$out"
     status=${PIPESTATUS[0]}
 fi
 if [ "$status" -eq 0 ]; then
