@@ -148,9 +148,9 @@ pub(crate) fn handle_span<M: Message>(consume: &Span, message: &M) -> Span {
     span
 }
 
-#[cfg(feature = "postgres")]
 /// The relay's `relay_batch` span, as the `relay_publish` spans of its events see it:
 /// looked at once, at the first event of the batch that carries a trace context.
+#[cfg(feature = "postgres")]
 #[derive(Debug, Default)]
 pub(crate) struct RelayBatch {
     /// `None` until looked at; then the batch span's OpenTelemetry context, `None` when
@@ -159,9 +159,9 @@ pub(crate) struct RelayBatch {
     context: Option<Option<opentelemetry::trace::SpanContext>>,
 }
 
-#[cfg(feature = "postgres")]
 /// A `relay_publish` span, and the `traceparent` its message carries instead of the
 /// stored one.
+#[cfg(feature = "postgres")]
 #[derive(Debug)]
 pub(crate) struct Publish {
     pub(crate) span: Span,
@@ -183,12 +183,12 @@ impl Publish {
     }
 }
 
-#[cfg(feature = "postgres")]
 /// The `relay_publish` span of publishing `envelope` (outbox row `outbox_id`) to
 /// `topic`, called in the `relay_batch` span: `Some` only with the `opentelemetry`
 /// feature, for an event that carries a `traceparent`, in a batch whose span
 /// OpenTelemetry records. Its parent is the event's trace context, and it links to the
 /// batch.
+#[cfg(feature = "postgres")]
 pub(crate) fn publish_span(
     batch: &mut RelayBatch,
     envelope: &EventEnvelope<RawEvent>,
@@ -237,7 +237,6 @@ pub(crate) fn publish_span(
     }
 }
 
-#[cfg(feature = "postgres")]
 /// The `project` spans of the events of `envelopes` that carry a trace context, which
 /// projection `projection` is about to apply in one transaction, called in the
 /// consumer's current span (the batch's `consume` span, or the message's `handle` span):
@@ -245,6 +244,7 @@ pub(crate) fn publish_span(
 /// current span. Each span is open until the caller drops it (after the transaction),
 /// with the event's trace context as parent and a link to the batch (or, when the
 /// current span continues the event's trace already, as that span's child).
+#[cfg(feature = "postgres")]
 pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>]) -> Vec<Span> {
     #[cfg(feature = "opentelemetry")]
     {
@@ -252,6 +252,8 @@ pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>])
         use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
         let mut spans = Vec::new();
+        // An integer attribute (OpenTelemetry has no unsigned ones).
+        let batch = i64::try_from(envelopes.len()).unwrap_or(i64::MAX);
         // Looked at once, at the first event that carries a trace context.
         let mut current: Option<Option<opentelemetry::trace::SpanContext>> = None;
         for envelope in envelopes {
@@ -274,8 +276,7 @@ pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>])
                 aggregate_type = envelope.aggregate_type.as_str(),
                 aggregate_id = envelope.aggregate_id.as_str(),
                 sequence = envelope.sequence,
-                // An integer attribute (OpenTelemetry has no unsigned ones).
-                batch = i64::try_from(envelopes.len()).unwrap_or(i64::MAX),
+                batch,
                 outcome = tracing::field::Empty,
                 error = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
@@ -301,8 +302,8 @@ pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>])
     }
 }
 
-#[cfg(feature = "postgres")]
 /// Records how the transaction of the events of `spans` ended.
+#[cfg(feature = "postgres")]
 pub(crate) fn record_projected<T>(spans: &[Span], result: &Result<T, thalo::Error>) {
     let Err(err) = result else {
         for span in spans {
@@ -540,9 +541,9 @@ mod tests {
     #[cfg(feature = "postgres")]
     const OTHER: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-    #[cfg(feature = "postgres")]
     /// `relay_publish`: a child of the stored context, linked to its `relay_batch`, and
     /// the context its message carries; only for traced events.
+    #[cfg(feature = "postgres")]
     #[test]
     fn relay_publish_continues_the_stored_trace() {
         let (exporter, _default) = recording();
@@ -582,8 +583,8 @@ mod tests {
         assert_eq!(attribute(publish, "aggregate_id"), Some(Value::from("b")));
     }
 
-    #[cfg(feature = "postgres")]
     /// Without an OpenTelemetry layer there is nothing to continue: no span.
+    #[cfg(feature = "postgres")]
     #[test]
     fn no_relay_publish_span_without_opentelemetry() {
         let _default = tracing::subscriber::set_default(tracing_subscriber::registry());
@@ -596,9 +597,9 @@ mod tests {
         assert!(project_spans("p", std::slice::from_ref(&tally)).is_empty());
     }
 
-    #[cfg(feature = "postgres")]
     /// `project` in a batch: the event's context is the parent, the batch a link; in a
     /// `handle` span that continues the event's trace already: a child of it.
+    #[cfg(feature = "postgres")]
     #[test]
     fn project_spans_continue_each_events_trace() {
         use opentelemetry::trace::TraceContextExt as _;
