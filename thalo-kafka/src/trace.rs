@@ -28,10 +28,10 @@
 //!   and it links to the batch's `consume` span; for a message applied on its own, it is
 //!   a child of that message's `handle` span, which continues the same trace.
 //!
-//! Both are made only for events that carry a trace context, and only when the span
-//! they hang from (`relay_batch`, or the consumer's current span) is recorded by
-//! OpenTelemetry: the check is made once per batch, so without a subscriber that wants
-//! them the relay and the projections pay one header lookup per event.
+//! Both are made only when the span they hang from (`relay_batch`, or the consumer's
+//! current span) is recorded by OpenTelemetry, checked once per batch (without a
+//! subscriber that wants them, the relay and the projections do no per-event work), and
+//! then only for events that carry a trace context (one metadata lookup per event).
 
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -149,7 +149,7 @@ pub(crate) fn handle_span<M: Message>(consume: &Span, message: &M) -> Span {
 }
 
 /// The relay's `relay_batch` span, as the `relay_publish` spans of its events see it:
-/// looked at once, at the first event of the batch that carries a trace context.
+/// looked at once, at the batch's first event.
 #[cfg(feature = "postgres")]
 #[derive(Debug, Default)]
 pub(crate) struct RelayBatch {
@@ -200,11 +200,12 @@ pub(crate) fn publish_span(
         use opentelemetry::trace::TraceContextExt as _;
         use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-        let traceparent = envelope.metadata.traceparent()?;
+        // Nothing records the batch: no per-event work at all.
         let batch_context = batch
             .context
             .get_or_insert_with(|| otel::valid_context(&Span::current()))
-            .clone()?;
+            .as_ref()?;
+        let traceparent = envelope.metadata.traceparent()?;
         let remote = otel::remote_context(traceparent, envelope.metadata.tracestate())?;
         let span = tracing::info_span!(
             "relay_publish",
@@ -226,7 +227,7 @@ pub(crate) fn publish_span(
         {
             return None;
         }
-        span.add_link(batch_context);
+        span.add_link(batch_context.clone());
         let traceparent = otel::traceparent_of(&span)?;
         Some(Publish { span, traceparent })
     }
@@ -252,19 +253,15 @@ pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>])
         use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
         let mut spans = Vec::new();
+        // Nothing records the consumer's span: no per-event work at all.
+        let Some(current) = otel::valid_context(&Span::current()) else {
+            return spans;
+        };
         // An integer attribute (OpenTelemetry has no unsigned ones).
         let batch = i64::try_from(envelopes.len()).unwrap_or(i64::MAX);
-        // Looked at once, at the first event that carries a trace context.
-        let mut current: Option<Option<opentelemetry::trace::SpanContext>> = None;
         for envelope in envelopes {
             let Some(traceparent) = envelope.metadata.traceparent() else {
                 continue;
-            };
-            let Some(current) = current
-                .get_or_insert_with(|| otel::valid_context(&Span::current()))
-                .clone()
-            else {
-                return spans;
             };
             let Some(remote) = otel::remote_context(traceparent, envelope.metadata.tracestate())
             else {
@@ -289,7 +286,7 @@ pub(crate) fn project_spans<E>(projection: &str, envelopes: &[EventEnvelope<E>])
                 // trace then.
                 let _ =
                     span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
-                span.add_link(current);
+                span.add_link(current.clone());
             }
             spans.push(span);
         }
