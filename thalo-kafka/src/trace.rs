@@ -1,4 +1,4 @@
-//! The consumer's spans, and the trace context they continue.
+//! The relay's and the consumer's spans, and the trace context they continue.
 //!
 //! Each batch a partition worker takes from its queue is a `consume` span (`topic`,
 //! `partition`, `messages`), each message it handles on its own a `handle` span
@@ -6,11 +6,12 @@
 //! `event_type`, `traceparent`), a child of the `consume` span. With the
 //! `opentelemetry` feature, a `handle` span whose message has a valid `traceparent`
 //! header continues that trace instead: its OpenTelemetry parent is the remote span the
-//! header names (the `execute` span of the command that stored the event, when
-//! `thalo`'s `opentelemetry` feature put it there). A batch that a projection applies
-//! in one transaction is one unit of work, so it has no `handle` spans: its `consume`
-//! span links to the trace context of each of its messages instead, as OpenTelemetry's
-//! messaging conventions do for batches.
+//! header names (the relay's `relay_publish` span, see below, or else the `execute`
+//! span of the command that stored the event, when `thalo`'s `opentelemetry` feature
+//! put it there). A batch that a projection applies in one transaction is one unit of
+//! work, so it has no `handle` spans: its `consume` span links to the trace context of
+//! each of its messages instead, as OpenTelemetry's messaging conventions do for
+//! batches.
 //!
 //! With the `opentelemetry` feature, and `tracing-opentelemetry`'s layer recording the
 //! spans, two more spans put the relay and the projections into the trace of the
