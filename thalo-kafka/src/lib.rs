@@ -261,9 +261,11 @@
 //! `aggregate_type`, `aggregate_id`, `sequence`, `event_type`, `traceparent`). With the
 //! `opentelemetry` feature and `tracing-opentelemetry`'s layer installed, the `handle`
 //! span continues the trace its message names (its parent is the remote span of the
-//! `traceparent`: the `execute` span of the command that stored the event), and the
-//! `consume` span of a batch a projection applies in one transaction links to each of
-//! its messages' contexts.
+//! `traceparent`: the relay's `relay_publish` span, or the `execute` span of the command
+//! that stored the event when no recorded relay published it), and the `consume` span of
+//! a batch a projection applies in one transaction links to each of its messages'
+//! contexts. The relay's `relay_publish` spans and projections' `project` spans (see
+//! [`relay`] and [`projection`]) put the relay and the read models into the same trace.
 //!
 //! ## Feature flags
 //!
