@@ -1089,9 +1089,11 @@ async fn projection_versions_rebuild_promote_and_drop() {
         async move {
             let (mut reads, mut failures) = (0, Vec::new());
             while !stop.is_triggered() {
-                match sqlx::query_scalar::<_, Option<i64>>(&format!("SELECT sum(n)::BIGINT FROM {view}"))
-                    .fetch_one(&pool)
-                    .await
+                match sqlx::query_scalar::<_, Option<i64>>(&format!(
+                    "SELECT sum(n)::BIGINT FROM {view}"
+                ))
+                .fetch_one(&pool)
+                .await
                 {
                     Ok(_) => reads += 1,
                     Err(err) => failures.push(err.to_string()),
