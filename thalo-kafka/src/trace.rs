@@ -431,13 +431,7 @@ mod tests {
     /// message the relay writes -> the consumer's `handle` span: one trace.
     #[tokio::test]
     async fn the_handle_span_continues_the_trace_of_the_command() -> Result<(), Error> {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let _default = tracing::subscriber::set_default(subscriber);
+        let (exporter, _default) = recording();
 
         let repo = Repository::new(InMemoryEventStore::new());
         let request = tracing::info_span!("http request");
@@ -523,7 +517,7 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "postgres")]
+    /// Spans recorded into an in-memory exporter, on this thread, until the guard drops.
     fn recording() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
