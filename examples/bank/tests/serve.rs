@@ -528,14 +528,7 @@ async fn metrics_and_readiness_follow_the_pipeline() {
     let consumer = format!("bank-{id}.bank_balances");
     let deadline = Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let res = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("metrics");
-        assert_eq!(res.status(), 200);
-        let text = res.text().await.expect("body");
-        let metrics = samples(&text);
+        let metrics = scrape(&http, &base).await;
         let published = sample(
             &metrics,
             "thalo_relay_published_total",
@@ -551,7 +544,7 @@ async fn metrics_and_readiness_follow_the_pipeline() {
         }
         assert!(
             Instant::now() < deadline,
-            "published {published:?}, applied {applied:?}:\n{text}"
+            "published {published:?}, applied {applied:?}: {metrics:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

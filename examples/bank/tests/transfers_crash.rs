@@ -237,6 +237,17 @@ async fn timers_survive_sigkill_exactly_once() {
     );
 }
 
+/// The `(text, count)` rows of a query such as `SELECT x, count(*) ... GROUP BY x`.
+async fn counted(pool: &PgPool, sql: &str) -> Vec<(String, i64)> {
+    sqlx::query(sql)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Runs the transfers through three SIGKILLs with the transfer timeout `timeout_ms`,
 /// checks every invariant, and returns how many transfers ended how (`completed`,
 /// `compensated <reason>`, `failed <reason>`).
@@ -502,16 +513,14 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
     }
 
     // No command was applied twice: no two events under one command id.
-    let twice: Vec<(String, i64)> = sqlx::query(&format!(
-        "SELECT metadata->>'command_id', count(*) FROM \"{schema}\".events
-         WHERE metadata ? 'command_id' GROUP BY 1 HAVING count(*) > 1"
-    ))
-    .fetch_all(&pool)
-    .await
-    .expect("command ids")
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let twice = counted(
+        &pool,
+        &format!(
+            "SELECT metadata->>'command_id', count(*) FROM \"{schema}\".events
+             WHERE metadata ? 'command_id' GROUP BY 1 HAVING count(*) > 1"
+        ),
+    )
+    .await;
     assert!(twice.is_empty(), "commands applied twice: {twice:?}");
     // And that check saw the commands: every event here was caused by a keyed command
     // (the clients' `Idempotency-Key`s, and the process manager's keys derived from the
@@ -637,28 +646,24 @@ async fn crash_under_transfers(timeout_ms: u64) -> BTreeMap<String, usize> {
     // transaction that saves what the firing did, so a firing replayed after a SIGKILL
     // would show as a second row (or fail the firing, and the transfers would not have
     // settled).
-    let fired_twice: Vec<(String, i64)> = sqlx::query(&format!(
-        "SELECT id::text, count(*) FROM \"{schema}\".process_timer_firings
-         GROUP BY id HAVING count(*) > 1"
-    ))
-    .fetch_all(&pool)
-    .await
-    .expect("timer firings")
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let fired_twice = counted(
+        &pool,
+        &format!(
+            "SELECT id::text, count(*) FROM \"{schema}\".process_timer_firings
+             GROUP BY id HAVING count(*) > 1"
+        ),
+    )
+    .await;
     assert!(
         fired_twice.is_empty(),
         "timers fired twice: {fired_twice:?}"
     );
-    let fired: BTreeMap<String, i64> = sqlx::query(&format!(
-        "SELECT id::text, count(*) FROM \"{schema}\".process_timer_firings GROUP BY id"
-    ))
-    .fetch_all(&pool)
+    let fired: BTreeMap<String, i64> = counted(
+        &pool,
+        &format!("SELECT id::text, count(*) FROM \"{schema}\".process_timer_firings GROUP BY id"),
+    )
     .await
-    .expect("timer firings")
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
+    .into_iter()
     .collect();
     // Each transfer compensated for its timeout was refunded by one firing.
     let timed_out = outcomes.get("compensated TIMED_OUT").copied().unwrap_or(0);
