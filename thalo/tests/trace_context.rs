@@ -112,15 +112,20 @@ mod otel {
             .unwrap_or_else(|| panic!("no `{name}` span in {spans:#?}"))
     }
 
-    #[tokio::test]
-    async fn execute_stores_the_execute_spans_context() -> Result<(), Error> {
+    /// Spans recorded into an in-memory exporter, on this thread, until the guard drops.
+    fn recording() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
         let subscriber = tracing_subscriber::registry()
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let _default = tracing::subscriber::set_default(subscriber);
+        (exporter, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn execute_stores_the_execute_spans_context() -> Result<(), Error> {
+        let (exporter, _default) = recording();
 
         let repo = Repository::new(InMemoryEventStore::new());
         let request = tracing::info_span!("http request");
@@ -190,13 +195,7 @@ mod otel {
     /// code, a domain error's (`ErrorCode`) as well as an invariant's.
     #[tokio::test]
     async fn a_rejections_code_is_on_the_execute_span() {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let _default = tracing::subscriber::set_default(subscriber);
+        let (exporter, _default) = recording();
 
         let repo = Repository::new(InMemoryEventStore::new());
         let err = repo
